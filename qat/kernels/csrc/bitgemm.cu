@@ -1,0 +1,307 @@
+// Packed binary-weight kernels (the inference path of qat).
+//
+// Packed format (see qat/methods/pbllm.py): sign bits 32 per int32 along the input dim, bit j of
+// word w is column 32w+j, 1 = +1; fp16 scales [N, G]; PB-LLM's salient part as uint8/int16 codes
+// with fp16 per-row scale/zero, positions either CSR (int32 row_ptr + uint16 columns) or a
+// bitmap (int32 [N, Kw]) + row_ptr. Salient positions carry sign bit +1, so the kernel adds
+// (deq - alpha) * x_j on top of the dense binary product.
+//
+// Ops: binary_gemv   W1A16 for small M (decode), one warp per R rows, fp16 sign-flip sums
+//      binary_dequant dense fp16 weight for large M (prefill: dequantize, then cuBLAS)
+//      w1a1x4_gemm   W1A1 bit-serial GEMM: INT4 activations as 4 bit planes, popcounts
+#include "bitgemm.h"
+#include <cuda_fp16.h>
+
+
+namespace {
+
+constexpr int FMT_NONE = 0, FMT_CSR = 1, FMT_BITMAP = 2;
+
+// Even bits -> low half, odd bits -> high half (Hacker's Delight unshuffle), so that columns
+// (2p, 2p+1) land on bits (p, 16+p): one shift then lines them up with a half2's sign bits.
+__device__ __forceinline__ uint32_t unzip_bits(uint32_t x) {
+  uint32_t t;
+  t = (x ^ (x >> 1)) & 0x22222222u; x = x ^ t ^ (t << 1);
+  t = (x ^ (x >> 2)) & 0x0C0C0C0Cu; x = x ^ t ^ (t << 2);
+  t = (x ^ (x >> 4)) & 0x00F000F0u; x = x ^ t ^ (t << 4);
+  t = (x ^ (x >> 8)) & 0x0000FF00u; x = x ^ t ^ (t << 8);
+  return x;
+}
+
+// sum_j s_j * x_j over one 32-column word; `neg` = unzip(~signs): bit set = weight is -1.
+__device__ __forceinline__ float signed_sum32(uint32_t neg, const uint4 (&xv)[4]) {
+  const uint32_t* xw = reinterpret_cast<const uint32_t*>(&xv[0]);
+  __half2 h0 = __float2half2_rn(0.f), h1 = __float2half2_rn(0.f);
+#pragma unroll
+  for (int p = 0; p < 16; ++p) {
+    uint32_t flipped = xw[p] ^ ((neg << (15 - p)) & 0x80008000u);
+    __half2 v = *reinterpret_cast<__half2*>(&flipped);
+    if (p < 8) h0 = __hadd2(h0, v); else h1 = __hadd2(h1, v);
+  }
+  float2 f0 = __half22float2(h0), f1 = __half22float2(h1);
+  return (f0.x + f0.y) + (f1.x + f1.y);
+}
+
+template <typename CodeT>
+__device__ __forceinline__ float salient_value(const CodeT* codes, int idx, float sc, float z) {
+  float c = static_cast<float>(static_cast<uint32_t>(codes[idx]) & 0xFFFFu);
+  return (c - z) * sc;
+}
+
+template <int M, int R, int FMT, typename CodeT>
+__global__ void __launch_bounds__(256) binary_gemv_kernel(
+    const __half* __restrict__ x, int ldx, const uint32_t* __restrict__ signs, int Kw,
+    const __half* __restrict__ scales, int G, int words_per_group,
+    const int* __restrict__ row_ptr, const uint32_t* __restrict__ bitmap,
+    const uint16_t* __restrict__ cols, const CodeT* __restrict__ codes,
+    const __half* __restrict__ sal_scale, const __half* __restrict__ sal_zero,
+    __half* __restrict__ y, int N) {
+  const int lane = threadIdx.x & 31;
+  const int row0 = ((blockIdx.x * blockDim.x + threadIdx.x) >> 5) * R;
+  if (row0 >= N) return;  // whole warp leaves together
+
+  float acc[R][M];
+  int sal_next[R];
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+#pragma unroll
+    for (int m = 0; m < M; ++m) acc[r][m] = 0.f;
+    sal_next[r] = (FMT == FMT_BITMAP && row0 + r < N) ? row_ptr[row0 + r] : 0;
+  }
+
+  for (int w0 = 0; w0 < Kw; w0 += 32) {
+    const int w = w0 + lane;
+    const bool valid = w < Kw;
+    uint4 xv[M][4];
+#pragma unroll
+    for (int m = 0; m < M; ++m) {
+      const uint4* src = reinterpret_cast<const uint4*>(x + (size_t)m * ldx + (size_t)w * 32);
+#pragma unroll
+      for (int q = 0; q < 4; ++q) xv[m][q] = valid ? __ldg(src + q) : make_uint4(0, 0, 0, 0);
+    }
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      const int row = row0 + r;
+      const bool live = valid && row < N;
+      const uint32_t sw = live ? __ldg(signs + (size_t)row * Kw + w) : 0xFFFFFFFFu;
+      const float alpha = live ? __half2float(scales[(size_t)row * G + w / words_per_group]) : 0.f;
+      const uint32_t neg = unzip_bits(~sw);
+#pragma unroll
+      for (int m = 0; m < M; ++m) acc[r][m] += alpha * signed_sum32(neg, xv[m]);
+
+      if (FMT == FMT_BITMAP) {
+        const uint32_t bw = live ? __ldg(bitmap + (size_t)row * Kw + w) : 0u;
+        const int cnt = __popc(bw);
+        int incl = cnt;  // inclusive scan of counts over lanes = value offsets in this row
+#pragma unroll
+        for (int d = 1; d < 32; d <<= 1) {
+          int v = __shfl_up_sync(0xFFFFFFFFu, incl, d);
+          if (lane >= d) incl += v;
+        }
+        if (cnt) {
+          const float sc = __half2float(sal_scale[row]), z = __half2float(sal_zero[row]);
+          int idx = sal_next[r] + incl - cnt;
+          uint32_t bits = bw;
+          while (bits) {
+            const int j = __ffs(bits) - 1;
+            bits &= bits - 1;
+            const float d = salient_value(codes, idx++, sc, z) - alpha;
+#pragma unroll
+            for (int m = 0; m < M; ++m)
+              acc[r][m] += d * __half2float(x[(size_t)m * ldx + (size_t)w * 32 + j]);
+          }
+        }
+        sal_next[r] += __shfl_sync(0xFFFFFFFFu, incl, 31);
+      }
+    }
+  }
+
+  if (FMT == FMT_CSR) {
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      const int row = row0 + r;
+      if (row >= N) continue;
+      const float sc = __half2float(sal_scale[row]), z = __half2float(sal_zero[row]);
+      for (int e = row_ptr[row] + lane; e < row_ptr[row + 1]; e += 32) {
+        const int col = cols[e];
+        const float alpha = __half2float(scales[(size_t)row * G + (col >> 5) / words_per_group]);
+        const float d = salient_value(codes, e, sc, z) - alpha;
+#pragma unroll
+        for (int m = 0; m < M; ++m) acc[r][m] += d * __half2float(x[(size_t)m * ldx + col]);
+      }
+    }
+  }
+
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+#pragma unroll
+    for (int m = 0; m < M; ++m) {
+      float v = acc[r][m];
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xFFFFFFFFu, v, o);
+      if (lane == 0 && row0 + r < N) y[(size_t)m * N + row0 + r] = __float2half(v);
+    }
+  }
+}
+
+// One thread per (row, word): 32 fp16 weights alpha * sign.
+__global__ void binary_dequant_kernel(const uint32_t* __restrict__ signs, int Kw,
+                                      const __half* __restrict__ scales, int G,
+                                      int words_per_group, __half* __restrict__ out, int N) {
+  const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= (size_t)N * Kw) return;
+  const int row = i / Kw, w = i % Kw;
+  const uint32_t s = signs[i];
+  const __half a = scales[(size_t)row * G + w / words_per_group];
+  const __half na = __hneg(a);
+  __half vals[32];
+#pragma unroll
+  for (int j = 0; j < 32; ++j) vals[j] = ((s >> j) & 1u) ? a : na;
+  uint4* dst = reinterpret_cast<uint4*>(out + (size_t)row * Kw * 32 + (size_t)w * 32);
+#pragma unroll
+  for (int q = 0; q < 4; ++q) dst[q] = reinterpret_cast<uint4*>(vals)[q];
+}
+
+// One thread per row: overwrite the salient positions with their k-bit values.
+template <int FMT, typename CodeT>
+__global__ void salient_scatter_kernel(const int* __restrict__ row_ptr,
+                                       const uint32_t* __restrict__ bitmap,
+                                       const uint16_t* __restrict__ cols, int Kw,
+                                       const CodeT* __restrict__ codes,
+                                       const __half* __restrict__ sal_scale,
+                                       const __half* __restrict__ sal_zero,
+                                       __half* __restrict__ out, int N) {
+  const int row = blockIdx.x * blockDim.x + threadIdx.x;
+  if (row >= N) return;
+  const float sc = __half2float(sal_scale[row]), z = __half2float(sal_zero[row]);
+  __half* dst = out + (size_t)row * Kw * 32;
+  int idx = row_ptr[row];
+  if (FMT == FMT_CSR) {
+    for (; idx < row_ptr[row + 1]; ++idx) dst[cols[idx]] = __float2half(salient_value(codes, idx, sc, z));
+  } else {
+    for (int w = 0; w < Kw; ++w) {
+      uint32_t bits = bitmap[(size_t)row * Kw + w];
+      while (bits) {
+        const int j = __ffs(bits) - 1;
+        bits &= bits - 1;
+        dst[w * 32 + j] = __float2half(salient_value(codes, idx++, sc, z));
+      }
+    }
+  }
+}
+
+// W1A1x4: y[m,n] = xs[m] * (sum_b 2^b * sum_j w_nj q_bmj  -  xz[m] * wsum[n]),
+// w_nj = s_nj * alpha_{n, g_nj}. Tile: 32 rows x 8 tokens per block, TK words staged in smem.
+constexpr int TN = 32, TM = 8, TK = 32;
+__global__ void w1a1x4_kernel(const uint32_t* __restrict__ planes, int M,
+                              const uint32_t* __restrict__ signs,
+                              const uint32_t* __restrict__ gbits, int Kw,
+                              const __half* __restrict__ scales, const float* __restrict__ wsum,
+                              const float* __restrict__ xs, const float* __restrict__ xz,
+                              float* __restrict__ y, int N) {
+  __shared__ uint32_t sS[TN][TK + 1], sG[TN][TK + 1], sQ[4][TM][TK + 1];
+  const int tn = threadIdx.x, tm = threadIdx.y;  // blockDim = (32, 8)
+  const int n = blockIdx.x * TN + tn, m = blockIdx.y * TM + tm;
+  int c[4][2];  // per plane: sum over group 0 and group 1 of s*q in {-1,0,+1}
+#pragma unroll
+  for (int b = 0; b < 4; ++b) c[b][0] = c[b][1] = 0;
+  const int tid = tm * TN + tn;
+  for (int k0 = 0; k0 < Kw; k0 += TK) {
+    for (int i = tid; i < TN * TK; i += TN * TM) {
+      const int rn = i / TK, kk = i % TK, gn = blockIdx.x * TN + rn, gk = k0 + kk;
+      const bool ok = gn < N && gk < Kw;
+      sS[rn][kk] = ok ? signs[(size_t)gn * Kw + gk] : 0u;
+      sG[rn][kk] = ok ? (gbits ? gbits[(size_t)gn * Kw + gk] : 0u) : 0u;
+    }
+    for (int i = tid; i < 4 * TM * TK; i += TN * TM) {
+      const int b = i / (TM * TK), rm = (i / TK) % TM, kk = i % TK;
+      const int gm = blockIdx.y * TM + rm, gk = k0 + kk;
+      sQ[b][rm][kk] = (gm < M && gk < Kw) ? planes[((size_t)b * M + gm) * Kw + gk] : 0u;
+    }
+    __syncthreads();
+#pragma unroll 4
+    for (int kk = 0; kk < TK; ++kk) {
+      const uint32_t s = sS[tn][kk], g = sG[tn][kk];
+#pragma unroll
+      for (int b = 0; b < 4; ++b) {
+        const uint32_t q = sQ[b][tm][kk];
+        // s*q summed: (#q with s=1) - (#q with s=0) = 2*popc(q&s) - popc(q)
+        c[b][1] += 2 * __popc(q & s & g) - __popc(q & g);
+        c[b][0] += 2 * __popc(q & s & ~g) - __popc(q & ~g);
+      }
+    }
+    __syncthreads();
+  }
+  if (n < N && m < M) {
+    const float a0 = __half2float(scales[2 * n]), a1 = __half2float(scales[2 * n + 1]);
+    float acc = 0.f;
+#pragma unroll
+    for (int b = 0; b < 4; ++b) acc += float(1 << b) * (a0 * c[b][0] + a1 * c[b][1]);
+    y[(size_t)m * N + n] = xs[m] * (acc - xz[m] * wsum[n]);
+  }
+}
+
+template <int M, int R, int FMT, typename CodeT>
+void launch_gemv_t(const BinaryGemvArgs& a, cudaStream_t stream) {
+  const int threads = 256, warps = (a.N + R - 1) / R;
+  const int blocks = (warps * 32 + threads - 1) / threads;
+  binary_gemv_kernel<M, R, FMT, CodeT><<<blocks, threads, 0, stream>>>(
+      static_cast<const __half*>(a.x), a.ldx, static_cast<const uint32_t*>(a.signs), a.Kw,
+      static_cast<const __half*>(a.scales), a.G, a.words_per_group, a.row_ptr,
+      FMT == FMT_BITMAP ? static_cast<const uint32_t*>(a.positions) : nullptr,
+      FMT == FMT_CSR ? static_cast<const uint16_t*>(a.positions) : nullptr,
+      static_cast<const CodeT*>(a.codes), static_cast<const __half*>(a.sal_scale),
+      static_cast<const __half*>(a.sal_zero), static_cast<__half*>(a.y), a.N);
+}
+
+template <int M, int R>
+void launch_gemv_fmt(const BinaryGemvArgs& a, cudaStream_t s) {
+  if (a.fmt == FMT_NONE) launch_gemv_t<M, R, FMT_NONE, uint8_t>(a, s);
+  else if (a.fmt == FMT_CSR && !a.wide_codes) launch_gemv_t<M, R, FMT_CSR, uint8_t>(a, s);
+  else if (a.fmt == FMT_CSR) launch_gemv_t<M, R, FMT_CSR, uint16_t>(a, s);
+  else if (!a.wide_codes) launch_gemv_t<M, R, FMT_BITMAP, uint8_t>(a, s);
+  else launch_gemv_t<M, R, FMT_BITMAP, uint16_t>(a, s);
+}
+
+template <int FMT, typename CodeT>
+void launch_scatter_t(const BinaryGemvArgs& a, cudaStream_t s) {
+  salient_scatter_kernel<FMT, CodeT><<<(a.N + 127) / 128, 128, 0, s>>>(
+      a.row_ptr, FMT == FMT_BITMAP ? static_cast<const uint32_t*>(a.positions) : nullptr,
+      FMT == FMT_CSR ? static_cast<const uint16_t*>(a.positions) : nullptr, a.Kw,
+      static_cast<const CodeT*>(a.codes), static_cast<const __half*>(a.sal_scale),
+      static_cast<const __half*>(a.sal_zero), static_cast<__half*>(a.y), a.N);
+}
+
+}  // namespace
+
+cudaError_t launch_binary_gemv(const BinaryGemvArgs& a, cudaStream_t s) {
+  switch (a.M) {
+    case 1: launch_gemv_fmt<1, 4>(a, s); break;
+    case 2: launch_gemv_fmt<2, 4>(a, s); break;
+    case 4: launch_gemv_fmt<4, 2>(a, s); break;
+    case 8: launch_gemv_fmt<8, 1>(a, s); break;
+    default: return cudaErrorInvalidValue;
+  }
+  return cudaGetLastError();
+}
+
+cudaError_t launch_binary_dequant(const BinaryGemvArgs& a, cudaStream_t s) {
+  const size_t total = (size_t)a.N * a.Kw;
+  binary_dequant_kernel<<<(unsigned)((total + 255) / 256), 256, 0, s>>>(
+      static_cast<const uint32_t*>(a.signs), a.Kw, static_cast<const __half*>(a.scales), a.G,
+      a.words_per_group, static_cast<__half*>(a.y), a.N);
+  if (a.fmt == FMT_CSR && !a.wide_codes) launch_scatter_t<FMT_CSR, uint8_t>(a, s);
+  else if (a.fmt == FMT_CSR) launch_scatter_t<FMT_CSR, uint16_t>(a, s);
+  else if (a.fmt == FMT_BITMAP && !a.wide_codes) launch_scatter_t<FMT_BITMAP, uint8_t>(a, s);
+  else if (a.fmt == FMT_BITMAP) launch_scatter_t<FMT_BITMAP, uint16_t>(a, s);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_w1a1x4(const W1A1x4Args& a, cudaStream_t s) {
+  dim3 block(TN, TM), grid((a.N + TN - 1) / TN, (a.M + TM - 1) / TM);
+  w1a1x4_kernel<<<grid, block, 0, s>>>(
+      static_cast<const uint32_t*>(a.planes), a.M, static_cast<const uint32_t*>(a.signs),
+      static_cast<const uint32_t*>(a.gbits), a.Kw, static_cast<const __half*>(a.scales),
+      a.wsum, a.xs, a.xz, a.y, a.N);
+  return cudaGetLastError();
+}

@@ -1,0 +1,85 @@
+"""The packed ops as torch.library custom ops: the reference is the default kernel (any device),
+the CUDA kernel is registered for the same op and used when the extension builds.
+
+  qat::binary_gemm   y = x · Wᵀ, W = alpha·sign (+ PB-LLM salient values)   [W1A16]
+  qat::w1a1x4_gemm   y = xs·(Σ_b 2^b·W q_b − xz·W1), activations as 4 bit planes [W1A1×4]
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from qat.kernels import reference
+from qat.kernels.build import extension_or_none
+
+GEMV_MAX_M = 8  # above this the CUDA path dequantizes to fp16 and uses cuBLAS (prefill)
+
+
+@torch.library.custom_op("qat::binary_gemm", mutates_args=())
+def binary_gemm(
+    x: Tensor, signs: Tensor, scales: Tensor, in_features: int, salient_format: int,
+    row_ptr: Tensor | None, positions: Tensor | None, codes: Tensor | None,
+    sal_scale: Tensor | None, sal_zero: Tensor | None,
+) -> Tensor:
+    lead = x.shape[:-1]
+    y = reference.binary_gemm(x.reshape(-1, in_features), signs, scales, in_features,
+                              salient_format, row_ptr, positions, codes, sal_scale, sal_zero)
+    return y.reshape(*lead, signs.shape[0])
+
+
+@binary_gemm.register_fake
+def _(x, signs, scales, in_features, salient_format, row_ptr, positions, codes, sal_scale, sal_zero):
+    return x.new_empty(*x.shape[:-1], signs.shape[0])
+
+
+@binary_gemm.register_kernel("cuda")
+def _binary_gemm_cuda(x, signs, scales, in_features, salient_format, row_ptr, positions, codes,
+                      sal_scale, sal_zero):
+    ext = extension_or_none()
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, in_features)
+    if ext is None:
+        y = reference.binary_gemm(x2, signs, scales, in_features, salient_format, row_ptr,
+                                  positions, codes, sal_scale, sal_zero)
+        return y.reshape(*lead, signs.shape[0])
+    n_words = signs.shape[1]
+    words_per_group = n_words // scales.shape[1] if in_features % (32 * scales.shape[1]) == 0 else 0
+    if words_per_group == 0:  # groups not aligned to 32 columns: the kernels index by word
+        y = reference.binary_gemm(x2, signs, scales, in_features, salient_format, row_ptr,
+                                  positions, codes, sal_scale, sal_zero)
+        return y.reshape(*lead, signs.shape[0])
+    empty = signs.new_empty(0)
+    sal = [t if t is not None else empty for t in (row_ptr, positions, codes, sal_scale, sal_zero)]
+    m = x2.shape[0]
+    if m <= GEMV_MAX_M:
+        m_pad = 1 if m == 1 else 2 if m == 2 else 4 if m <= 4 else 8
+        if m_pad == m and in_features == n_words * 32 and x2.dtype == torch.float16:
+            xh = x2.contiguous()  # the common decode case: no copy
+        else:
+            xh = torch.zeros(m_pad, n_words * 32, dtype=torch.float16, device=x.device)
+            xh[:m, :in_features] = x2
+        y = ext.binary_gemv(xh, signs, scales, words_per_group, salient_format, *sal)[:m]
+    else:
+        w = ext.binary_dequant(signs, scales, words_per_group, salient_format, *sal)
+        y = x2.to(torch.float16) @ w[:, :in_features].t()
+    return y.to(x.dtype).reshape(*lead, signs.shape[0])
+
+
+@torch.library.custom_op("qat::w1a1x4_gemm", mutates_args=())
+def w1a1x4_gemm(planes: Tensor, signs: Tensor, gbits: Tensor, scales: Tensor, wsum: Tensor,
+                xs: Tensor, xz: Tensor) -> Tensor:
+    return reference.w1a1x4_gemm(planes, signs, gbits, scales, wsum, xs, xz)
+
+
+@w1a1x4_gemm.register_fake
+def _(planes, signs, gbits, scales, wsum, xs, xz):
+    return planes.new_empty(planes.shape[1], signs.shape[0], dtype=torch.float32)
+
+
+@w1a1x4_gemm.register_kernel("cuda")
+def _w1a1x4_cuda(planes, signs, gbits, scales, wsum, xs, xz):
+    ext = extension_or_none()
+    if ext is None:
+        return reference.w1a1x4_gemm(planes, signs, gbits, scales, wsum, xs, xz)
+    return ext.w1a1x4_gemm(planes.contiguous(), signs, gbits, scales.to(torch.float16).contiguous(),
+                           wsum.float().contiguous(), xs.float().contiguous(), xz.float().contiguous())

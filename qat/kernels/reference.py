@@ -1,0 +1,58 @@
+"""Pure-torch reference implementations of the packed ops: any device, the tests' oracle."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from qat.quant.packing import unpack_bits
+
+SALIENT_NONE, SALIENT_CSR, SALIENT_BITMAP = 0, 1, 2
+
+
+def salient_positions(fmt: int, row_ptr: Tensor, positions: Tensor, n_rows: int, in_features: int) -> tuple[Tensor, Tensor]:
+    """(rows, cols) of the salient entries, in the order their codes are stored (row-major)."""
+    if fmt == SALIENT_CSR:
+        counts = (row_ptr[1:] - row_ptr[:-1]).long()
+        rows = torch.repeat_interleave(torch.arange(n_rows, device=row_ptr.device), counts)
+        cols = positions.to(torch.int64) & 0xFFFF  # uint16 stored in int16
+        return rows, cols
+    mask = unpack_bits(positions, in_features)
+    rows, cols = mask.nonzero(as_tuple=True)
+    return rows, cols
+
+
+def binary_weight(
+    signs: Tensor, scales: Tensor, in_features: int, fmt: int = SALIENT_NONE,
+    row_ptr: Tensor | None = None, positions: Tensor | None = None, codes: Tensor | None = None,
+    sal_scale: Tensor | None = None, sal_zero: Tensor | None = None,
+) -> Tensor:
+    """The dense fp32 weight [N, K] a packed binary (+salient) layer stands for."""
+    n = signs.shape[0]
+    s = unpack_bits(signs, in_features).float() * 2 - 1
+    alpha = scales.float().repeat_interleave(in_features // scales.shape[1], dim=1)
+    w = alpha * s
+    if fmt != SALIENT_NONE:
+        rows, cols = salient_positions(fmt, row_ptr, positions, n, in_features)
+        c = codes.to(torch.int64) & 0xFFFF
+        w[rows, cols] = (c.float() - sal_zero.float()[rows]) * sal_scale.float()[rows]
+    return w
+
+
+def binary_gemm(x: Tensor, signs: Tensor, scales: Tensor, in_features: int, fmt: int = 0,
+                row_ptr=None, positions=None, codes=None, sal_scale=None, sal_zero=None) -> Tensor:
+    w = binary_weight(signs, scales, in_features, fmt, row_ptr, positions, codes, sal_scale, sal_zero)
+    return (x.float() @ w.t()).to(x.dtype)
+
+
+def w1a1x4_gemm(planes: Tensor, signs: Tensor, gbits: Tensor, scales: Tensor, wsum: Tensor,
+                xs: Tensor, xz: Tensor) -> Tensor:
+    """y = xs·(Σ_b 2^b·(Ŵ q_b) − xz·Ŵ1), Ŵ = sign·α_group; returns fp32 [M, N]."""
+    k = signs.shape[1] * 32
+    s = unpack_bits(signs, k).float() * 2 - 1
+    if gbits.numel():
+        g = unpack_bits(gbits, k).long()
+    else:
+        g = torch.zeros_like(s, dtype=torch.long)
+    w = s * torch.gather(scales.float(), 1, g)
+    q = sum((2**b) * unpack_bits(planes[b], k).float() for b in range(4))
+    return xs.float()[:, None] * (q @ w.t() - xz.float()[:, None] * wsum.float()[None, :])

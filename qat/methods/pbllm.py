@@ -1,0 +1,163 @@
+"""PB-LLM: partially binarized weights (methods.md §2).
+
+A fraction `salient_ratio` of each matrix's weights (element-wise, by |w| or by Hessian
+saliency) is kept at `salient_bits` (per-row asymmetric, frozen: buffers, no gradient); the
+rest is binarized as alpha*·sign(w) with alpha* = mean|w| over the non-salient entries of each
+row (or column group), recomputed from the latent weights in every forward. sign(0)=+1.
+
+`rtn_binary` is the same quantizer with salient_ratio=0: the plain binarized baseline.
+
+Packed form: sign bits 32 per int32 (salient positions packed as +1), fp16 scales per
+row/group, and the salient part as int8/16 codes + fp16 per-row scale and zero + positions,
+as a bitmap or a CSR column list (uint16), whichever stores fewer bits for the layer.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from qat.errors import QATError, check_choice, check_range
+from qat.kernels import ops
+from qat.methods.base import Method
+from qat.quant.binarize import binarize_ste, optimal_alpha
+from qat.quant.packing import pack_bits, packed_words
+from qat.quant.salient import (
+    dequantize_kbit_rows,
+    hessian_saliency,
+    quantize_kbit_rows,
+    salient_mask_topk,
+)
+
+SALIENT_NONE, SALIENT_CSR, SALIENT_BITMAP = 0, 1, 2
+
+
+def salient_position_bits(out_f: int, in_f: int, nnz: int) -> dict[int, int]:
+    """Bits each position format stores: CSR = uint16 column per entry + int32 row pointers;
+    bitmap = one bit per weight + int32 row pointers (offsets into the value list)."""
+    row_ptr = (out_f + 1) * 32
+    return {SALIENT_CSR: nnz * 16 + row_ptr, SALIENT_BITMAP: out_f * packed_words(in_f) * 32 + row_ptr}
+
+
+@dataclass
+class PartialBinary(Method):
+    name: ClassVar[str] = "pbllm_qat"
+    salient_ratio: float = 0.1
+    salient_bits: int = 8
+    salient_metric: str = "magnitude"
+    group_size: int = 0  # 0: one alpha per row
+    ste_clip: float | None = None  # None: plain STE (PB-LLM's code); a float: zero grad beyond
+
+    def validate(self) -> None:
+        check_range("salient_ratio", self.salient_ratio, 0.0, 1.0)
+        if not (2 <= int(self.salient_bits) <= 16):
+            raise QATError(f"salient_bits={self.salient_bits!r} is outside 2..16")
+        check_choice("salient_metric", self.salient_metric, ["magnitude", "hessian"])
+        if self.group_size < 0:
+            raise QATError(f"group_size={self.group_size!r} must be 0 (per row) or positive")
+        if self.ste_clip is not None and self.ste_clip <= 0:
+            raise QATError(f"ste_clip={self.ste_clip!r} must be positive or null")
+
+    # -- training form ---------------------------------------------------------------------
+    def salient_mask(self, weight: Tensor, hinv_diag: Tensor | None = None) -> Tensor:
+        if self.salient_metric == "hessian":
+            if hinv_diag is None:
+                raise QATError(
+                    "salient_metric='hessian' needs calibration Hessians: use init=gptq_hessian "
+                    "(or salient_metric=magnitude)"
+                )
+            score = hessian_saliency(weight, hinv_diag)
+        else:
+            score = weight.abs()
+        return salient_mask_topk(score, self.salient_ratio)
+
+    def salient_buffers(self, weight: Tensor, mask: Tensor) -> dict[str, Tensor]:
+        codes, scale, zero = quantize_kbit_rows(weight, mask, self.salient_bits)
+        code_dtype = torch.uint8 if self.salient_bits <= 8 else torch.int32
+        return {"salient_mask": mask, "salient_codes": codes.to(code_dtype),
+                "salient_scale": scale, "salient_zero": zero}
+
+    def init_state(self, weight: Tensor, hessian: Tensor | None = None) -> dict[str, Tensor]:
+        """The `rtn` seed: salient mask on the fp weights, salient values k-bit, latent = w."""
+        hinv_diag = None
+        if hessian is not None:
+            hinv_diag = torch.linalg.inv(hessian.double()).diagonal().float()
+        mask = self.salient_mask(weight, hinv_diag)
+        return {"latent": weight.detach().clone(), **self.salient_buffers(weight, mask)}
+
+    def fake_quant(self, latent: Tensor, buffers: dict[str, Tensor]) -> Tensor:
+        mask = buffers["salient_mask"]
+        binary, _ = binarize_ste(latent, ~mask, self.group_size, self.ste_clip)
+        if self.salient_ratio == 0:
+            return binary
+        salient = dequantize_kbit_rows(
+            buffers["salient_codes"], buffers["salient_scale"], buffers["salient_zero"]
+        ).to(latent.dtype)
+        return torch.where(mask, salient, binary)
+
+    # -- inference form --------------------------------------------------------------------
+    @torch.no_grad()
+    def pack(self, latent: Tensor, buffers: dict[str, Tensor]) -> dict[str, Tensor]:
+        mask = buffers["salient_mask"]
+        out_f, in_f = latent.shape
+        alpha = optimal_alpha(latent.float(), ~mask, self.group_size).to(torch.float16)
+        packed = {"signs": pack_bits((latent >= 0) | mask), "scales": alpha}
+        nnz = int(mask.sum())
+        if nnz == 0:
+            return packed
+        cost = salient_position_bits(out_f, in_f, nnz)
+        fmt = min(cost, key=cost.get)
+        if in_f > 65535:
+            fmt = SALIENT_BITMAP  # uint16 columns cannot address it
+        rows, cols = mask.nonzero(as_tuple=True)  # row-major: the value order of both formats
+        row_ptr = torch.zeros(out_f + 1, dtype=torch.int32, device=latent.device)
+        row_ptr[1:] = torch.cumsum(mask.sum(dim=1), 0).to(torch.int32)
+        positions = pack_bits(mask) if fmt == SALIENT_BITMAP else cols.to(torch.int32).to(torch.int16)
+        code_dtype = torch.uint8 if self.salient_bits <= 8 else torch.int16
+        packed.update({
+            "salient_format": torch.tensor(fmt, dtype=torch.uint8),
+            "salient_row_ptr": row_ptr,
+            "salient_positions": positions,
+            # int16 holds 9..16-bit codes as their two's-complement bit pattern
+            "salient_codes": buffers["salient_codes"][rows, cols].to(torch.int32).to(code_dtype),
+            "salient_scale": buffers["salient_scale"].to(torch.float16),
+            "salient_zero": buffers["salient_zero"].to(torch.float16),
+        })
+        return packed
+
+    def packed_linear(self, x: Tensor, packed: dict[str, Tensor], in_features: int) -> Tensor:
+        fmt = int(packed["salient_format"]) if "salient_format" in packed else SALIENT_NONE
+        return ops.binary_gemm(
+            x, packed["signs"], packed["scales"], in_features, fmt,
+            packed.get("salient_row_ptr"), packed.get("salient_positions"),
+            packed.get("salient_codes"), packed.get("salient_scale"), packed.get("salient_zero"),
+        )
+
+    def weight_bits(self) -> float:
+        r, k = self.salient_ratio, self.salient_bits
+        return (1 - r) * 1 + r * k
+
+    @torch.no_grad()
+    def health(self, latent: Tensor, buffers: dict[str, Tensor]) -> dict[str, Tensor]:
+        keep = ~buffers["salient_mask"]
+        alpha = optimal_alpha(latent.float(), keep, self.group_size)
+        stats = {"alpha_mean": alpha.mean(), "alpha_std": alpha.std()}
+        if self.ste_clip is not None:
+            beyond = (latent.abs() > self.ste_clip) & keep
+            stats["beyond_clip"] = beyond.float().sum() / keep.float().sum().clamp_min(1)
+        return stats
+
+
+@dataclass
+class RTNBinary(PartialBinary):
+    """Per-row alpha·sign(w), alpha = mean|w|, STE: PartialBinary with no salient weights."""
+
+    name: ClassVar[str] = "rtn_binary"
+    salient_ratio: float = 0.0
+
+    def validate(self) -> None:
+        if self.salient_ratio != 0:
+            raise QATError(f"rtn_binary has no salient weights; got salient_ratio={self.salient_ratio!r}")
+        super().validate()

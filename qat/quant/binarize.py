@@ -1,0 +1,80 @@
+"""Binarization: sign with sign(0)=+1, the L2-optimal scale, and the straight-through estimator."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def sign_pm1(w: Tensor) -> Tensor:
+    """sign(w) in {-1, +1}; zero maps to +1 (torch.sign gives 0, which would lose the entry)."""
+    return torch.where(w >= 0, torch.ones_like(w), -torch.ones_like(w))
+
+
+class _STESign(torch.autograd.Function):
+    """Forward: sign_pm1. Backward: identity, or identity inside |w| <= clip and 0 outside."""
+
+    @staticmethod
+    def forward(ctx, w: Tensor, clip: float | None) -> Tensor:
+        ctx.clip = clip
+        if clip is not None:
+            ctx.save_for_backward(w)
+        return sign_pm1(w)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        if ctx.clip is None:
+            return grad, None
+        (w,) = ctx.saved_tensors
+        return grad * (w.abs() <= ctx.clip).to(grad.dtype), None
+
+
+def ste_sign(w: Tensor, clip: float | None = None) -> Tensor:
+    """sign_pm1 with a straight-through gradient (clipped to |w| <= clip when clip is given)."""
+    return _STESign.apply(w, clip)
+
+
+def group_view(w: Tensor, group_size: int) -> Tensor:
+    """[out, in] -> [out, in/group_size, group_size]; group_size 0 means one group per row."""
+    out_f, in_f = w.shape
+    g = in_f if group_size in (0, None) else group_size
+    if in_f % g:
+        raise ValueError(f"group_size={group_size} does not divide in_features={in_f}")
+    return w.reshape(out_f, in_f // g, g)
+
+
+def optimal_alpha(w: Tensor, keep: Tensor | None = None, group_size: int = 0) -> Tensor:
+    """alpha* = mean|w| over the entries being binarized, per row (or per group of columns).
+
+    `keep` (bool, same shape as w) marks the entries that are binarized; others (salient
+    weights) do not enter the mean. Returns [out, n_groups]. A group with no binarized entry
+    gets alpha 0 (it holds no binary weight, so the value is never used).
+    """
+    a = group_view(w.abs(), group_size)
+    if keep is None:
+        return a.mean(dim=-1)
+    k = group_view(keep, group_size).to(w.dtype)
+    return (a * k).sum(dim=-1) / k.sum(dim=-1).clamp_min(1.0)
+
+
+def expand_groups(per_group: Tensor, in_features: int) -> Tensor:
+    """[out, n_groups] -> [out, in_features], each group value repeated over its columns."""
+    return per_group.repeat_interleave(in_features // per_group.shape[1], dim=1)
+
+
+def binarize_ste(
+    w: Tensor,
+    keep: Tensor | None = None,
+    group_size: int = 0,
+    clip: float | None = None,
+    scale_dtype: torch.dtype | None = torch.float16,
+) -> tuple[Tensor, Tensor]:
+    """alpha*·sign(w), sign through the STE, alpha* recomputed analytically from w.
+
+    The scale is rounded to `scale_dtype` (what the packed layer stores) in the forward pass,
+    with a straight-through gradient, so the fake-quant and packed forms agree bit for bit.
+    Returns (binarized weight, alpha [out, n_groups]).
+    """
+    alpha = optimal_alpha(w, keep, group_size)
+    if scale_dtype is not None:
+        alpha = alpha + (alpha.to(scale_dtype).to(alpha.dtype) - alpha).detach()
+    return expand_groups(alpha, w.shape[1]) * ste_sign(w, clip), alpha

@@ -1,0 +1,29 @@
+"""Bit packing: 32 booleans per int32 along the last dim (bit j of word w = column 32·w + j)."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+_SHIFTS = torch.arange(32, dtype=torch.int64)
+
+
+def packed_words(n: int) -> int:
+    return (n + 31) // 32
+
+
+def pack_bits(bits: Tensor) -> Tensor:
+    """bool [..., n] -> int32 [..., ceil(n/32)]; padding bits are 0."""
+    n = bits.shape[-1]
+    pad = packed_words(n) * 32 - n
+    b = torch.nn.functional.pad(bits.to(torch.int64), (0, pad)).reshape(*bits.shape[:-1], -1, 32)
+    words = (b << _SHIFTS.to(b.device)).sum(dim=-1)
+    # two's complement into the int32 range (bit 31 set -> negative)
+    words = torch.where(words >= 2**31, words - 2**32, words)
+    return words.to(torch.int32)
+
+
+def unpack_bits(words: Tensor, n: int) -> Tensor:
+    """int32 [..., ceil(n/32)] -> bool [..., n]."""
+    w = words.to(torch.int64).unsqueeze(-1)
+    bits = ((w >> _SHIFTS.to(words.device)) & 1).bool()
+    return bits.reshape(*words.shape[:-1], -1)[..., :n]

@@ -1,0 +1,162 @@
+"""Packed ops: reference vs dense math (CPU), nvcc compile (CPU), CUDA vs reference (GPU).
+
+Imports torch and qat.kernels only: this file runs on the bare GPU image.
+"""
+from __future__ import annotations
+
+import sys
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from qat.kernels import ops, reference
+from qat.kernels.build import CSRC, extension_or_none, nvcc_path
+from qat.quant.activations import bit_planes, int4_per_token
+from qat.quant.packing import pack_bits, unpack_bits
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def random_packed(n: int, k: int, ratio: float, fmt: int, group: int = 0, bits: int = 8, seed: int = 0):
+    """A random PB-LLM layer in packed form, and the dense fp32 weight it encodes (built here)."""
+    g = torch.Generator().manual_seed(seed)
+    signs_b = torch.rand(n, k, generator=g) < 0.5
+    n_groups = 1 if group == 0 else k // group
+    scales = (torch.rand(n, n_groups, generator=g) * 0.1 + 0.01).half()
+    alpha = scales.float().repeat_interleave(k // n_groups, dim=1)
+    w = torch.where(signs_b, alpha, -alpha)
+    packed = dict(signs=pack_bits(signs_b), scales=scales, fmt=0, row_ptr=None, positions=None,
+                  codes=None, sal_scale=None, sal_zero=None)
+    if ratio > 0:
+        mask = torch.rand(n, k, generator=g) < ratio
+        mask[0] = False  # a row with no salient entry
+        sal_scale = (torch.rand(n, generator=g) * 0.01 + 1e-3).half()
+        sal_zero = torch.randint(0, 2**bits, (n,), generator=g).half()
+        codes_dense = torch.randint(0, 2**bits, (n, k), generator=g)
+        rows, cols = mask.nonzero(as_tuple=True)
+        codes = codes_dense[rows, cols]
+        w[rows, cols] = (codes.float() - sal_zero.float()[rows]) * sal_scale.float()[rows]
+        row_ptr = torch.zeros(n + 1, dtype=torch.int32)
+        row_ptr[1:] = torch.cumsum(mask.sum(1), 0)
+        positions = pack_bits(mask) if fmt == 2 else cols.to(torch.int32).to(torch.int16)
+        signs_b = signs_b | mask  # salient positions carry sign +1
+        packed.update(signs=pack_bits(signs_b), fmt=fmt, row_ptr=row_ptr, positions=positions,
+                      codes=codes.to(torch.int32).to(torch.uint8 if bits <= 8 else torch.int16),
+                      sal_scale=sal_scale, sal_zero=sal_zero)
+    return packed, w
+
+
+def call_binary_gemm(x, p, k):
+    return ops.binary_gemm(x, p["signs"], p["scales"], k, p["fmt"], p["row_ptr"], p["positions"],
+                           p["codes"], p["sal_scale"], p["sal_zero"])
+
+
+def to(p, device):
+    return {key: v.to(device) if isinstance(v, torch.Tensor) else v for key, v in p.items()}
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def test_pack_roundtrip_odd_length():
+    bits = torch.rand(5, 77) < 0.5
+    words = pack_bits(bits)
+    assert words.shape == (5, 3) and words.dtype == torch.int32
+    assert torch.equal(unpack_bits(words, 77), bits)
+    assert pack_bits(torch.tensor([True] + [False] * 31)).item() == 1
+    assert pack_bits(torch.tensor([False] * 31 + [True])).item() == -(2**31)
+
+
+@pytest.mark.parametrize("n,k,m,ratio,fmt,group,bits", [
+    (7, 77, 1, 0.0, 0, 0, 8),        # K not a multiple of 32, M = 1
+    (300, 96, 3, 0.1, 2, 32, 8),     # bitmap salient, column groups
+    (64, 130, 5, 0.05, 1, 0, 8),     # CSR salient, odd K
+    (2048, 64, 1, 0.2, 1, 0, 12),    # large N, 12-bit salient codes
+])
+def test_binary_gemm_reference_matches_dense(n, k, m, ratio, fmt, group, bits):
+    p, w = random_packed(n, k, ratio, fmt, group, bits)
+    x = torch.randn(m, k, dtype=torch.float64)
+    y = call_binary_gemm(x, p, k)
+    torch.testing.assert_close(y, x @ w.double().t(), rtol=1e-5, atol=1e-5)
+
+
+def test_w1a1x4_reference_is_exact_given_int4():
+    g = torch.Generator().manual_seed(1)
+    m, n, k = 3, 17, 70
+    x = torch.randn(m, k, generator=g)
+    q, s, z = int4_per_token(x)
+    signs_b, group_b = torch.rand(n, k, generator=g) < 0.5, torch.rand(n, k, generator=g) < 0.3
+    scales = torch.rand(n, 2, generator=g).half()
+    w = torch.where(signs_b, 1.0, -1.0) * torch.gather(scales.float(), 1, group_b.long())
+    y = ops.w1a1x4_gemm(bit_planes(q), pack_bits(signs_b), pack_bits(group_b), scales,
+                        w.sum(1), s, z)
+    x_int4 = s[:, None] * (q.float() - z[:, None])
+    torch.testing.assert_close(y, x_int4 @ w.t(), rtol=1e-4, atol=1e-4)
+    assert rel_err(x_int4, x) < 0.15  # INT4 is a real approximation of x, not a no-op
+
+
+@pytest.mark.skipif(nvcc_path() is None, reason="nvcc not installed")
+@pytest.mark.parametrize("arch", ["80", "90"])
+def test_cuda_sources_compile(arch, tmp_path: Path):
+    out = tmp_path / f"bitgemm_sm{arch}.o"
+    cmd = [nvcc_path(), "-c", "-std=c++17", f"-gencode=arch=compute_{arch},code=sm_{arch}",
+           "-I", str(CSRC), "-o", str(out), str(CSRC / "bitgemm.cu")]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert out.stat().st_size > 0
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@cuda
+@pytest.mark.gpu
+def test_extension_builds_on_gpu():
+    assert extension_or_none() is not None
+
+
+@cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 7, 8, 16, 200])
+@pytest.mark.parametrize("n,k,ratio,fmt,group,bits", [
+    (1000, 4096, 0.0, 0, 0, 8),
+    (513, 1000, 0.1, 2, 0, 8),       # K not a multiple of 32
+    (777, 2048, 0.05, 1, 128, 8),
+    (256, 4096, 0.1, 2, 0, 12),
+])
+def test_binary_gemm_cuda_matches_reference(m, n, k, ratio, fmt, group, bits):
+    p, _ = random_packed(n, k, ratio, fmt, group, bits, seed=m)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).half()
+    ref = call_binary_gemm(x.double(), p, k)
+    pc = to(p, "cuda")
+    y = call_binary_gemm(x.cuda(), pc, k)
+    assert torch.isfinite(y).all()
+    assert rel_err(y.cpu(), ref) < 2e-3
+
+
+@cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("m,n,k", [(1, 300, 4096), (9, 257, 1000), (64, 1024, 2048)])
+def test_w1a1x4_cuda_matches_reference(m, n, k):
+    g = torch.Generator().manual_seed(m)
+    q = torch.randint(0, 16, (m, k), generator=g)
+    signs, gbits = pack_bits(torch.rand(n, k, generator=g) < 0.5), pack_bits(torch.rand(n, k, generator=g) < 0.5)
+    scales = torch.rand(n, 2, generator=g).half()
+    wsum, s, z = torch.randn(n, generator=g), torch.rand(m, generator=g), torch.randint(0, 16, (m,), generator=g).float()
+    args = (bit_planes(q), signs, gbits, scales, wsum, s, z)
+    ref = reference.w1a1x4_gemm(*args)
+    y = ops.w1a1x4_gemm(*[a.cuda() for a in args])
+    assert rel_err(y.cpu(), ref) < 1e-5
+    y1 = ops.w1a1x4_gemm(*[a.cuda() for a in (bit_planes(q), signs, torch.empty(0, dtype=torch.int32), scales, wsum, s, z)])
+    ref1 = reference.w1a1x4_gemm(bit_planes(q), signs, torch.empty(0, dtype=torch.int32), scales, wsum, s, z)
+    assert rel_err(y1.cpu(), ref1) < 1e-5
+
+
+def test_kernel_modules_import_without_framework_deps():
+    code = ("import sys; import qat.kernels, qat.quant; "
+            "bad = [m for m in ('hydra', 'wandb', 'datasets', 'lightning') if m in sys.modules]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)
