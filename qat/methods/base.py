@@ -38,8 +38,12 @@ class Method:
         raise NotImplementedError
 
     def weight_bits(self) -> float | None:
-        """The 'weight bits' a paper would quote (None: not a quantizing method)."""
+        """The 'weight bits' a paper would quote, without scales (None: not quantizing)."""
         return None
+
+    def packed_weight_bits(self, packed: dict[str, Tensor], out_features: int, in_features: int) -> float:
+        """Weight bits of one packed layer as papers count them (values + scales, no positions)."""
+        raise NotImplementedError
 
     @torch.no_grad()
     def health(self, latent: Tensor, buffers: dict[str, Tensor]) -> dict[str, Tensor]:

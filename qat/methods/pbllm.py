@@ -23,6 +23,7 @@ from qat.errors import QATError, check_choice, check_range
 from qat.kernels import ops
 from qat.methods.base import Method
 from qat.quant.binarize import binarize_ste, optimal_alpha
+from qat.quant.bits import tensor_bits
 from qat.quant.packing import pack_bits, packed_words
 from qat.quant.salient import (
     dequantize_kbit_rows,
@@ -138,6 +139,14 @@ class PartialBinary(Method):
     def weight_bits(self) -> float:
         r, k = self.salient_ratio, self.salient_bits
         return (1 - r) * 1 + r * k
+
+    def packed_weight_bits(self, packed: dict[str, Tensor], out_features: int, in_features: int) -> float:
+        """1 bit per binary weight + k per salient weight + every stored scale/zero point;
+        the positions (bitmap or CSR) are left out, as PB-LLM's paper leaves them out."""
+        n = out_features * in_features
+        nnz = int(packed["salient_codes"].numel()) if "salient_codes" in packed else 0
+        scale_bits = tensor_bits(packed[k] for k in ("scales", "salient_scale", "salient_zero") if k in packed)
+        return (n - nnz) + nnz * self.salient_bits + scale_bits
 
     @torch.no_grad()
     def health(self, latent: Tensor, buffers: dict[str, Tensor]) -> dict[str, Tensor]:

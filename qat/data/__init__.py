@@ -1,0 +1,3 @@
+from qat.data.datamodule import LMDataModule
+
+__all__ = ["LMDataModule"]

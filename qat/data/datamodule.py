@@ -1,0 +1,102 @@
+"""Tokenized splits, packed into seq_len blocks; train/val loaders and a seeded calibration set."""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+from qat.data.corpora import load_corpus
+from qat.errors import QATError
+from qat.fetch import atomic_write_bytes, cache_dir
+from qat.models.load import encode
+
+
+def tokenize_splits(cfg: dict, tokenizer: Any, tokenizer_name: str) -> dict[str, torch.Tensor]:
+    """Each split as one 1-D int64 token tensor (documents joined by blank lines), cached."""
+    key = hashlib.sha1(json.dumps([cfg, tokenizer_name], sort_keys=True, default=str).encode()).hexdigest()[:16]
+    path = cache_dir() / "tokens" / f"{cfg.get('name', 'corpus')}-{key}.pt"
+    if path.exists():
+        try:
+            return torch.load(path)
+        except Exception:
+            raise QATError(f"cached token file {path} is corrupt; delete it to rebuild") from None
+    corpus = load_corpus(cfg)
+    tokens = {name: torch.tensor(encode(tokenizer, "\n\n".join(docs)), dtype=torch.int64)
+              for name, docs in corpus.items()}
+    buf = io.BytesIO()
+    torch.save(tokens, buf)
+    atomic_write_bytes(path, buf.getvalue())
+    return tokens
+
+
+def blocks(tokens: torch.Tensor, seq_len: int) -> torch.Tensor:
+    n = tokens.numel() // seq_len
+    return tokens[: n * seq_len].view(n, seq_len)
+
+
+class StepIndexedBlocks(Dataset):
+    """Sample j is block perm_p[g % n] with g = start + j, p = g // n, perm_p seeded by (seed, p):
+    a reshuffle every pass over the blocks, reproducible from any starting point."""
+
+    def __init__(self, data: torch.Tensor, seed: int, start: int, length: int):
+        self.data, self.seed, self.start, self.length = data, seed, start, length
+        self._perms: dict[int, torch.Tensor] = {}
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, j: int) -> tuple[torch.Tensor]:
+        g = self.start + j
+        n = self.data.shape[0]
+        p = g // n
+        if p not in self._perms:
+            self._perms[p] = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 100003 + p))
+        return (self.data[self._perms[p][g % n]],)
+
+
+class LMDataModule(L.LightningDataModule):
+    def __init__(self, cfg: dict, tokenizer: Any, tokenizer_name: str, seed: int = 0):
+        super().__init__()
+        self.cfg, self.seed = cfg, seed
+        self.tokens = tokenize_splits(cfg, tokenizer, tokenizer_name)
+        self.seq_len = int(cfg["seq_len"])
+        if self.seq_len <= 0:
+            raise QATError(f"data.seq_len={self.seq_len} must be a positive number of tokens")
+        if self.tokens["train"].numel() < self.seq_len:
+            raise QATError(f"data.seq_len={self.seq_len} is longer than the training split "
+                           f"({self.tokens['train'].numel()} tokens)")
+
+    @property
+    def test_tokens(self) -> torch.Tensor:
+        return self.tokens["test"]
+
+    def train_dataloader(self) -> DataLoader:
+        """Resumable: batch i of the run is a function of (seed, i) alone, and a resumed run
+        starts at the batch after the restored global step."""
+        batch = int(self.cfg["batch_size"])
+        start = 0
+        if self.trainer is not None:
+            start = self.trainer.global_step * self.trainer.accumulate_grad_batches * batch
+        total = int(self.cfg.get("total_batches", 1)) * batch
+        data = StepIndexedBlocks(blocks(self.tokens["train"], self.seq_len), self.seed, start,
+                                 max(total - start, batch))
+        return DataLoader(data, batch_size=batch, shuffle=False)
+
+    def val_dataloader(self) -> DataLoader:
+        b = blocks(self.tokens["validation"], self.seq_len)[: int(self.cfg.get("val_blocks", 8))]
+        return DataLoader(TensorDataset(b), batch_size=int(self.cfg["batch_size"]))
+
+    def calibration(self, n_samples: int, seq_len: int) -> torch.Tensor:
+        """n random windows of the training split (seeded): [n, seq_len]."""
+        train = self.tokens["train"]
+        if train.numel() <= seq_len:
+            raise QATError(f"calibration seq_len={seq_len} is longer than the training split")
+        g = torch.Generator().manual_seed(self.seed)
+        starts = torch.randint(0, train.numel() - seq_len, (n_samples,), generator=g)
+        return torch.stack([train[s: s + seq_len] for s in starts.tolist()])

@@ -1,0 +1,3 @@
+from qat.eval.perplexity import perplexity
+
+__all__ = ["perplexity"]

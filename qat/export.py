@@ -1,0 +1,98 @@
+"""The inference form on disk: safetensors + config.json with a `quantization_config`.
+
+`load_export(dir)` rebuilds the model from the folder alone (no training code path): the
+architecture from config.json, each quantized layer as a PackedLinear from its stored tensors.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_model
+from torch import nn
+
+from qat.errors import QATError
+from qat.methods import build_method
+from qat.nn.packed_linear import PackedLinear
+from qat.nn.qat_linear import set_submodule
+
+
+def save_export(model: nn.Module, out_dir: Path, model_name: str) -> Path:
+    """Write model.safetensors + config.json to a temp folder, then rename it to out_dir."""
+    out_dir = Path(out_dir)
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, PackedLinear)}
+    methods = {type(m.method) for m in layers.values()}
+    qcfg = None
+    if layers:
+        method = next(iter(layers.values())).method
+        assert len(methods) == 1, "one method per export"
+        qcfg = {"quant_method": "qat", "method": method.name,
+                "params": dataclasses.asdict(method),
+                "layers": {n: [m.out_features, m.in_features] for n, m in layers.items()}}
+    config = model.config.to_dict()
+    if qcfg:
+        config["quantization_config"] = qcfg
+    config["qat_model_name"] = model_name
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}-"))
+    try:
+        save_model(model, str(tmp / "model.safetensors"))
+        (tmp / "config.json").write_text(json.dumps(config, indent=1, default=str))
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def load_export(export_dir: Path, device: str = "cpu") -> nn.Module:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    export_dir = Path(export_dir)
+    cfg_path, weights = export_dir / "config.json", export_dir / "model.safetensors"
+    if not cfg_path.exists() or not weights.exists():
+        raise QATError(f"{export_dir} is not an export folder (needs config.json and model.safetensors)")
+    try:
+        raw = json.loads(cfg_path.read_text())
+        qcfg = raw.pop("quantization_config", None)
+        raw.pop("qat_model_name", None)
+        config = AutoConfig.for_model(**raw)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+        with safe_open(str(weights), framework="pt", device=device) as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (OSError, ValueError, json.JSONDecodeError) as e:
+        raise QATError(f"export {export_dir} is corrupt: {str(e).splitlines()[0]}") from None
+    if qcfg:
+        method = build_method(qcfg["method"], **qcfg["params"])
+        for name, (out_f, in_f) in qcfg["layers"].items():
+            prefix = f"{name}."
+            packed = {k[len(prefix):]: v for k, v in tensors.items()
+                      if k.startswith(prefix) and k[len(prefix):] != "bias"}
+            bias = tensors.get(f"{name}.bias")
+            set_submodule(model, name, PackedLinear(in_f, out_f, method, packed, bias))
+            for k in [k for k in tensors if k.startswith(prefix)]:
+                del tensors[k]
+    model.to_empty(device=device)
+    missing, unexpected = model.load_state_dict(tensors, strict=False, assign=True)
+    if unexpected:
+        raise QATError(f"export {export_dir} has tensors the model does not: {unexpected[:3]}")
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+    missing = [k for k in missing if not k.endswith("lm_head.weight")] if config.tie_word_embeddings else missing
+    if any(not k.endswith("rotary_emb.inv_freq") for k in missing):
+        raise QATError(f"export {export_dir} lacks tensors: {missing[:3]}")
+    # non-persistent buffers (rotary frequencies) were left on meta: rebuild them
+    for m in model.modules():
+        if hasattr(m, "inv_freq") and hasattr(m, "rope_init_fn"):
+            inv_freq, m.attention_scaling = m.rope_init_fn(m.config, device)
+            m.register_buffer("inv_freq", inv_freq, persistent=False)
+            m.original_inv_freq = inv_freq
+    return model.eval()

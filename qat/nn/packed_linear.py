@@ -1,0 +1,57 @@
+"""Inference form: a linear that stores only packed tensors and runs through qat.kernels ops."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from qat.methods.base import Method
+from qat.nn.qat_linear import QATLinear, set_submodule
+from qat.quant.bits import tensor_bits
+
+
+class PackedLinear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, method: Method,
+                 packed: dict[str, Tensor], bias: Tensor | None = None):
+        super().__init__()
+        self.in_features, self.out_features, self.method = in_features, out_features, method
+        self.packed_names = list(packed)
+        for name, t in packed.items():
+            self.register_buffer(name, t)
+        self.register_buffer("bias", bias)
+
+    def packed(self) -> dict[str, Tensor]:
+        return {name: getattr(self, name) for name in self.packed_names}
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.method.packed_linear(x, self.packed(), self.in_features)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def storage_bits(self) -> int:
+        """Every bit this layer stores for its weight (the bias is not part of the weight)."""
+        return tensor_bits(self.packed().values())
+
+    def extra_repr(self) -> str:
+        bpw = self.storage_bits() / (self.in_features * self.out_features)
+        return f"in={self.in_features}, out={self.out_features}, {bpw:.3f} bits/weight"
+
+
+@torch.no_grad()
+def convert(model: nn.Module) -> nn.Module:
+    """QATLinear -> PackedLinear, in place."""
+    for name, m in list(model.named_modules()):
+        if isinstance(m, QATLinear):
+            packed = m.method.pack(m.weight.detach(), m.quant_buffers())
+            bias = None if m.bias is None else m.bias.detach().clone()
+            set_submodule(model, name, PackedLinear(m.in_features, m.out_features, m.method, packed, bias))
+    return model
+
+
+def bits_report(model: nn.Module) -> dict[str, float]:
+    """Storage bits per quantized weight, counted from what the PackedLinears store."""
+    layers = [m for m in model.modules() if isinstance(m, PackedLinear)]
+    if not layers:
+        return {}
+    n = sum(m.in_features * m.out_features for m in layers)
+    weight = sum(m.method.packed_weight_bits(m.packed(), m.out_features, m.in_features) for m in layers)
+    return {"weight": weight / n, "storage": sum(m.storage_bits() for m in layers) / n,
+            "quantized_weights": n}

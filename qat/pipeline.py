@@ -1,0 +1,166 @@
+"""The whole flow of a run, top to bottom (docs/architecture.md):
+
+  load model -> data -> ppl(fp) -> PTQ init -> prepare (QATLinear) -> ppl(init)
+  -> QAT (Lightning; skipped when trainer.max_steps=0) -> convert (PackedLinear)
+  -> ppl(final, through the packed ops) -> export/ + results.json + table + logger
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from qat.data import LMDataModule
+from qat.errors import QATError
+from qat.eval import perplexity
+from qat.export import save_export
+from qat.fetch import atomic_write_bytes
+from qat.methods import build_method
+from qat.models import load_model
+from qat.nn import bits_report, convert, prepare
+from qat.ptq import initialize
+from qat.train import AtomicModelCheckpoint, LitQAT, QuantHealth
+
+log = logging.getLogger(__name__)
+
+
+def method_from_cfg(cfg: DictConfig):
+    params = OmegaConf.to_container(cfg.method, resolve=True)
+    return build_method(params.pop("name"), **params)
+
+
+def validate(cfg: DictConfig) -> None:
+    """Check the values a run depends on before anything is loaded or written."""
+    if int(cfg.eval.seq_len) <= 0:
+        raise QATError(f"eval.seq_len={cfg.eval.seq_len} must be a positive number of tokens")
+    if int(cfg.trainer.max_steps) < 0:
+        raise QATError(f"trainer.max_steps={cfg.trainer.max_steps} must be >= 0 (0: evaluate the PTQ model)")
+    if cfg.ckpt_path and not Path(cfg.ckpt_path).is_file():
+        raise QATError(f"ckpt_path={cfg.ckpt_path!r}: no such checkpoint file")
+
+
+def build_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
+    t = OmegaConf.to_container(cfg.trainer, resolve=True)
+    logger = instantiate(cfg.logger) if cfg.logger else False
+    callbacks = [QuantHealth(every=int(cfg.quant_health_every))]
+    if cfg.checkpoint.enabled:
+        callbacks.append(AtomicModelCheckpoint(dirpath=str(run_dir / "checkpoints"), save_last=True,
+                                               every_n_train_steps=int(cfg.checkpoint.every_n_steps),
+                                               save_top_k=0 if not cfg.checkpoint.keep_best else 1,
+                                               monitor="val/ppl" if cfg.checkpoint.keep_best else None))
+    return L.Trainer(
+        **t, logger=logger, callbacks=callbacks, default_root_dir=str(run_dir),
+        enable_checkpointing=bool(cfg.checkpoint.enabled), check_val_every_n_epoch=None,
+        num_sanity_val_steps=0, deterministic=False,
+    )
+
+
+def print_table(results: dict[str, Any]) -> str:
+    p, b = results["ppl"], results["bits"]
+    fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
+    rows = [
+        ("method", results["method"]), ("init", results["init"]), ("model", results["model"]),
+        ("salient_ratio", results["salient_ratio"]),
+        ("ppl fp / init / final", f"{fmt(p['fp'])} / {fmt(p['init'])} / {fmt(p['final'])}"),
+        ("eval tokens", results["eval_tokens"]),
+        ("bits weight / storage", f"{fmt(b['weight'])} / {fmt(b['storage'])}"),
+        ("train tokens", results["train_tokens"]),
+        ("seconds calibrate / train / eval", " / ".join(f"{v:.0f}" for v in results["seconds"].values())),
+        ("status", results["status"]),
+    ]
+    width = max(len(k) for k, _ in rows)
+    text = "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
+    print("\n" + "=" * 60 + "\n" + text + "\n" + "=" * 60, flush=True)
+    return text
+
+
+def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+    """One run: returns the results dict it also writes to run_dir/results.json."""
+    validate(cfg)
+    method = method_from_cfg(cfg)
+    L.seed_everything(int(cfg.seed), workers=True)
+    seconds = {"calibrate": 0.0, "train": 0.0, "eval": 0.0}
+
+    loaded = load_model(OmegaConf.to_container(cfg.model, resolve=True))
+    model = loaded.model
+    data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
+    max_steps = int(cfg.trainer.max_steps)
+    data_cfg["total_batches"] = max_steps * int(cfg.trainer.get("accumulate_grad_batches", 1))
+    data = LMDataModule(data_cfg, loaded.tokenizer, getattr(loaded.tokenizer, "name_or_path", loaded.name),
+                        seed=int(cfg.seed))
+    test = data.test_tokens
+
+    def ppl(m, desc):
+        t0 = time.time()
+        value, n = perplexity(m, test, int(cfg.eval.seq_len), cfg.eval.max_windows, desc=desc)
+        seconds["eval"] += time.time() - t0
+        return value, n
+
+    ppl_fp, eval_tokens = ppl(model, "ppl fp")
+    log.info("ppl fp = %.3f over %d tokens", ppl_fp, eval_tokens)
+
+    t0 = time.time()
+    skip = list(cfg.quantize.skip)
+    calib = None
+    if cfg.init.get("needs_calibration", False):
+        calib = data.calibration(int(cfg.init.n_samples), int(cfg.init.seq_len))
+    states = initialize(model, method, cfg.init.name, skip, calib)
+    teacher = copy.deepcopy(model).eval() if float(cfg.distill.alpha) > 0 and max_steps > 0 else None
+    prepare(model, method, states)
+    seconds["calibrate"] = time.time() - t0
+    ppl_init, _ = ppl(model, "ppl init") if method.quantizes else (ppl_fp, eval_tokens)
+
+    train_tokens = 0
+    if max_steps > 0:
+        t0 = time.time()
+        lit = LitQAT(model, OmegaConf.to_container(cfg.optim, resolve=True),
+                     OmegaConf.to_container(cfg.distill, resolve=True), max_steps, teacher)
+        trainer = build_trainer(cfg, run_dir)
+        trainer.fit(lit, datamodule=data, ckpt_path=cfg.ckpt_path or None)
+        seconds["train"] = time.time() - t0
+        world = trainer.world_size
+        train_tokens = (trainer.global_step * int(cfg.trainer.get("accumulate_grad_batches", 1))
+                        * int(cfg.data.batch_size) * int(cfg.data.seq_len) * world)
+        model = lit.model
+        if trainer.logger:
+            trainer.logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+
+    model = convert(model.float())
+    ppl_final, _ = ppl(model, "ppl final (packed)")
+    bits = bits_report(model) or {"weight": 16.0, "storage": 16.0}
+
+    save_export(model, run_dir / "export", loaded.name)
+    results = {
+        "method": method.name, "init": cfg.init.name, "model": loaded.name,
+        "salient_ratio": getattr(method, "salient_ratio", None),
+        "ppl": {"fp": ppl_fp, "init": ppl_init, "final": ppl_final}, "eval_tokens": eval_tokens,
+        "bits": {"weight": bits["weight"], "storage": bits["storage"]},
+        "train_tokens": train_tokens, "seconds": seconds, "status": "ok",
+    }
+    atomic_write_bytes(run_dir / "results.json", json.dumps(results, indent=1).encode())
+    print_table(results)
+    log_results(cfg, results)
+    return results
+
+
+def log_results(cfg: DictConfig, results: dict[str, Any]) -> None:
+    """The summary to the configured logger (W&B offline by default) as run summary metrics."""
+    if not cfg.logger:
+        return
+    logger = instantiate(cfg.logger)
+    flat = {f"ppl/{k}": v for k, v in results["ppl"].items()}
+    flat.update({f"bits/{k}": v for k, v in results["bits"].items()})
+    flat.update({"train_tokens": results["train_tokens"]})
+    logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    logger.log_metrics(flat)
+    logger.finalize("success")
+    if hasattr(logger, "experiment") and hasattr(logger.experiment, "finish"):
+        logger.experiment.finish()

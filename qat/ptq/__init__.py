@@ -1,0 +1,3 @@
+from qat.ptq.initialize import initialize
+
+__all__ = ["initialize"]

@@ -1,0 +1,103 @@
+"""The LightningModule: LM loss (CE, KL to a frozen fp teacher, or a mix), AdamW, cosine."""
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qat.errors import QATError, check_choice
+
+
+def lm_loss(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten())
+
+
+def distill_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """KL(teacher || student) on temperature-softened next-token distributions, ·T²."""
+    t = temperature
+    s = F.log_softmax(logits[:, :-1].float() / t, dim=-1)
+    p = F.log_softmax(teacher_logits[:, :-1].float() / t, dim=-1)
+    return F.kl_div(s.flatten(0, 1), p.flatten(0, 1), log_target=True, reduction="batchmean") * t * t
+
+
+def cosine_with_warmup(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    if step < warmup:
+        return (step + 1) / max(1, warmup)
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def build_optimizer(params: list[dict], cfg: dict) -> torch.optim.Optimizer:
+    name = cfg.get("name", "adamw")
+    check_choice("optim.name", name, ["adamw", "adamw8bit"])
+    kw = dict(lr=float(cfg["lr"]), betas=tuple(cfg.get("betas", (0.9, 0.95))), eps=float(cfg.get("eps", 1e-8)))
+    if name == "adamw8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise QATError("optim.name=adamw8bit needs bitsandbytes") from None
+        return bnb.optim.AdamW8bit(params, **kw)
+    return torch.optim.AdamW(params, **kw)
+
+
+class LitQAT(L.LightningModule):
+    def __init__(self, model: nn.Module, optim: dict, distill: dict, total_steps: int,
+                 teacher: nn.Module | None = None):
+        super().__init__()
+        self.model, self.optim_cfg, self.distill_cfg = model, optim, distill
+        self.total_steps = total_steps
+        self.alpha = float(distill.get("alpha", 0.0))
+        if not 0.0 <= self.alpha <= 1.0:
+            raise QATError(f"distill.alpha={self.alpha} is outside [0, 1]")
+        if self.alpha > 0 and teacher is None:
+            raise QATError("distill.alpha > 0 needs a teacher model")
+        self.teacher = [teacher]  # a list keeps it out of the module tree (frozen, not saved)
+        if teacher is not None:
+            teacher.eval().requires_grad_(False)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.model(tokens).logits
+
+    def training_step(self, batch, batch_idx):
+        (tokens,) = batch
+        logits = self(tokens)
+        ce = lm_loss(logits, tokens)
+        loss = ce
+        if self.alpha > 0:
+            teacher = self.teacher[0].to(tokens.device)
+            with torch.no_grad():
+                t_logits = teacher(tokens).logits
+            kd = distill_loss(logits, t_logits, float(self.distill_cfg.get("temperature", 1.0)))
+            loss = (1 - self.alpha) * ce + self.alpha * kd
+            self.log("train/kd", kd)
+        self.log("train/ce", ce, prog_bar=True)
+        self.log("train/loss", loss)
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        (tokens,) = batch
+        ce = lm_loss(self(tokens), tokens)
+        self.log("val/ce", ce, prog_bar=False, sync_dist=True)
+
+    def on_validation_epoch_end(self):
+        ce = self.trainer.callback_metrics.get("val/ce")
+        if ce is not None:
+            self.log("val/ppl", torch.exp(ce), prog_bar=True, sync_dist=True)
+
+    def configure_optimizers(self):
+        decay, no_decay = [], []
+        for p in self.model.parameters():
+            if p.requires_grad:
+                (decay if p.ndim >= 2 else no_decay).append(p)
+        wd = float(self.optim_cfg.get("weight_decay", 0.0))
+        opt = build_optimizer([{"params": decay, "weight_decay": wd},
+                               {"params": no_decay, "weight_decay": 0.0}], self.optim_cfg)
+        warmup = int(self.optim_cfg.get("warmup_steps", 0))
+        min_ratio = float(self.optim_cfg.get("min_lr_ratio", 0.1))
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: cosine_with_warmup(s, warmup, self.total_steps, min_ratio))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

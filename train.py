@@ -1,0 +1,30 @@
+"""python train.py method=pbllm_qat salient_ratio=0.1   (see conf/train.yaml)"""
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from qat.errors import QATError
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+def main(cfg: DictConfig) -> dict:
+    from qat.pipeline import run
+
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        return run(cfg, run_dir)
+    except QATError as e:
+        # no half-written run folder: a failed run leaves nothing behind
+        shutil.rmtree(run_dir, ignore_errors=True)
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
