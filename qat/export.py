@@ -64,8 +64,9 @@ def load_export(export_dir: Path, device: str = "cpu") -> nn.Module:
         qcfg = raw.pop("quantization_config", None)
         raw.pop("qat_model_name", None)
         config = AutoConfig.for_model(**raw)
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config)
+        # built for real (not on meta) so non-persistent buffers such as rotary frequencies
+        # are computed by the architecture's own code
+        model = AutoModelForCausalLM.from_config(config)
         with safe_open(str(weights), framework="pt", device=device) as f:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (OSError, ValueError, json.JSONDecodeError) as e:
@@ -78,21 +79,16 @@ def load_export(export_dir: Path, device: str = "cpu") -> nn.Module:
                       if k.startswith(prefix) and k[len(prefix):] != "bias"}
             bias = tensors.get(f"{name}.bias")
             set_submodule(model, name, PackedLinear(in_f, out_f, method, packed, bias))
-            for k in [k for k in tensors if k.startswith(prefix)]:
-                del tensors[k]
-    model.to_empty(device=device)
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    if tied:  # safetensors stores a tied matrix once, under either name
+        emb = next(n for n, m in model.named_modules() if m is model.get_input_embeddings()) + ".weight"
+        head = next(n for n, m in model.named_modules() if m is model.get_output_embeddings()) + ".weight"
+        shared = tensors.get(emb, tensors.get(head))
+        if shared is not None:
+            tensors[emb] = tensors[head] = shared
     missing, unexpected = model.load_state_dict(tensors, strict=False, assign=True)
     if unexpected:
         raise QATError(f"export {export_dir} has tensors the model does not: {unexpected[:3]}")
-    if getattr(config, "tie_word_embeddings", False):
-        model.tie_weights()
-    missing = [k for k in missing if not k.endswith("lm_head.weight")] if config.tie_word_embeddings else missing
-    if any(not k.endswith("rotary_emb.inv_freq") for k in missing):
+    if missing:
         raise QATError(f"export {export_dir} lacks tensors: {missing[:3]}")
-    # non-persistent buffers (rotary frequencies) were left on meta: rebuild them
-    for m in model.modules():
-        if hasattr(m, "inv_freq") and hasattr(m, "rope_init_fn"):
-            inv_freq, m.attention_scaling = m.rope_init_fn(m.config, device)
-            m.register_buffer("inv_freq", inv_freq, persistent=False)
-            m.original_inv_freq = inv_freq
-    return model.eval()
+    return model.to(device).eval()

@@ -54,8 +54,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
     if cfg.checkpoint.enabled:
         callbacks.append(AtomicModelCheckpoint(dirpath=str(run_dir / "checkpoints"), save_last=True,
                                                every_n_train_steps=int(cfg.checkpoint.every_n_steps),
-                                               save_top_k=0 if not cfg.checkpoint.keep_best else 1,
-                                               monitor="val/ppl" if cfg.checkpoint.keep_best else None))
+                                               save_top_k=-1 if cfg.checkpoint.keep_all else 0))
     return L.Trainer(
         **t, logger=logger, callbacks=callbacks, default_root_dir=str(run_dir),
         enable_checkpointing=bool(cfg.checkpoint.enabled), check_val_every_n_epoch=None,
@@ -86,6 +85,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """One run: returns the results dict it also writes to run_dir/results.json."""
     validate(cfg)
     method = method_from_cfg(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(int(cfg.seed), workers=True)
     seconds = {"calibrate": 0.0, "train": 0.0, "eval": 0.0}
 
@@ -124,6 +124,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         lit = LitQAT(model, OmegaConf.to_container(cfg.optim, resolve=True),
                      OmegaConf.to_container(cfg.distill, resolve=True), max_steps, teacher)
         trainer = build_trainer(cfg, run_dir)
+        lit.train()  # from_pretrained returns the model in eval mode
         trainer.fit(lit, datamodule=data, ckpt_path=cfg.ckpt_path or None)
         seconds["train"] = time.time() - t0
         world = trainer.world_size

@@ -39,7 +39,8 @@ def kbit_row_params(w: Tensor, mask: Tensor, bits: int) -> tuple[Tensor, Tensor]
     qmax = 2**bits - 1
     scale = ((hi - lo) / qmax).to(torch.float16).float()
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    zero = torch.round(-lo / scale).clamp(0, qmax)
+    # fp16 holds integers exactly only up to 2048: round the zero point as it will be stored
+    zero = torch.round(-lo / scale).clamp(0, qmax).to(torch.float16).float()
     return scale, zero
 
 

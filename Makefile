@@ -1,0 +1,38 @@
+# make help: list the targets
+PY      := .venv/bin/python
+PIP     := .venv/bin/pip
+STAMP   := .venv/.setup-stamp
+ARGS    ?=
+
+.PHONY: help setup train test test-gpu lint bench clean
+
+help: ## this list
+	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	python3 -m venv .venv
+	$(PIP) install -q --upgrade pip
+	# torch first: on the dev machines torch==2.13.0 is a local CPU build; nothing after it upgrades torch
+	$(PIP) install -q torch==2.13.0 || $(PIP) install -q torch
+	$(PIP) install -q -e '.[dev]'
+	touch $(STAMP)
+
+setup: $(STAMP) ## create .venv with torch (CPU) and the project
+
+train: setup ## set up, fetch the embedded default model + corpus, run the headline job
+	WANDB_MODE=$${WANDB_MODE:-offline} $(PY) train.py method=pbllm_qat salient_ratio=0.1 $(ARGS)
+
+test: setup ## set up, run the tests (CPU; GPU tests skip without a GPU)
+	WANDB_MODE=disabled $(PY) -m pytest -q $(ARGS)
+
+test-gpu: ## the kernel tests on a GPU machine (torch only)
+	python3 -m pytest -q tests/test_kernels.py
+
+lint: setup ## ruff
+	$(PY) -m ruff check qat tests train.py eval.py benchmarks
+
+bench: ## the kernel benchmark (needs a GPU): benchmarks/results/*.json
+	python3 benchmarks/bitgemm.py
+
+clean: ## remove run outputs (not the model cache in ~/.cache/qat)
+	rm -rf outputs multirun wandb lightning_logs .pytest_cache

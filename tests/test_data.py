@@ -1,0 +1,67 @@
+"""Corpus: markup stripping, deterministic disjoint splits; perplexity on a hand case."""
+import math
+
+import pytest
+import torch
+
+from qat.data.corpora import load_corpus
+from qat.data.wiki import split_articles, strip_wiki_markup
+from qat.eval import perplexity
+
+
+def test_strip_wiki_markup_hand_case():
+    raw = ("{{Infobox|name=x {{nested}}}}'''Anarchism''' is a [[political philosophy]] that "
+           "[[Statelessness|rejects]] hierarchy.<ref>A ref</ref>\n== History ==\n"
+           "* item one [http://example.com link text]\n[[File:X.jpg|thumb|a [[caption]]]]\n"
+           "{| class=wikitable\n| cell\n|}\nEnd&nbsp;here.<!-- comment -->")
+    out = strip_wiki_markup(raw)
+    assert out == ("Anarchism is a political philosophy that rejects hierarchy.\nHistory\n"
+                   "item one link text\n\n\nEnd here.".replace("\n\n\n", "\n\n"))
+
+
+def test_splits_are_disjoint_and_deterministic():
+    articles = [(f"t{i}", f"text {i} " * 100) for i in range(50)]
+    a = split_articles(articles, 5000, 3000)
+    b = split_articles(list(reversed(articles)), 5000, 3000)
+    assert a == b
+    sets = [set(v) for v in a.values()]
+    assert sum(map(len, sets)) == 50 and len(set.union(*sets)) == 50
+    assert sum(map(len, a["test"])) >= 5000
+
+
+@pytest.mark.slow
+def test_embedded_corpus_splits():
+    cfg = {"source": "embedded", "test_chars": 400000, "val_chars": 200000}
+    s = load_corpus(cfg)
+    assert sum(map(len, s["test"])) >= 300_000
+    assert not set(s["test"]) & set(s["train"]) and not set(s["validation"]) & set(s["train"])
+    assert len(s["train"]) > 50
+    assert s == load_corpus(cfg)
+
+
+class UniformLM(torch.nn.Module):
+    def __init__(self, vocab):
+        super().__init__()
+        self.vocab = vocab
+        self.p = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, x):
+        return type("Out", (), {"logits": torch.zeros(*x.shape, self.vocab) + self.p})()
+
+
+class BigramLM(UniformLM):
+    """Predicts token (t + 1) % V with probability 1/2, the rest uniform."""
+
+    def forward(self, x):
+        logits = torch.full((*x.shape, self.vocab), 0.0)
+        logits.scatter_(-1, ((x + 1) % self.vocab).unsqueeze(-1), math.log(self.vocab - 1))
+        return type("Out", (), {"logits": logits + self.p})()
+
+
+def test_perplexity_hand_cases():
+    tokens = torch.arange(100) % 10
+    ppl, n = perplexity(UniformLM(10), tokens, seq_len=10)
+    assert n == 10 * 9 and ppl == pytest.approx(10.0)
+    # bigram model: every next token is (t+1)%10 -> p = (V-1)/(2(V-1)) = 1/2 -> ppl 2
+    ppl, _ = perplexity(BigramLM(10), tokens, seq_len=10, max_windows=3)
+    assert ppl == pytest.approx(2.0, rel=1e-5)

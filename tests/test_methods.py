@@ -1,0 +1,109 @@
+"""Methods on QATLinear / PackedLinear: equality of the two forms, frozen salient values, bits."""
+import pytest
+import torch
+
+from qat.errors import QATError
+from qat.methods import build_method
+from qat.models.load import tiny_llama
+from qat.nn import PackedLinear, QATLinear, bits_report, convert, prepare
+from qat.ptq import initialize
+
+
+def layer(method, out_f=8, in_f=64, seed=0):
+    torch.manual_seed(seed)
+    lin = torch.nn.Linear(in_f, out_f, bias=True)
+    state = method.init_state(lin.weight.detach())
+    return QATLinear(in_f, out_f, method, state, lin.bias.detach().clone())
+
+
+@pytest.mark.parametrize("params", [
+    dict(name="rtn_binary"),
+    dict(name="pbllm_qat", salient_ratio=0.1),
+    dict(name="pbllm_qat", salient_ratio=0.02, group_size=32),   # CSR positions
+    dict(name="pbllm_qat", salient_ratio=0.3, salient_bits=12),  # wide codes
+])
+def test_packed_model_equals_fake_quant_model(params):
+    method = build_method(**params)
+    model = tiny_llama({})
+    x = torch.randint(0, 257, (2, 40))
+    prepare(model, method, initialize(model, method, "rtn", ["lm_head"]))
+    with torch.no_grad():
+        fake = model(x).logits
+        convert(model)
+        packed = model(x).logits
+    assert any(isinstance(m, PackedLinear) for m in model.modules())
+    torch.testing.assert_close(packed, fake, rtol=1e-4, atol=1e-4)
+
+
+def test_salient_values_frozen_through_optimizer_steps_with_weight_decay():
+    method = build_method("pbllm_qat", salient_ratio=0.2)
+    q = layer(method)
+    mask = q.salient_mask.clone()
+    before = q.quantized_weight().detach()[mask].clone()
+    opt = torch.optim.AdamW(q.parameters(), lr=0.1, weight_decay=0.5)
+    for _ in range(5):
+        opt.zero_grad()
+        q(torch.randn(16, 64)).pow(2).sum().backward()
+        assert q.weight.grad[mask].abs().sum() == 0  # no gradient reaches salient latents
+        opt.step()
+    after = q.quantized_weight().detach()
+    assert torch.equal(after[mask], before)  # bit for bit
+    assert not torch.equal(after[~mask], layer(method).quantized_weight().detach()[~mask])  # the rest trained
+    assert not any(n.startswith("salient") for n, _ in q.named_parameters())
+
+
+def test_alpha_recomputed_from_latent_each_forward():
+    method = build_method("pbllm_qat", salient_ratio=0.1)
+    q = layer(method)
+    with torch.no_grad():
+        q.weight.mul_(2.0)
+        w = q.quantized_weight()
+    keep = ~q.salient_mask
+    expected = (q.weight.abs() * keep).sum(1) / keep.sum(1)
+    torch.testing.assert_close(w.abs().where(keep, 0).amax(1), expected.half().float())
+
+
+def test_storage_bits_hand_case():
+    """8 x 64 layer, r = 0.1 -> round(51.2) = 51 salient; bitmap is cheaper than CSR here."""
+    method = build_method("pbllm_qat", salient_ratio=0.1)
+    q = layer(method)
+    model = torch.nn.Sequential(q)
+    convert(model)
+    p = model[0]
+    n, nnz = 8 * 64, 51
+    signs, scales = 8 * 2 * 32, 8 * 16
+    salient = nnz * 8 + 8 * 16 * 2  # codes + per-row fp16 scale and zero
+    bitmap, csr = 8 * 2 * 32, nnz * 16
+    row_ptr, fmt = 9 * 32, 8
+    assert bitmap < csr
+    assert p.storage_bits() == signs + scales + salient + bitmap + row_ptr + fmt
+    rep = bits_report(model)
+    assert rep["storage"] == pytest.approx(p.storage_bits() / n)
+    assert rep["weight"] == pytest.approx(((n - nnz) + nnz * 8 + scales + 8 * 32) / n)
+
+
+def test_rtn_binary_weight_bits_are_one_plus_scales():
+    model = torch.nn.Sequential(layer(build_method("rtn_binary"), 8, 64))
+    convert(model)
+    assert bits_report(model)["weight"] == pytest.approx(1 + 16 / 64)
+
+
+@pytest.mark.parametrize("params,needle", [
+    (dict(name="nope"), "unknown method 'nope'"),
+    (dict(name="pbllm_qat", salient_ratio=1.0), "salient_ratio=1.0 is outside [0.0, 1.0)"),
+    (dict(name="pbllm_qat", salient_ratio=-0.1), "salient_ratio=-0.1"),
+    (dict(name="pbllm_qat", salient_bits=1), "salient_bits=1 is outside 2..16"),
+    (dict(name="pbllm_qat", salient_bits=17), "salient_bits=17"),
+    (dict(name="pbllm_qat", salient_metric="random"), "unknown salient_metric 'random'"),
+    (dict(name="pbllm_qat", bogus=1), "bad parameters for method 'pbllm_qat'"),
+])
+def test_bad_method_settings_are_clear_errors(params, needle):
+    with pytest.raises(QATError) as e:
+        build_method(**params)
+    assert needle in str(e.value)
+
+
+def test_hessian_saliency_without_hessians_is_a_clear_error():
+    method = build_method("pbllm_qat", salient_metric="hessian")
+    with pytest.raises(QATError, match="init=gptq_hessian"):
+        method.init_state(torch.randn(4, 8))

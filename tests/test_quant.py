@@ -1,0 +1,72 @@
+"""Pure functions against hand-computed cases."""
+import math
+
+import pytest
+import torch
+
+from qat.quant.binarize import binarize_ste, optimal_alpha, sign_pm1, ste_sign
+from qat.quant.salient import dequantize_kbit_rows, quantize_kbit_rows, salient_mask_topk
+
+
+def test_sign_of_zero_is_plus_one():
+    assert sign_pm1(torch.tensor([-2.0, 0.0, 3.0])).tolist() == [-1.0, 1.0, 1.0]
+
+
+def test_alpha_is_mean_abs_over_non_salient_entries():
+    w = torch.tensor([[1.0, -3.0, 10.0, 2.0], [0.5, -0.5, 1.5, -4.0]])
+    keep = torch.tensor([[True, True, False, True], [True, True, True, False]])
+    alpha = optimal_alpha(w, keep)
+    assert alpha[:, 0].tolist() == pytest.approx([(1 + 3 + 2) / 3, (0.5 + 0.5 + 1.5) / 3])
+    # per group of 2 columns
+    g = optimal_alpha(w, keep, group_size=2)
+    torch.testing.assert_close(g, torch.tensor([[2.0, 2.0], [0.5, 1.5]]))
+
+
+def test_alpha_is_l2_optimal_for_the_sign_pattern():
+    w = torch.randn(1, 50)
+    a = optimal_alpha(w)[0, 0]
+    err = lambda s: float(((w - s * sign_pm1(w)) ** 2).sum())  # noqa: E731
+    assert err(a) <= err(a * 1.01) and err(a) <= err(a * 0.99)
+
+
+def test_ste_gradient_inside_and_outside_clip():
+    w = torch.tensor([-2.0, -0.5, 0.0, 0.7, 1.5], requires_grad=True)
+    ste_sign(w).backward(torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0]))
+    assert w.grad.tolist() == [1.0, 2.0, 3.0, 4.0, 5.0]  # plain STE: identity
+    w.grad = None
+    ste_sign(w, clip=1.0).backward(torch.ones(5))
+    assert w.grad.tolist() == [0.0, 1.0, 1.0, 1.0, 0.0]  # zero beyond |w| > 1
+
+
+def test_binarize_keeps_fp16_scale_and_routes_gradient():
+    w = torch.tensor([[0.3, -0.1, 0.2]], requires_grad=True)
+    wq, alpha = binarize_ste(w)
+    a = torch.tensor(0.2).half().float()
+    torch.testing.assert_close(wq.detach()[0], torch.stack([a, -a, a]))
+    wq.sum().backward()
+    assert torch.isfinite(w.grad).all() and w.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("ratio", [0.0, 0.05, 0.1, 0.333])
+def test_salient_count_is_round_r_n(ratio):
+    score = torch.randn(37, 53).abs()
+    mask = salient_mask_topk(score, ratio)
+    assert int(mask.sum()) == round(ratio * 37 * 53)
+    if mask.any():
+        assert score[mask].min() >= score[~mask].max()
+
+
+def test_kbit_quantization_hand_case():
+    w = torch.tensor([[0.0, 1.0, 3.0, -1.0]])
+    mask = torch.tensor([[False, True, True, True]])
+    codes, scale, zero = quantize_kbit_rows(w, mask, bits=2)  # 4 levels over [-1, 3]
+    assert scale.item() == pytest.approx(4 / 3, rel=1e-3)
+    deq = dequantize_kbit_rows(codes, scale, zero)
+    assert deq[mask].tolist() == pytest.approx([1.0, 3.0, -1.0], abs=0.7)
+    assert codes[0, 0] == 0  # not salient: no code
+    # 8 bits: error below half a step
+    w8 = torch.randn(4, 100)
+    m8 = torch.ones_like(w8, dtype=torch.bool)
+    c8, s8, z8 = quantize_kbit_rows(w8, m8, 8)
+    assert ((dequantize_kbit_rows(c8, s8, z8) - w8).abs() <= s8[:, None] * 0.5 + 1e-6).all()
+    assert math.isfinite(float(s8.sum()))
