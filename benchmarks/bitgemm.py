@@ -135,12 +135,29 @@ def bench_shape(name, k, n, ms, ext, bnb, gen):
             nbytes = packed_bytes(plist[0])
             rec[f"{tag}_us"] = t
             rec[f"{tag}_bytes"] = nbytes
-            rec[f"{tag}_GBps"] = nbytes / t / 1e3 if m <= ops.GEMV_MAX_M else None
+            rec[f"{tag}_GBps"] = nbytes / t / 1e3 if m == 1 else None
             rec[f"{tag}_speedup_vs_fp16"] = t16 / t
         if nf4:
             tq = time_calls([lambda q=q, st=st: bnb.matmul_4bit(x, q.t(), quant_state=st) for q, st in nf4])
             rec["nf4_us"] = tq
             rec["binary_speedup_vs_nf4"] = tq / rec["binary_us"]
+        if m == 1:  # the raw kernel at each rows-per-warp setting (no op overhead)
+            for rpw in (1, 2, 4):
+                for r, plist in binaries.items():
+                    tag = "binary" if r == 0 else f"pbllm_r{r}"
+                    rec[f"{tag}_kernel_R{rpw}_us"] = time_calls([
+                        lambda p=p: ext.binary_gemv(x, p["signs"], p["scales"], p["signs"].shape[1],
+                                                    p["fmt"], *[p[k] if p[k] is not None else empty for k in
+                                                                ("row_ptr", "positions", "codes", "sal_scale", "sal_zero")],
+                                                    rows_per_warp=rpw) for p in plist])
+            print("    raw kernel us by rows/warp: " + ", ".join(f"{k[:-3]}={v:.1f}" for k, v in rec.items() if "_kernel_R" in k))
+        if 8 < m <= 16:  # decode batch: the GEMV path (2 launches of 8) vs dequantize + cuBLAS
+            p = binaries[0.0][0]
+            w = ext.binary_dequant(p["signs"], p["scales"], p["signs"].shape[1], 0, empty, empty, empty, empty, empty)
+            rec["binary_dequant_matmul_us"] = time_calls([lambda p=p: torch.matmul(
+                x, ext.binary_dequant(p["signs"], p["scales"], p["signs"].shape[1], 0, empty, empty, empty,
+                                      empty, empty).t()) for p in binaries[0.0]])
+            del w
         q, s, z = int4_per_token(x)
         planes = bit_planes(q)
         rec["w1a1x4_us"] = time_calls([lambda w=w: ops.w1a1x4_gemm(planes, w[0], empty, w[1], w[2], s, z) for w in w1])

@@ -12,7 +12,8 @@ from torch import Tensor
 from qat.kernels import reference
 from qat.kernels.build import extension_or_none
 
-GEMV_MAX_M = 8  # above this the CUDA path dequantizes to fp16 and uses cuBLAS (prefill)
+GEMV_MAX_M = 16  # above this the CUDA path dequantizes to fp16 and uses cuBLAS (prefill)
+GEMV_TILE_M = 8  # the GEMV kernel takes up to 8 tokens per launch
 
 
 @torch.library.custom_op("qat::binary_gemm", mutates_args=())
@@ -52,17 +53,24 @@ def _binary_gemm_cuda(x, signs, scales, in_features, salient_format, row_ptr, po
     sal = [t if t is not None else empty for t in (row_ptr, positions, codes, sal_scale, sal_zero)]
     m = x2.shape[0]
     if m <= GEMV_MAX_M:
-        m_pad = 1 if m == 1 else 2 if m == 2 else 4 if m <= 4 else 8
-        if m_pad == m and in_features == n_words * 32 and x2.dtype == torch.float16:
-            xh = x2.contiguous()  # the common decode case: no copy
-        else:
-            xh = torch.zeros(m_pad, n_words * 32, dtype=torch.float16, device=x.device)
-            xh[:m, :in_features] = x2
-        y = ext.binary_gemv(xh, signs, scales, words_per_group, salient_format, *sal)[:m]
+        y = torch.cat([_gemv(ext, x2[i: i + GEMV_TILE_M], signs, scales, in_features,
+                             words_per_group, salient_format, sal)
+                       for i in range(0, m, GEMV_TILE_M)])
     else:
         w = ext.binary_dequant(signs, scales, words_per_group, salient_format, *sal)
         y = x2.to(torch.float16) @ w[:, :in_features].t()
     return y.to(x.dtype).reshape(*lead, signs.shape[0])
+
+
+def _gemv(ext, x2, signs, scales, in_features, words_per_group, salient_format, sal):
+    m, n_words = x2.shape[0], signs.shape[1]
+    m_pad = 1 if m == 1 else 2 if m == 2 else 4 if m <= 4 else 8
+    if m_pad == m and in_features == n_words * 32 and x2.dtype == torch.float16:
+        xh = x2.contiguous()  # the common decode case: no copy
+    else:
+        xh = torch.zeros(m_pad, n_words * 32, dtype=torch.float16, device=x2.device)
+        xh[:m, :in_features] = x2
+    return ext.binary_gemv(xh, signs, scales, words_per_group, salient_format, *sal)[:m]
 
 
 @torch.library.custom_op("qat::w1a1x4_gemm", mutates_args=())

@@ -49,7 +49,7 @@ BinaryGemvArgs binary_args(const torch::Tensor& signs, const torch::Tensor& scal
 torch::Tensor binary_gemv(torch::Tensor x, torch::Tensor signs, torch::Tensor scales,
                           int64_t words_per_group, int64_t fmt, torch::Tensor row_ptr,
                           torch::Tensor positions, torch::Tensor codes, torch::Tensor sal_scale,
-                          torch::Tensor sal_zero) {
+                          torch::Tensor sal_zero, int64_t rows_per_warp) {
   check(x, "x");
   TORCH_CHECK(x.scalar_type() == torch::kHalf, "x must be fp16");
   auto a = binary_args(signs, scales, words_per_group, fmt, row_ptr, positions, codes, sal_scale,
@@ -57,6 +57,7 @@ torch::Tensor binary_gemv(torch::Tensor x, torch::Tensor signs, torch::Tensor sc
   TORCH_CHECK(x.size(1) == (int64_t)a.Kw * 32, "x must be zero padded to 32 * words columns");
   auto y = torch::empty({x.size(0), (int64_t)a.N}, x.options());
   a.M = x.size(0);
+  a.rows_per_warp = rows_per_warp;
   a.x = x.data_ptr();
   a.ldx = x.size(1);
   a.y = y.data_ptr();
@@ -104,7 +105,10 @@ torch::Tensor w1a1x4_gemm(torch::Tensor planes, torch::Tensor signs, torch::Tens
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("binary_gemv", &binary_gemv, "W1A16 GEMV for small M, PB-LLM salient part fused");
+  m.def("binary_gemv", &binary_gemv, "W1A16 GEMV for small M, PB-LLM salient part fused",
+        py::arg("x"), py::arg("signs"), py::arg("scales"), py::arg("words_per_group"), py::arg("fmt"),
+        py::arg("row_ptr"), py::arg("positions"), py::arg("codes"), py::arg("sal_scale"),
+        py::arg("sal_zero"), py::arg("rows_per_warp") = 0);
   m.def("binary_dequant", &binary_dequant, "packed binary (+salient) weight -> dense fp16");
   m.def("w1a1x4_gemm", &w1a1x4_gemm, "W1A1 bit-serial GEMM over 4 INT4 activation bit planes");
 }

@@ -48,7 +48,27 @@ __device__ __forceinline__ float salient_value(const CodeT* codes, int idx, floa
   return (c - z) * sc;
 }
 
-template <int M, int R, int FMT, typename CodeT>
+// R rows' sign words for chunk c (VEC consecutive words; VEC = 4 is one 16-byte load per row).
+template <int R, int VEC>
+__device__ __forceinline__ void load_sign_chunk(const uint32_t* __restrict__ signs, int Kw, int row0,
+                                                int N, int c, bool valid, uint32_t (&dst)[R][VEC]) {
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    const bool live = valid && row0 + r < N;
+    const uint32_t* src = signs + (size_t)(row0 + r) * Kw + (size_t)c * VEC;
+    if (VEC == 4) {
+      const uint4 v = live ? __ldg(reinterpret_cast<const uint4*>(src)) : make_uint4(~0u, ~0u, ~0u, ~0u);
+      dst[r][0] = v.x; dst[r][VEC > 1 ? 1 : 0] = v.y; dst[r][VEC > 2 ? 2 : 0] = v.z; dst[r][VEC > 3 ? 3 : 0] = v.w;
+    } else {
+#pragma unroll
+      for (int q = 0; q < VEC; ++q) dst[r][q] = live ? __ldg(src + q) : ~0u;
+    }
+  }
+}
+
+// One warp per R rows. Each lane takes a chunk of VEC consecutive sign words per step, and the
+// next step's chunk is loaded before the current one is used (loads in flight during compute).
+template <int M, int R, int VEC, int FMT, typename CodeT>
 __global__ void __launch_bounds__(256) binary_gemv_kernel(
     const __half* __restrict__ x, int ldx, const uint32_t* __restrict__ signs, int Kw,
     const __half* __restrict__ scales, int G, int words_per_group,
@@ -59,61 +79,90 @@ __global__ void __launch_bounds__(256) binary_gemv_kernel(
   const int lane = threadIdx.x & 31;
   const int row0 = ((blockIdx.x * blockDim.x + threadIdx.x) >> 5) * R;
   if (row0 >= N) return;  // whole warp leaves together
+  const int nchunks = Kw / VEC;  // the host guarantees Kw % VEC == 0
 
-  float acc[R][M];
+  float acc[R][M], alpha_row[R];
   int sal_next[R];
 #pragma unroll
   for (int r = 0; r < R; ++r) {
 #pragma unroll
     for (int m = 0; m < M; ++m) acc[r][m] = 0.f;
-    sal_next[r] = (FMT == FMT_BITMAP && row0 + r < N) ? row_ptr[row0 + r] : 0;
+    const bool live = row0 + r < N;
+    alpha_row[r] = (G == 1 && live) ? __half2float(scales[row0 + r]) : 0.f;
+    sal_next[r] = (FMT == FMT_BITMAP && live) ? row_ptr[row0 + r] : 0;
   }
 
-  for (int w0 = 0; w0 < Kw; w0 += 32) {
-    const int w = w0 + lane;
-    const bool valid = w < Kw;
-    uint4 xv[M][4];
+  uint32_t cur[R][VEC], nxt[R][VEC];
+  load_sign_chunk<R, VEC>(signs, Kw, row0, N, lane, lane < nchunks, cur);
+  for (int base = 0; base < nchunks; base += 32) {
+    const int c = base + lane;
+    const bool valid = c < nchunks;
+    load_sign_chunk<R, VEC>(signs, Kw, row0, N, c + 32, c + 32 < nchunks, nxt);
 #pragma unroll
-    for (int m = 0; m < M; ++m) {
-      const uint4* src = reinterpret_cast<const uint4*>(x + (size_t)m * ldx + (size_t)w * 32);
+    for (int q = 0; q < VEC; ++q) {
+      const int w = c * VEC + q;
+      uint4 xv[M][4];
 #pragma unroll
-      for (int q = 0; q < 4; ++q) xv[m][q] = valid ? __ldg(src + q) : make_uint4(0, 0, 0, 0);
+      for (int m = 0; m < M; ++m) {
+        const uint4* src = reinterpret_cast<const uint4*>(x + (size_t)m * ldx + (size_t)w * 32);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) xv[m][i] = valid ? __ldg(src + i) : make_uint4(0, 0, 0, 0);
+      }
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        const int row = row0 + r;
+        const float alpha = G == 1 ? alpha_row[r]
+            : ((valid && row < N) ? __half2float(scales[(size_t)row * G + w / words_per_group]) : 0.f);
+        const uint32_t neg = unzip_bits(~cur[r][q]);
+#pragma unroll
+        for (int m = 0; m < M; ++m) acc[r][m] += alpha * signed_sum32(neg, xv[m]);
+      }
     }
-#pragma unroll
-    for (int r = 0; r < R; ++r) {
-      const int row = row0 + r;
-      const bool live = valid && row < N;
-      const uint32_t sw = live ? __ldg(signs + (size_t)row * Kw + w) : 0xFFFFFFFFu;
-      const float alpha = live ? __half2float(scales[(size_t)row * G + w / words_per_group]) : 0.f;
-      const uint32_t neg = unzip_bits(~sw);
-#pragma unroll
-      for (int m = 0; m < M; ++m) acc[r][m] += alpha * signed_sum32(neg, xv[m]);
 
-      if (FMT == FMT_BITMAP) {
-        const uint32_t bw = live ? __ldg(bitmap + (size_t)row * Kw + w) : 0u;
-        const int cnt = __popc(bw);
-        int incl = cnt;  // inclusive scan of counts over lanes = value offsets in this row
+    if (FMT == FMT_BITMAP) {
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        const int row = row0 + r;
+        const bool live = valid && row < N;
+        uint32_t bw[VEC];
+        int cnt = 0;
+#pragma unroll
+        for (int q = 0; q < VEC; ++q) {
+          bw[q] = live ? __ldg(bitmap + (size_t)row * Kw + (size_t)c * VEC + q) : 0u;
+          cnt += __popc(bw[q]);
+        }
+        int incl = cnt;  // inclusive scan over lanes = this lane's offset into the row's values
 #pragma unroll
         for (int d = 1; d < 32; d <<= 1) {
-          int v = __shfl_up_sync(0xFFFFFFFFu, incl, d);
+          const int v = __shfl_up_sync(0xFFFFFFFFu, incl, d);
           if (lane >= d) incl += v;
         }
         if (cnt) {
           const float sc = __half2float(sal_scale[row]), z = __half2float(sal_zero[row]);
           int idx = sal_next[r] + incl - cnt;
-          uint32_t bits = bw;
-          while (bits) {
-            const int j = __ffs(bits) - 1;
-            bits &= bits - 1;
-            const float d = salient_value(codes, idx++, sc, z) - alpha;
 #pragma unroll
-            for (int m = 0; m < M; ++m)
-              acc[r][m] += d * __half2float(x[(size_t)m * ldx + (size_t)w * 32 + j]);
+          for (int q = 0; q < VEC; ++q) {
+            const int w = c * VEC + q;
+            const float alpha = G == 1 ? alpha_row[r]
+                : __half2float(scales[(size_t)row * G + w / words_per_group]);
+            uint32_t bits = bw[q];
+            while (bits) {
+              const int j = __ffs(bits) - 1;
+              bits &= bits - 1;
+              const float d = salient_value(codes, idx++, sc, z) - alpha;
+#pragma unroll
+              for (int m = 0; m < M; ++m)
+                acc[r][m] += d * __half2float(x[(size_t)m * ldx + (size_t)w * 32 + j]);
+            }
           }
         }
         sal_next[r] += __shfl_sync(0xFFFFFFFFu, incl, 31);
       }
     }
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+#pragma unroll
+      for (int q = 0; q < VEC; ++q) cur[r][q] = nxt[r][q];
   }
 
   if (FMT == FMT_CSR) {
@@ -241,11 +290,11 @@ __global__ void w1a1x4_kernel(const uint32_t* __restrict__ planes, int M,
   }
 }
 
-template <int M, int R, int FMT, typename CodeT>
+template <int M, int R, int VEC, int FMT, typename CodeT>
 void launch_gemv_t(const BinaryGemvArgs& a, cudaStream_t stream) {
   const int threads = 256, warps = (a.N + R - 1) / R;
   const int blocks = (warps * 32 + threads - 1) / threads;
-  binary_gemv_kernel<M, R, FMT, CodeT><<<blocks, threads, 0, stream>>>(
+  binary_gemv_kernel<M, R, VEC, FMT, CodeT><<<blocks, threads, 0, stream>>>(
       static_cast<const __half*>(a.x), a.ldx, static_cast<const uint32_t*>(a.signs), a.Kw,
       static_cast<const __half*>(a.scales), a.G, a.words_per_group, a.row_ptr,
       FMT == FMT_BITMAP ? static_cast<const uint32_t*>(a.positions) : nullptr,
@@ -254,13 +303,19 @@ void launch_gemv_t(const BinaryGemvArgs& a, cudaStream_t stream) {
       static_cast<const __half*>(a.sal_zero), static_cast<__half*>(a.y), a.N);
 }
 
-template <int M, int R>
+template <int M, int R, int VEC>
 void launch_gemv_fmt(const BinaryGemvArgs& a, cudaStream_t s) {
-  if (a.fmt == FMT_NONE) launch_gemv_t<M, R, FMT_NONE, uint8_t>(a, s);
-  else if (a.fmt == FMT_CSR && !a.wide_codes) launch_gemv_t<M, R, FMT_CSR, uint8_t>(a, s);
-  else if (a.fmt == FMT_CSR) launch_gemv_t<M, R, FMT_CSR, uint16_t>(a, s);
-  else if (!a.wide_codes) launch_gemv_t<M, R, FMT_BITMAP, uint8_t>(a, s);
-  else launch_gemv_t<M, R, FMT_BITMAP, uint16_t>(a, s);
+  if (a.fmt == FMT_NONE) launch_gemv_t<M, R, VEC, FMT_NONE, uint8_t>(a, s);
+  else if (a.fmt == FMT_CSR && !a.wide_codes) launch_gemv_t<M, R, VEC, FMT_CSR, uint8_t>(a, s);
+  else if (a.fmt == FMT_CSR) launch_gemv_t<M, R, VEC, FMT_CSR, uint16_t>(a, s);
+  else if (!a.wide_codes) launch_gemv_t<M, R, VEC, FMT_BITMAP, uint8_t>(a, s);
+  else launch_gemv_t<M, R, VEC, FMT_BITMAP, uint16_t>(a, s);
+}
+
+template <int M, int R>
+void launch_gemv_vec(const BinaryGemvArgs& a, cudaStream_t s) {
+  if (a.Kw % 4 == 0) launch_gemv_fmt<M, R, 4>(a, s);
+  else launch_gemv_fmt<M, R, 1>(a, s);
 }
 
 template <int FMT, typename CodeT>
@@ -275,13 +330,16 @@ void launch_scatter_t(const BinaryGemvArgs& a, cudaStream_t s) {
 }  // namespace
 
 cudaError_t launch_binary_gemv(const BinaryGemvArgs& a, cudaStream_t s) {
-  switch (a.M) {
-    case 1: launch_gemv_fmt<1, 4>(a, s); break;
-    case 2: launch_gemv_fmt<2, 4>(a, s); break;
-    case 4: launch_gemv_fmt<4, 2>(a, s); break;
-    case 8: launch_gemv_fmt<8, 1>(a, s); break;
-    default: return cudaErrorInvalidValue;
-  }
+  // rows per warp: more rows share each x load, fewer rows give more warps in flight
+  const int R = a.rows_per_warp ? a.rows_per_warp : (a.M == 1 ? 2 : 1);
+  if (a.M == 1 && R == 1) launch_gemv_vec<1, 1>(a, s);
+  else if (a.M == 1 && R == 2) launch_gemv_vec<1, 2>(a, s);
+  else if (a.M == 1 && R == 4) launch_gemv_vec<1, 4>(a, s);
+  else if (a.M == 2 && R == 1) launch_gemv_vec<2, 1>(a, s);
+  else if (a.M == 2 && R == 2) launch_gemv_vec<2, 2>(a, s);
+  else if (a.M == 4) launch_gemv_vec<4, 1>(a, s);
+  else if (a.M == 8) launch_gemv_vec<8, 1>(a, s);
+  else return cudaErrorInvalidValue;
   return cudaGetLastError();
 }
 

@@ -6,6 +6,7 @@
 
 struct BinaryGemvArgs {
   int M, N, Kw, G, words_per_group, fmt;  // fmt: 0 none, 1 CSR, 2 bitmap
+  int rows_per_warp;                      // gemv: 0 = default, else 1, 2 or 4 (M = 1)
   bool wide_codes;                        // salient codes int16 (9..16 bits) instead of uint8
   const void* x; int ldx;                 // fp16 [M, ldx], ldx = 32 * Kw, zero padded
   const void* signs;                      // int32 [N, Kw]
