@@ -33,6 +33,7 @@ SHAPES = {  # name: (K, N)
     "70b.down": (28672, 8192),
 }
 MS = [1, 16, 128, 1024]
+SMALL_MS = [2, 4, 8]  # decode batches: GEMV vs dequantize + cuBLAS, to place the crossover
 L2_FLUSH_BYTES = 256 * 2**20
 
 
@@ -151,13 +152,18 @@ def bench_shape(name, k, n, ms, ext, bnb, gen):
                                                                 ("row_ptr", "positions", "codes", "sal_scale", "sal_zero")],
                                                     rows_per_warp=rpw) for p in plist])
             print("    raw kernel us by rows/warp: " + ", ".join(f"{k[:-3]}={v:.1f}" for k, v in rec.items() if "_kernel_R" in k))
-        if 8 < m <= 16:  # decode batch: the GEMV path (2 launches of 8) vs dequantize + cuBLAS
+        if 1 < m <= 16:  # decode batch: the GEMV path vs dequantize + cuBLAS
             p = binaries[0.0][0]
             w = ext.binary_dequant(p["signs"], p["scales"], p["signs"].shape[1], 0, empty, empty, empty, empty, empty)
             rec["binary_dequant_matmul_us"] = time_calls([lambda p=p: torch.matmul(
                 x, ext.binary_dequant(p["signs"], p["scales"], p["signs"].shape[1], 0, empty, empty, empty,
                                       empty, empty).t()) for p in binaries[0.0]])
             del w
+            sal = [empty] * 5
+            rec["binary_gemv_us"] = time_calls([lambda p=p: torch.cat([
+                ops._gemv(ext, x[i: i + ops.GEMV_TILE_M], p["signs"], p["scales"], k, p["signs"].shape[1], 0, sal)
+                for i in range(0, m, ops.GEMV_TILE_M)]) for p in binaries[0.0]])
+            print(f"    M={m}: gemv {rec['binary_gemv_us']:.1f}us, dequant+matmul {rec['binary_dequant_matmul_us']:.1f}us")
         q, s, z = int4_per_token(x)
         planes = bit_planes(q)
         rec["w1a1x4_us"] = time_calls([lambda w=w: ops.w1a1x4_gemm(planes, w[0], empty, w[1], w[2], s, z) for w in w1])
@@ -183,6 +189,7 @@ def copy_bandwidth() -> float:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="7B shapes, M in {1, 16} only")
+    ap.add_argument("--small-m", action="store_true", help="also M in {2, 4, 8}")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -196,6 +203,8 @@ def main() -> None:
     gen = torch.Generator(device="cuda").manual_seed(0)
     shapes = {k: v for k, v in SHAPES.items() if not args.quick or k.startswith("7b")}
     ms = [1, 16] if args.quick else MS
+    if args.small_m:
+        ms = sorted(set(ms + SMALL_MS))
     bw = copy_bandwidth()
     print(f"device {torch.cuda.get_device_name()}: copy bandwidth {bw:.0f} GB/s (read+write)")
     rows = []

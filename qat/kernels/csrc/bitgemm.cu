@@ -193,22 +193,21 @@ __global__ void __launch_bounds__(256) binary_gemv_kernel(
   }
 }
 
-// One thread per (row, word): 32 fp16 weights alpha * sign.
+// One thread per 8 columns: one byte of sign bits -> one 16-byte store of 8 fp16 weights, so a
+// warp writes 512 contiguous bytes.
 __global__ void binary_dequant_kernel(const uint32_t* __restrict__ signs, int Kw,
                                       const __half* __restrict__ scales, int G,
                                       int words_per_group, __half* __restrict__ out, int N) {
-  const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-  if (i >= (size_t)N * Kw) return;
-  const int row = i / Kw, w = i % Kw;
-  const uint32_t s = signs[i];
+  const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;  // index of an 8-column byte
+  if (i >= (size_t)N * Kw * 4) return;
+  const int row = i / ((size_t)Kw * 4), byte = i % ((size_t)Kw * 4), w = byte >> 2;
+  const uint32_t s = (__ldg(signs + (size_t)row * Kw + w) >> ((byte & 3) * 8)) & 0xFFu;
   const __half a = scales[(size_t)row * G + w / words_per_group];
   const __half na = __hneg(a);
-  __half vals[32];
+  __align__(16) __half vals[8];
 #pragma unroll
-  for (int j = 0; j < 32; ++j) vals[j] = ((s >> j) & 1u) ? a : na;
-  uint4* dst = reinterpret_cast<uint4*>(out + (size_t)row * Kw * 32 + (size_t)w * 32);
-#pragma unroll
-  for (int q = 0; q < 4; ++q) dst[q] = reinterpret_cast<uint4*>(vals)[q];
+  for (int j = 0; j < 8; ++j) vals[j] = ((s >> j) & 1u) ? a : na;
+  reinterpret_cast<uint4*>(out)[i] = *reinterpret_cast<uint4*>(vals);
 }
 
 // One thread per row: overwrite the salient positions with their k-bit values.
@@ -330,8 +329,12 @@ void launch_scatter_t(const BinaryGemvArgs& a, cudaStream_t s) {
 }  // namespace
 
 cudaError_t launch_binary_gemv(const BinaryGemvArgs& a, cudaStream_t s) {
-  // rows per warp: more rows share each x load, fewer rows give more warps in flight
-  const int R = a.rows_per_warp ? a.rows_per_warp : (a.M == 1 ? 2 : 1);
+  // rows per warp: more rows share each x load, fewer give more warps in flight. Measured on
+  // H100 (benchmarks/results): binary M=1 fastest at 4 for N >= 4096, 1 below; the bitmap
+  // salient path (serial per-bit loop) at 2.
+  int R = a.rows_per_warp;
+  if (R == 0 && a.M == 1) R = a.fmt == FMT_BITMAP ? 2 : (a.N >= 4096 ? 4 : 1);
+  if (R == 0) R = a.M == 2 ? 2 : 1;
   if (a.M == 1 && R == 1) launch_gemv_vec<1, 1>(a, s);
   else if (a.M == 1 && R == 2) launch_gemv_vec<1, 2>(a, s);
   else if (a.M == 1 && R == 4) launch_gemv_vec<1, 4>(a, s);
@@ -344,7 +347,7 @@ cudaError_t launch_binary_gemv(const BinaryGemvArgs& a, cudaStream_t s) {
 }
 
 cudaError_t launch_binary_dequant(const BinaryGemvArgs& a, cudaStream_t s) {
-  const size_t total = (size_t)a.N * a.Kw;
+  const size_t total = (size_t)a.N * a.Kw * 4;
   binary_dequant_kernel<<<(unsigned)((total + 255) / 256), 256, 0, s>>>(
       static_cast<const uint32_t*>(a.signs), a.Kw, static_cast<const __half*>(a.scales), a.G,
       a.words_per_group, static_cast<__half*>(a.y), a.N);
