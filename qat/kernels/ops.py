@@ -12,7 +12,7 @@ from torch import Tensor
 from qat.kernels import reference
 from qat.kernels.build import extension_or_none
 
-GEMV_MAX_M = 4  # above this the CUDA path dequantizes to fp16 and uses cuBLAS (prefill)
+GEMV_MAX_M = 2  # above this the CUDA path dequantizes to fp16 and uses cuBLAS (H100: GEMV wins at M<=2)
 GEMV_TILE_M = 8  # the GEMV kernel takes up to 8 tokens per launch
 
 

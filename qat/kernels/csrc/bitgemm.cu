@@ -210,7 +210,8 @@ __global__ void binary_dequant_kernel(const uint32_t* __restrict__ signs, int Kw
   reinterpret_cast<uint4*>(out)[i] = *reinterpret_cast<uint4*>(vals);
 }
 
-// One thread per row: overwrite the salient positions with their k-bit values.
+// One warp per row: overwrite the salient positions with their k-bit values (lanes over the
+// row's CSR entries, or over its bitmap words with a warp scan giving each lane its offset).
 template <int FMT, typename CodeT>
 __global__ void salient_scatter_kernel(const int* __restrict__ row_ptr,
                                        const uint32_t* __restrict__ bitmap,
@@ -219,22 +220,34 @@ __global__ void salient_scatter_kernel(const int* __restrict__ row_ptr,
                                        const __half* __restrict__ sal_scale,
                                        const __half* __restrict__ sal_zero,
                                        __half* __restrict__ out, int N) {
-  const int row = blockIdx.x * blockDim.x + threadIdx.x;
+  const int lane = threadIdx.x & 31;
+  const int row = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
   if (row >= N) return;
   const float sc = __half2float(sal_scale[row]), z = __half2float(sal_zero[row]);
   __half* dst = out + (size_t)row * Kw * 32;
-  int idx = row_ptr[row];
   if (FMT == FMT_CSR) {
-    for (; idx < row_ptr[row + 1]; ++idx) dst[cols[idx]] = __float2half(salient_value(codes, idx, sc, z));
-  } else {
-    for (int w = 0; w < Kw; ++w) {
-      uint32_t bits = bitmap[(size_t)row * Kw + w];
-      while (bits) {
-        const int j = __ffs(bits) - 1;
-        bits &= bits - 1;
-        dst[w * 32 + j] = __float2half(salient_value(codes, idx++, sc, z));
-      }
+    for (int e = row_ptr[row] + lane; e < row_ptr[row + 1]; e += 32)
+      dst[cols[e]] = __float2half(salient_value(codes, e, sc, z));
+    return;
+  }
+  int next = row_ptr[row];
+  for (int base = 0; base < Kw; base += 32) {
+    const int w = base + lane;
+    uint32_t bits = w < Kw ? __ldg(bitmap + (size_t)row * Kw + w) : 0u;
+    const int cnt = __popc(bits);
+    int incl = cnt;
+#pragma unroll
+    for (int d = 1; d < 32; d <<= 1) {
+      const int v = __shfl_up_sync(0xFFFFFFFFu, incl, d);
+      if (lane >= d) incl += v;
     }
+    int idx = next + incl - cnt;
+    while (bits) {
+      const int j = __ffs(bits) - 1;
+      bits &= bits - 1;
+      dst[w * 32 + j] = __float2half(salient_value(codes, idx++, sc, z));
+    }
+    next += __shfl_sync(0xFFFFFFFFu, incl, 31);
   }
 }
 
@@ -319,7 +332,7 @@ void launch_gemv_vec(const BinaryGemvArgs& a, cudaStream_t s) {
 
 template <int FMT, typename CodeT>
 void launch_scatter_t(const BinaryGemvArgs& a, cudaStream_t s) {
-  salient_scatter_kernel<FMT, CodeT><<<(a.N + 127) / 128, 128, 0, s>>>(
+  salient_scatter_kernel<FMT, CodeT><<<(a.N * 32 + 255) / 256, 256, 0, s>>>(
       a.row_ptr, FMT == FMT_BITMAP ? static_cast<const uint32_t*>(a.positions) : nullptr,
       FMT == FMT_CSR ? static_cast<const uint16_t*>(a.positions) : nullptr, a.Kw,
       static_cast<const CodeT*>(a.codes), static_cast<const __half*>(a.sal_scale),
