@@ -26,7 +26,7 @@ from qat.fetch import atomic_write_bytes
 from qat.methods import build_method
 from qat.models import load_model
 from qat.nn import bits_report, convert, prepare
-from qat.ptq import initialize
+from qat.ptq.initializers import initialize
 from qat.train import AtomicModelCheckpoint, LitQAT, QuantHealth
 
 log = logging.getLogger(__name__)
@@ -107,13 +107,18 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     ppl_fp, eval_tokens = ppl(model, "ppl fp")
     log.info("ppl fp = %.3f over %d tokens", ppl_fp, eval_tokens)
 
+    teacher = copy.deepcopy(model).eval() if float(cfg.distill.alpha) > 0 and max_steps > 0 else None
     t0 = time.time()
     skip = list(cfg.quantize.skip)
+    init_cfg = OmegaConf.to_container(cfg.init, resolve=True)
     calib = None
-    if cfg.init.get("needs_calibration", False):
-        calib = data.calibration(int(cfg.init.n_samples), int(cfg.init.seq_len))
-    states = initialize(model, method, cfg.init.name, skip, calib)
-    teacher = copy.deepcopy(model).eval() if float(cfg.distill.alpha) > 0 and max_steps > 0 else None
+    if init_cfg.get("needs_calibration", False):
+        calib = data.calibration(int(init_cfg["n_samples"]), int(init_cfg["seq_len"]))
+    states = initialize(model, method, init_cfg["name"], skip, calib, init_cfg, loaded.name,
+                        use_cache=bool(init_cfg.get("cache", False)))
+    errors = getattr(initialize, "last_errors", None) if calib is not None else None
+    if errors:
+        atomic_write_bytes(run_dir / "calibration_errors.json", json.dumps(errors, indent=1).encode())
     prepare(model, method, states)
     seconds["calibrate"] = time.time() - t0
     ppl_init, _ = ppl(model, "ppl init") if method.quantizes else (ppl_fp, eval_tokens)

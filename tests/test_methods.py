@@ -6,7 +6,7 @@ from qat.errors import QATError
 from qat.methods import build_method
 from qat.models.load import tiny_llama
 from qat.nn import PackedLinear, QATLinear, bits_report, convert, prepare
-from qat.ptq import initialize
+from qat.ptq.initializers import initialize
 
 
 def layer(method, out_f=8, in_f=64, seed=0):

@@ -25,9 +25,11 @@ from qat.methods.base import Method
 from qat.quant.binarize import binarize_ste, optimal_alpha
 from qat.quant.bits import tensor_bits
 from qat.quant.packing import pack_bits, packed_words
+from qat.ptq.gptq import GPTQResult, PartialBinaryQuantizer
 from qat.quant.salient import (
     dequantize_kbit_rows,
     hessian_saliency,
+    kbit_row_params,
     quantize_kbit_rows,
     salient_mask_topk,
 )
@@ -82,11 +84,27 @@ class PartialBinary(Method):
 
     def init_state(self, weight: Tensor, hessian: Tensor | None = None) -> dict[str, Tensor]:
         """The `rtn` seed: salient mask on the fp weights, salient values k-bit, latent = w."""
-        hinv_diag = None
-        if hessian is not None:
-            hinv_diag = torch.linalg.inv(hessian.double()).diagonal().float()
-        mask = self.salient_mask(weight, hinv_diag)
+        mask = self.salient_mask(weight, None)
         return {"latent": weight.detach().clone(), **self.salient_buffers(weight, mask)}
+
+    # -- PB-GPTQ (init=gptq_hessian) -----------------------------------------------------------
+    def gptq_quantizer(self, weight: Tensor, hinv_diag: Tensor) -> PartialBinaryQuantizer:
+        """Mask (by |w| or w²/[H⁻¹]²_jj, over the whole matrix) and the salient rows' k-bit
+        scale/zero are fixed from the fp weights before GPTQ starts."""
+        mask = self.salient_mask(weight, hinv_diag)
+        scale, zero = kbit_row_params(weight, mask, self.salient_bits)
+        return PartialBinaryQuantizer(mask, scale, zero, self.salient_bits)
+
+    def state_from_gptq(self, result: GPTQResult, quantizer: PartialBinaryQuantizer) -> dict[str, Tensor]:
+        """Latent = the compensated weights (their signs are GPTQ's); salient codes of them."""
+        mask, bits = quantizer.mask, self.salient_bits
+        qmax = 2**bits - 1
+        codes = torch.clamp(torch.round(result.compensated / quantizer.sal_scale[:, None])
+                            + quantizer.sal_zero[:, None], 0, qmax)
+        codes = torch.where(mask, codes, torch.zeros_like(codes)).to(torch.int32)
+        return {"latent": result.compensated.clone(), "salient_mask": mask,
+                "salient_codes": codes.to(torch.uint8 if bits <= 8 else torch.int32),
+                "salient_scale": quantizer.sal_scale, "salient_zero": quantizer.sal_zero}
 
     def fake_quant(self, latent: Tensor, buffers: dict[str, Tensor]) -> Tensor:
         mask = buffers["salient_mask"]

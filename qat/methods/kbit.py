@@ -1,0 +1,77 @@
+"""`gptq`: uniform k-bit weights (asymmetric min/max, per row or per group of columns).
+
+With init=gptq_hessian it is plain GPTQ, the reference every binarization paper compares
+with; with init=rtn it is round-to-nearest. Training form: round through the STE with the
+scales fixed. Packed form: floor(32/bits) codes per int32, fp16 scale and zero per group; it
+runs through the pure-torch path (no CUDA kernel for int-k here).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from qat.errors import QATError
+from qat.methods.base import Method
+from qat.ptq.gptq import GPTQResult, KBitQuantizer
+from qat.quant.bits import tensor_bits
+from qat.quant.kbit import fake_quant_kbit, kbit_codes, minmax_params, pack_codes, unpack_codes
+
+
+@dataclass
+class KBit(Method):
+    name: ClassVar[str] = "gptq"
+    bits: int = 4
+    group_size: int = 0   # 0: per row
+    act_order: bool = False
+
+    def validate(self) -> None:
+        if self.bits not in (2, 3, 4, 8):
+            raise QATError(f"bits={self.bits!r}: allowed 2, 3, 4, 8")
+        if self.group_size < 0:
+            raise QATError(f"group_size={self.group_size!r} must be 0 (per row) or positive")
+        if self.act_order and self.group_size:
+            raise QATError("act_order=true with group_size>0 is not supported (groups would not be contiguous)")
+
+    def _params(self, W: Tensor) -> tuple[Tensor, Tensor]:
+        out_f, in_f = W.shape
+        g = in_f if self.group_size == 0 else self.group_size
+        if in_f % g:
+            raise QATError(f"group_size={self.group_size} does not divide in_features={in_f}")
+        s, z = minmax_params(W.reshape(out_f * (in_f // g), g), self.bits)
+        return s.reshape(out_f, -1), z.reshape(out_f, -1)
+
+    def init_state(self, weight: Tensor, hessian: Tensor | None = None) -> dict[str, Tensor]:
+        s, z = self._params(weight)
+        return {"latent": weight.detach().clone(), "scale": s, "zero": z}
+
+    def gptq_quantizer(self, weight: Tensor, hinv_diag: Tensor) -> KBitQuantizer:
+        return KBitQuantizer(weight.float(), self.bits, self.group_size)
+
+    def state_from_gptq(self, result: GPTQResult, quantizer: KBitQuantizer) -> dict[str, Tensor]:
+        return {"latent": result.compensated, "scale": quantizer.scale.clone(), "zero": quantizer.zero.clone()}
+
+    def fake_quant(self, latent: Tensor, buffers: dict[str, Tensor]) -> Tensor:
+        return fake_quant_kbit(latent, buffers["scale"], buffers["zero"], self.bits)
+
+    @torch.no_grad()
+    def pack(self, latent: Tensor, buffers: dict[str, Tensor]) -> dict[str, Tensor]:
+        codes = kbit_codes(latent.float(), buffers["scale"], buffers["zero"], self.bits)
+        return {"codes": pack_codes(codes, self.bits), "scale": buffers["scale"].to(torch.float16),
+                "zero": buffers["zero"].to(torch.float16)}
+
+    def packed_linear(self, x: Tensor, packed: dict[str, Tensor], in_features: int) -> Tensor:
+        codes = unpack_codes(packed["codes"], self.bits, in_features).float()
+        s, z = packed["scale"].float(), packed["zero"].float()
+        g = in_features // s.shape[1]
+        w = (codes - z.repeat_interleave(g, 1)) * s.repeat_interleave(g, 1)
+        return F.linear(x, w.to(x.dtype))
+
+    def weight_bits(self) -> float:
+        return float(self.bits)
+
+    def packed_weight_bits(self, packed: dict[str, Tensor], out_features: int, in_features: int) -> float:
+        return out_features * in_features * self.bits + tensor_bits([packed["scale"], packed["zero"]])

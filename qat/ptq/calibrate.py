@@ -1,0 +1,129 @@
+"""The calibration engine (AutoGPTQ's loop): capture the first decoder layer's inputs, then
+layer by layer: hook the linears of one sequential group, accumulate H = 2/N·XᵀX, quantize,
+write the quantized weights back, and feed the next group (and the next layer) from the
+already-quantized ones. One layer's activations are held at a time.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from qat.errors import QATError
+
+log = logging.getLogger(__name__)
+
+_ATTN_MLP = [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
+             ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
+# Sequential groups per architecture (config.model_type): the linears that see the same input.
+SEQUENTIAL_GROUPS: dict[str, list[list[str]]] = {
+    "llama": _ATTN_MLP, "mistral": _ATTN_MLP, "qwen2": _ATTN_MLP, "qwen3": _ATTN_MLP,
+    "opt": [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.out_proj"],
+            ["fc1"], ["fc2"]],
+}
+
+
+def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    for path in ("model.layers", "model.decoder.layers"):
+        try:
+            return path, model.get_submodule(path)
+        except AttributeError:
+            continue
+    raise QATError(f"calibration does not know where the decoder layers of {type(model).__name__} are")
+
+
+class _Stop(Exception):
+    pass
+
+
+@torch.no_grad()
+def capture_layer0_inputs(model: nn.Module, layers: nn.ModuleList, calib: Tensor) -> tuple[list[Tensor], dict]:
+    """Hidden states entering layer 0 for each sample, and layer 0's keyword arguments."""
+    inputs, kwargs = [], {}
+
+    def hook(_module, args, kw):
+        inputs.append(args[0] if args else kw.pop("hidden_states"))
+        kwargs.update({k: v for k, v in kw.items() if k != "hidden_states"})
+        raise _Stop
+
+    handle = layers[0].register_forward_pre_hook(hook, with_kwargs=True)
+    device = next(model.parameters()).device
+    try:
+        for sample in calib:
+            try:
+                model(sample.unsqueeze(0).to(device), use_cache=False)
+            except _Stop:
+                pass
+    finally:
+        handle.remove()
+    kwargs.pop("past_key_values", None)
+    kwargs["use_cache"] = False
+    return inputs, kwargs
+
+
+def _run_layer(layer: nn.Module, x: Tensor, kwargs: dict) -> Tensor:
+    out = layer(x, **kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+class HessianAccumulator:
+    """Running H = 2/N·Σ xᵀx in fp32 over every token a linear sees."""
+
+    def __init__(self, in_features: int, device):
+        self.H = torch.zeros(in_features, in_features, device=device)
+        self.n = 0
+
+    def add(self, x: Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).float()
+        m = x.shape[0]
+        self.H *= self.n / (self.n + m)
+        self.n += m
+        x = x * math.sqrt(2 / self.n)
+        self.H += x.t() @ x
+
+
+QuantizeFn = Callable[[str, nn.Linear, Tensor], dict[str, Tensor]]
+
+
+@torch.no_grad()
+def sequential_quantize(model: nn.Module, calib: Tensor, skip: list[str], quantize: QuantizeFn,
+                        fake_quant: Callable[[dict[str, Tensor]], Tensor]) -> tuple[dict, list[dict]]:
+    """Run the loop; `quantize(name, linear, H)` returns the layer's state, `fake_quant(state)`
+    the weight the next groups must see. Returns (states by full name, per-layer error rows)."""
+    model_type = getattr(model.config, "model_type", "")
+    if model_type not in SEQUENTIAL_GROUPS:
+        raise QATError(f"no sequential groups for model_type={model_type!r}; "
+                       f"known: {', '.join(sorted(SEQUENTIAL_GROUPS))}")
+    groups = SEQUENTIAL_GROUPS[model_type]
+    prefix, layers = decoder_layers(model)
+    inputs, kwargs = capture_layer0_inputs(model, layers, calib)
+    states, errors = {}, []
+    for li, layer in enumerate(tqdm(layers, desc="calibrate layers", leave=False)):
+        for group in groups:
+            names = [n for n in group if not any(s in f"{prefix}.{li}.{n}" for s in skip)]
+            linears = {n: layer.get_submodule(n) for n in names}
+            acc = {n: HessianAccumulator(m.in_features, m.weight.device) for n, m in linears.items()}
+            hooks = [m.register_forward_hook(lambda _m, inp, _out, a=acc[n]: a.add(inp[0]))
+                     for n, m in linears.items()]
+            try:
+                for x in inputs:
+                    _run_layer(layer, x, kwargs)
+            finally:
+                for h in hooks:
+                    h.remove()
+            for n, lin in linears.items():
+                full = f"{prefix}.{li}.{n}"
+                H, W = acc[n].H, lin.weight.float()
+                state = quantize(full, lin, H)
+                Q = fake_quant(state).float()
+                D = W - Q
+                rel = float((D @ H * D).sum() / (W @ H * W).sum().clamp_min(1e-12))
+                errors.append({"layer": full, "rel_output_error": rel})
+                lin.weight.copy_(Q.to(lin.weight.dtype))
+                states[full] = state
+        inputs = [_run_layer(layer, x, kwargs) for x in inputs]
+    return states, errors

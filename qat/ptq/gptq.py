@@ -1,0 +1,142 @@
+"""GPTQ (methods.md §4): column-by-column quantization with inverse-Hessian error feedback.
+
+`gptq(W, H, quantizer)` is the blocked, lazy-update form of IST-DASLab/gptq. The quantizer is
+any object with `begin_block(W_block, cols)` (fix per-block parameters on the current,
+already-compensated weights) and `column(w, col) -> q` (quantize one column).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class GPTQResult:
+    quantized: Tensor     # Q: [out, in], the dequantized weights
+    compensated: Tensor   # W': each column's value right before it was quantized
+    hinv_diag: Tensor     # diagonal of the upper Cholesky factor of H^-1 (original column order)
+    damp: float           # the damping that made H positive definite
+    retries: int = 0
+    notes: list[str] = field(default_factory=list)
+
+
+def prepare_hessian(W: Tensor, H: Tensor) -> tuple[Tensor, Tensor]:
+    """Dead inputs (H_jj = 0) get H_jj = 1 and W[:, j] = 0, as the reference does."""
+    W, H = W.clone().float(), H.clone().float()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    return W, H
+
+
+def inverse_hessian_factor(H: Tensor, percdamp: float, max_damp: float = 10.0) -> tuple[Tensor, float, int]:
+    """Upper Cholesky factor of (H + λI)^-1, λ = percdamp·mean(diag H); on a Cholesky failure
+    retry with 10x the damping (logged), up to max_damp."""
+    mean_diag = torch.mean(torch.diag(H))
+    retries, damp = 0, percdamp
+    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    while True:
+        try:
+            L = torch.linalg.cholesky(H + damp * mean_diag * eye)
+            Hinv = torch.cholesky_inverse(L)
+            return torch.linalg.cholesky(Hinv, upper=True), damp, retries
+        except torch.linalg.LinAlgError:
+            if damp * 10 > max_damp:
+                raise
+            log.warning("Cholesky failed at percdamp=%g; retrying with %g", damp, damp * 10)
+            damp *= 10
+            retries += 1
+
+
+class Quantizer:
+    def begin_block(self, W: Tensor, i1: int, i2: int, cols: Tensor) -> None:  # noqa: B027
+        """Fix per-block parameters. W is the whole matrix in GPTQ's column order as of this
+        block's start (earlier blocks' lazy updates applied); cols = original column indices."""
+
+    def column(self, w: Tensor, pos: int, col: int) -> Tensor:
+        """Quantize the column at position `pos` of GPTQ's order (original index `col`)."""
+        raise NotImplementedError
+
+
+@torch.no_grad()
+def gptq(W: Tensor, H: Tensor, quantizer: Quantizer, block_size: int = 128, percdamp: float = 0.01,
+         act_order: bool = False) -> GPTQResult:
+    W, H = prepare_hessian(W, H)
+    n = W.shape[1]
+    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(n, device=W.device)
+    if act_order:
+        W, H = W[:, perm], H[perm][:, perm]
+    Hinv, damp, retries = inverse_hessian_factor(H, percdamp)
+    Q, Wc = torch.zeros_like(W), torch.zeros_like(W)
+    for i1 in range(0, n, block_size):
+        i2 = min(i1 + block_size, n)
+        W1 = W[:, i1:i2].clone()
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        quantizer.begin_block(W, i1, i2, perm[i1:i2])
+        for i in range(i2 - i1):
+            w, d = W1[:, i], Hinv1[i, i]
+            q = quantizer.column(w, i1 + i, int(perm[i1 + i]))
+            Q[:, i1 + i], Wc[:, i1 + i] = q, w
+            err = (w - q) / d
+            W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
+            Err1[:, i] = err
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]  # lazy update of all later columns
+    hdiag = torch.diag(Hinv)
+    if act_order:
+        inv = torch.argsort(perm)
+        Q, Wc, hdiag = Q[:, inv], Wc[:, inv], hdiag[inv]
+    return GPTQResult(Q, Wc, hdiag, damp, retries)
+
+
+class KBitQuantizer(Quantizer):
+    """Asymmetric min/max k-bit per row, or per group of `group_size` columns whose parameters
+    are set when the group starts, from the matrix as of the current block's start (as the
+    reference does). Columns are in GPTQ's (possibly permuted) order."""
+
+    def __init__(self, W: Tensor, bits: int, group_size: int = 0):
+        from qat.quant.kbit import minmax_params
+
+        self.bits, self.group_size, self.minmax = bits, group_size, minmax_params
+        out_f, in_f = W.shape
+        self.n_groups = 1 if group_size == 0 else in_f // group_size
+        self.scale = torch.zeros(out_f, self.n_groups, device=W.device)
+        self.zero = torch.zeros(out_f, self.n_groups, device=W.device)
+        if group_size == 0:
+            self.scale[:, 0], self.zero[:, 0] = minmax_params(W, bits)
+
+    def begin_block(self, W: Tensor, i1: int, i2: int, cols: Tensor) -> None:
+        self.W = W
+
+    def column(self, w: Tensor, pos: int, col: int) -> Tensor:
+        g = 0 if self.group_size == 0 else pos // self.group_size
+        if self.group_size and pos % self.group_size == 0:
+            self.scale[:, g], self.zero[:, g] = self.minmax(self.W[:, pos: pos + self.group_size], self.bits)
+        s, z = self.scale[:, g], self.zero[:, g]
+        return (torch.clamp(torch.round(w / s) + z, 0, 2**self.bits - 1) - z) * s
+
+
+class PartialBinaryQuantizer(Quantizer):
+    """PB-GPTQ: salient entries (a fixed mask) -> k-bit with fixed per-row scale/zero; the rest
+    -> alpha·sign(w), alpha = mean|w| over the block's non-salient entries of each row, fixed
+    when the block starts (PB-LLM's choice; QAT then recomputes alpha* per row/group)."""
+
+    def __init__(self, mask: Tensor, sal_scale: Tensor, sal_zero: Tensor, bits: int):
+        self.mask, self.sal_scale, self.sal_zero, self.bits = mask, sal_scale, sal_zero, bits
+
+    def begin_block(self, W: Tensor, i1: int, i2: int, cols: Tensor) -> None:
+        keep = ~self.mask[:, cols]
+        a = (W[:, i1:i2].abs() * keep).sum(1) / keep.sum(1).clamp_min(1)
+        self.alpha = a.to(torch.float16).float()
+
+    def column(self, w: Tensor, pos: int, col: int) -> Tensor:
+        binary = torch.where(w >= 0, self.alpha, -self.alpha)
+        qmax = 2**self.bits - 1
+        salient = (torch.clamp(torch.round(w / self.sal_scale) + self.sal_zero, 0, qmax)
+                   - self.sal_zero) * self.sal_scale
+        return torch.where(self.mask[:, col], salient, binary)

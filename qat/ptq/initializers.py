@@ -1,0 +1,96 @@
+"""PTQ initializers: the state each quantized layer starts QAT from (or is evaluated in, as
+pure PTQ when trainer.max_steps=0).
+
+  rtn           data-free: the method's init_state on the fp weights
+  gptq_hessian  calibration + GPTQ (methods.md §4): for pbllm_qat this is PB-GPTQ, for gptq
+                plain GPTQ. Cached per (model, method, init settings, calibration set).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import logging
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from qat.errors import QATError, check_choice
+from qat.fetch import atomic_write_bytes, cache_dir
+from qat.methods.base import Method
+from qat.nn.qat_linear import quantizable_linears
+from qat.ptq.calibrate import sequential_quantize
+from qat.ptq.gptq import gptq, inverse_hessian_factor, prepare_hessian
+
+log = logging.getLogger(__name__)
+INITIALIZERS = ["rtn", "gptq_hessian"]
+
+
+def _cache_key(model_name: str, method: Method, init_cfg: dict, skip: list[str], calib: Tensor) -> str:
+    calib_hash = hashlib.sha1(calib.numpy().tobytes()).hexdigest()
+    blob = json.dumps([model_name, method.name, dataclasses.asdict(method), init_cfg, skip, calib_hash],
+                      sort_keys=True, default=str)
+    return hashlib.sha1(blob.encode()).hexdigest()[:20]
+
+
+def gptq_hessian_states(model: nn.Module, method: Method, init_cfg: dict, skip: list[str],
+                        calib: Tensor) -> tuple[dict, list[dict]]:
+    if not hasattr(method, "gptq_quantizer"):
+        raise QATError(f"init=gptq_hessian is not available for method={method.name!r}")
+    block, percdamp = int(init_cfg.get("block_size", 128)), float(init_cfg.get("percdamp", 0.01))
+    act_order = bool(getattr(method, "act_order", False) or init_cfg.get("act_order", False))
+    if act_order and getattr(method, "group_size", 0):
+        raise QATError("init.act_order=true with a method group_size > 0 is not supported")
+
+    def quantize(name: str, lin: nn.Linear, H: Tensor) -> dict[str, Tensor]:
+        W, Hp = prepare_hessian(lin.weight.detach(), H)
+        hinv, _, _ = inverse_hessian_factor(Hp, percdamp)
+        quantizer = method.gptq_quantizer(W, torch.diag(hinv))
+        result = gptq(W, H, quantizer, block_size=block, percdamp=percdamp, act_order=act_order)
+        if result.retries:
+            log.warning("%s: Cholesky needed percdamp=%g", name, result.damp)
+        return method.state_from_gptq(result, quantizer)
+
+    def fake_quant(state: dict[str, Tensor]) -> Tensor:
+        buffers = {k: v for k, v in state.items() if k != "latent"}
+        return method.fake_quant(state["latent"], buffers)
+
+    return sequential_quantize(model, calib, skip, quantize, fake_quant)
+
+
+@torch.no_grad()
+def initialize(model: nn.Module, method: Method, init: str, skip: list[str],
+               calibration: Tensor | None = None, init_cfg: dict | None = None,
+               model_name: str = "model", use_cache: bool = False) -> dict[str, dict[str, Tensor]]:
+    """Per quantized layer name, the state QATLinear is built from."""
+    check_choice("init", init, INITIALIZERS)
+    if not method.quantizes:
+        return {}
+    init_cfg = init_cfg or {}
+    layers = quantizable_linears(model, skip)
+    states: dict[str, dict[str, Tensor]] = {}
+    if init == "gptq_hessian":
+        if calibration is None:
+            raise QATError("init=gptq_hessian needs calibration samples")
+        path = cache_dir() / "ptq" / f"{_cache_key(model_name, method, init_cfg, skip, calibration)}.pt"
+        if use_cache and path.exists():
+            log.info("PTQ state from cache %s", path)
+            try:
+                return torch.load(path, map_location=next(model.parameters()).device)
+            except Exception:
+                raise QATError(f"cached PTQ state {path} is corrupt; delete it to recalibrate") from None
+        states, errors = gptq_hessian_states(model, method, init_cfg, skip, calibration)
+        worst = sorted(errors, key=lambda e: -e["rel_output_error"])[:5]
+        log.info("GPTQ relative output error, worst layers: %s",
+                 ", ".join(f"{e['layer']}={e['rel_output_error']:.3f}" for e in worst))
+        initialize.last_errors = errors
+    # layers the engine did not cover (not in a decoder layer) and the rtn seed
+    for name, lin in tqdm([(n, m) for n, m in layers if n not in states], desc=f"init={init}", leave=False):
+        states[name] = method.init_state(lin.weight.detach().float())
+    if init == "gptq_hessian" and use_cache:
+        buf = io.BytesIO()
+        torch.save(states, buf)
+        atomic_write_bytes(path, buf.getvalue())
+    return states

@@ -1,0 +1,100 @@
+"""GPTQ: the blocked lazy-update form equals a plain per-column form; error vs RTN; engine."""
+import pytest
+import torch
+
+from qat.methods import build_method
+from qat.models.load import tiny_llama
+from qat.nn import convert, prepare
+from qat.ptq.gptq import KBitQuantizer, PartialBinaryQuantizer, gptq, inverse_hessian_factor, prepare_hessian
+from qat.ptq.initializers import initialize
+from qat.quant.kbit import minmax_params
+from qat.quant.salient import kbit_row_params, salient_mask_topk
+
+
+def plain_gptq(W, H, quantize, percdamp=0.01):
+    """Written out per column, no blocks: quantize column i, spread its error over the rest."""
+    W, H = prepare_hessian(W, H)
+    U, _, _ = inverse_hessian_factor(H, percdamp)
+    Q = torch.zeros_like(W)
+    for i in range(W.shape[1]):
+        q = quantize(W[:, i], i)
+        Q[:, i] = q
+        err = (W[:, i] - q) / U[i, i]
+        W[:, i:] -= err[:, None] * U[i, i:][None, :]
+    return Q
+
+
+def random_layer(out_f=24, in_f=160, n=400, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, in_f, generator=g) @ torch.randn(in_f, in_f, generator=g) * 0.3
+    X[:, 7] = 0  # a dead input
+    W = torch.randn(out_f, in_f, generator=g)
+    return W, 2 / n * X.t() @ X, X
+
+
+def out_err(W, Q, X):
+    return float(((X @ (W - Q).t()) ** 2).sum())
+
+
+def test_blocked_equals_plain_kbit_per_row():
+    W, H, X = random_layer()
+    scale, zero = minmax_params(prepare_hessian(W, H)[0], 3)
+
+    def q(w, i):
+        return (torch.clamp(torch.round(w / scale) + zero, 0, 7) - zero) * scale
+
+    blocked = gptq(W, H, KBitQuantizer(prepare_hessian(W, H)[0], 3), block_size=32).quantized
+    torch.testing.assert_close(blocked, plain_gptq(W, H, q), rtol=1e-4, atol=1e-4)
+    Wp = prepare_hessian(W, H)[0]
+    rtn = (torch.clamp(torch.round(Wp / scale[:, None]) + zero[:, None], 0, 7) - zero[:, None]) * scale[:, None]
+    assert out_err(W, blocked, X) < out_err(W, rtn, X)
+
+
+def test_blocked_equals_plain_partial_binary():
+    W, H, X = random_layer(seed=1)
+    Wp = prepare_hessian(W, H)[0]
+    mask = salient_mask_topk(Wp.abs(), 0.1)
+    s, z = kbit_row_params(Wp, mask, 8)
+    # block = whole matrix: alpha fixed once from the start, the same in both forms
+    blocked = gptq(W, H, PartialBinaryQuantizer(mask, s, z, 8), block_size=W.shape[1])
+    keep = ~mask
+    alpha = ((Wp.abs() * keep).sum(1) / keep.sum(1)).half().float()
+
+    def q(w, i):
+        sal = (torch.clamp(torch.round(w / s) + z, 0, 255) - z) * s
+        return torch.where(mask[:, i], sal, torch.where(w >= 0, alpha, -alpha))
+
+    torch.testing.assert_close(blocked.quantized, plain_gptq(W, H, q), rtol=1e-4, atol=1e-4)
+    rtn = torch.where(mask, (torch.clamp(torch.round(Wp / s[:, None]) + z[:, None], 0, 255) - z[:, None]) * s[:, None],
+                      torch.where(Wp >= 0, alpha[:, None], -alpha[:, None]))
+    assert out_err(W, blocked.quantized, X) < out_err(W, rtn, X)
+    # every binary entry is exactly +-alpha of its row
+    assert torch.equal(blocked.quantized.abs()[~mask], alpha[:, None].expand_as(W)[~mask])
+
+
+def test_cholesky_failure_retries_with_more_damping():
+    H = torch.zeros(8, 8)
+    H[0, 0] = 1.0
+    H[1:, 1:] = -0.05 * torch.eye(7)  # not positive definite at the default damping
+    U, damp, retries = inverse_hessian_factor(H, 0.01)
+    assert retries > 0 and damp > 0.01 and torch.isfinite(U).all()
+
+
+@pytest.mark.parametrize("params", [dict(name="pbllm_qat", salient_ratio=0.1),
+                                    dict(name="pbllm_qat", salient_ratio=0.1, salient_metric="hessian"),
+                                    dict(name="gptq", bits=3, group_size=32)])
+def test_engine_states_seed_qat_and_pack(params):
+    method = build_method(**params)
+    calib = torch.randint(0, 257, (4, 32), generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    states = initialize(tiny_llama({}), method, "gptq_hessian", ["lm_head"], calib)
+    assert len(states) == 14  # 7 linears x 2 layers
+    errors = initialize.last_errors
+    assert len(errors) == 14 and all(0 <= e["rel_output_error"] < 1 for e in errors)
+    model = tiny_llama({})
+    prepare(model, method, states)
+    x = calib[:2]
+    with torch.no_grad():
+        fake = model(x).logits
+        convert(model)
+        torch.testing.assert_close(model(x).logits, fake, rtol=1e-4, atol=1e-4)
