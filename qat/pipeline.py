@@ -86,6 +86,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     validate(cfg)
     method = method_from_cfg(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
+    resolved = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+    atomic_write_bytes(run_dir / "config.yaml", OmegaConf.to_yaml(resolved, resolve=True).encode())
     L.seed_everything(int(cfg.seed), workers=True)
     seconds = {"calibrate": 0.0, "train": 0.0, "eval": 0.0}
 

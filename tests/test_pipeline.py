@@ -85,7 +85,7 @@ def cli(args, tmp_path):
 
 
 @pytest.mark.parametrize("args,needle", [
-    (["method.name=bogus"], "unknown method 'bogus'; allowed: fp16, pbllm_qat, rtn_binary"),
+    (["method.name=bogus"], "unknown method 'bogus'; allowed: fp16, gptq, pbllm_qat, rtn_binary"),
     (["salient_ratio=1.5"], "salient_ratio=1.5 is outside [0.0, 1.0)"),
     (["model=hf", "model.name_or_path=/no/such/model"], "model.name_or_path='/no/such/model': no such folder"),
     (["eval.seq_len=0"], "eval.seq_len=0 must be a positive number of tokens"),
@@ -121,3 +121,30 @@ def test_corrupt_cached_file_is_a_clear_error(tmp_path, monkeypatch):
 
     with pytest.raises(QATError, match="corrupt"):
         tokenize_splits(cfg, ByteTokenizer(), "bytes")
+
+
+def test_export_size_matches_storage_bits_and_eval_cli(compose, tmp_path):
+    from safetensors import safe_open
+
+    res, _ = run_cfg(compose, tmp_path, ["method=pbllm_qat", "salient_ratio=0.1", "trainer.max_steps=0"])
+    path = tmp_path / "export" / "model.safetensors"
+    with safe_open(str(path), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    unquantized = sum(t.numel() * t.element_size() for k, t in tensors.items()
+                      if k.endswith(("embed_tokens.weight", "lm_head.weight", "norm.weight", ".bias")))
+    from qat.models.load import tiny_llama
+    from qat.nn import quantizable_linears
+
+    n = sum(m.in_features * m.out_features for _, m in quantizable_linears(tiny_llama({}), ["lm_head"]))
+    expected = res["bits"]["storage"] * n / 8 + unquantized
+    header = 8 + int.from_bytes(path.read_bytes()[:8], "little")  # safetensors' JSON index
+    assert abs(path.stat().st_size - header - expected) / expected < 0.02
+    env = dict(os.environ, WANDB_MODE="disabled")
+    out = subprocess.run([sys.executable, str(ROOT / "eval.py"), f"run_dir={tmp_path}"], capture_output=True,
+                         text=True, env=env, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    report = json.loads(out.stdout[out.stdout.index("{"):])
+    assert report["ppl_packed_export"] == pytest.approx(res["ppl"]["final"], rel=1e-6)
+    bad = subprocess.run([sys.executable, str(ROOT / "eval.py"), f"run_dir={tmp_path / 'nope'}"],
+                         capture_output=True, text=True, env=env, cwd=ROOT)
+    assert bad.returncode == 2 and "is not a run folder" in bad.stderr.strip().splitlines()[-1]

@@ -87,6 +87,17 @@ def _from_pretrained(path: str, dtype: torch.dtype):
     return model, tok
 
 
+def load_tokenizer(cfg: dict) -> Any:
+    """The tokenizer of a model config, without loading the weights."""
+    source = cfg.get("source", "embedded")
+    if source == "tiny":
+        return ByteTokenizer()
+    from transformers import AutoTokenizer
+
+    path = embedded_default_dir() if source == "embedded" else cfg["name_or_path"]
+    return AutoTokenizer.from_pretrained(str(path))
+
+
 def load_model(cfg: dict) -> LoadedModel:
     """cfg: {source: embedded|hf|tiny, name, name_or_path, dtype}."""
     source = cfg.get("source", "embedded")

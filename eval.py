@@ -1,0 +1,54 @@
+"""python eval.py run_dir=outputs/...   Reload a run's export/ (packed form, no training code)
+and measure its perplexity on the run's held-out test split; compare with results.json."""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from qat.errors import QATError
+
+
+def evaluate(cfg: DictConfig) -> dict:
+    from qat.data import LMDataModule
+    from qat.eval import perplexity
+    from qat.export import load_export
+    from qat.models.load import load_tokenizer
+
+    run_dir = Path(cfg.run_dir)
+    run_cfg_path = run_dir / "config.yaml"
+    if not run_cfg_path.exists():
+        raise QATError(f"run_dir={str(run_dir)!r} is not a run folder (no config.yaml)")
+    run_cfg = OmegaConf.load(run_cfg_path)
+    model = load_export(run_dir / "export", device=cfg.device)
+    tok = load_tokenizer(OmegaConf.to_container(run_cfg.model, resolve=True))
+    data = LMDataModule(OmegaConf.to_container(run_cfg.data, resolve=True), tok,
+                        getattr(tok, "name_or_path", "tokenizer"), seed=int(run_cfg.seed))
+    seq_len = int(cfg.eval.seq_len or run_cfg.eval.seq_len)
+    windows = cfg.eval.max_windows if cfg.eval.max_windows is not None else run_cfg.eval.max_windows
+    t0 = time.time()
+    ppl, n = perplexity(model, data.test_tokens, seq_len, windows, desc="ppl (export, packed)")
+    out = {"run_dir": str(run_dir), "device": cfg.device, "ppl_packed_export": ppl, "eval_tokens": n,
+           "seconds": time.time() - t0}
+    results = run_dir / "results.json"
+    if results.exists():
+        out["ppl_final_recorded"] = json.loads(results.read_text())["ppl"]["final"]
+    print(json.dumps(out, indent=1))
+    return out
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="eval")
+def main(cfg: DictConfig) -> dict:
+    try:
+        return evaluate(cfg)
+    except QATError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
