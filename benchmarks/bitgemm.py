@@ -22,10 +22,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from qat.kernels import ops  # noqa: E402
-from qat.kernels.build import load_extension  # noqa: E402
-from qat.quant.activations import bit_planes, int4_per_token  # noqa: E402
-from qat.quant.packing import pack_bits  # noqa: E402
+from qat.kernels import ops
+from qat.kernels.build import load_extension
+from qat.quant.activations import bit_planes, int4_per_token
+from qat.quant.packing import pack_bits
 
 SHAPES = {  # name: (K, N)
     "7b.qkvo": (4096, 4096), "7b.gate_up": (4096, 11008), "7b.down": (11008, 4096),
@@ -108,7 +108,7 @@ def bench_shape(name, k, n, ms, ext, bnb, gen):
     dev = "cuda"
     rows = []
     fp16_bytes = n * k * 2
-    copies = lambda nbytes: max(2, min(64, L2_FLUSH_BYTES // max(nbytes, 1) + 1))  # noqa: E731
+    copies = lambda nbytes: max(2, min(64, L2_FLUSH_BYTES // max(nbytes, 1) + 1))
     w16 = [torch.randn(n, k, device=dev, dtype=torch.float16) * 0.02 for _ in range(copies(fp16_bytes))]
     binaries = {r: [random_binary(n, k, r, dev, gen)] for r in (0.0, 0.1)}
     for r in binaries:

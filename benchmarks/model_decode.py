@@ -20,10 +20,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from qat.kernels.build import load_extension  # noqa: E402
-from qat.methods import build_method  # noqa: E402
-from qat.nn import PackedLinear  # noqa: E402
-from qat.nn.qat_linear import quantizable_linears, set_submodule  # noqa: E402
+from qat.kernels.build import load_extension
+from qat.methods import build_method
+from qat.nn import PackedLinear
+from qat.nn.qat_linear import quantizable_linears, set_submodule
 
 
 def weight_bytes(model) -> int:

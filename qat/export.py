@@ -12,7 +12,6 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import torch
 from safetensors import safe_open
 from safetensors.torch import save_model
 from torch import nn

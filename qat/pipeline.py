@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -64,7 +63,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
 
 def print_table(results: dict[str, Any]) -> str:
     p, b = results["ppl"], results["bits"]
-    fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
+    fmt = lambda v: "-" if v is None else f"{v:.2f}"
     rows = [
         ("method", results["method"]), ("init", results["init"]), ("model", results["model"]),
         ("salient_ratio", results["salient_ratio"]),

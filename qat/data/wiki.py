@@ -20,15 +20,16 @@ ENWIKI_MEMBER = ("gensim/test/test_data/"
 ENWIKI_SHA256 = "a53f4648dec40467ebdcbc7a1307eddb51fe6e28e9309f6ebde81ba0d04bea2d"
 MIN_ARTICLE_CHARS = 2000  # shorter pages are stubs
 
-_COMMENT = re.compile(r"<!--.*?-->", re.S)
-_REF = re.compile(r"<ref[^>/]*/>|<ref[^>]*>.*?</ref>", re.S | re.I)
-_TAG_BLOCK = re.compile(r"<(math|gallery|timeline|source|syntaxhighlight|score)[^>]*>.*?</\1>", re.S | re.I)
+_COMMENT = re.compile(r"<!--.*?-->", re.DOTALL)
+_REF = re.compile(r"<ref[^>/]*/>|<ref[^>]*>.*?</ref>", re.DOTALL | re.IGNORECASE)
+_TAG_BLOCK = re.compile(r"<(math|gallery|timeline|source|syntaxhighlight|score)[^>]*>.*?</\1>",
+                        re.DOTALL | re.IGNORECASE)
 _TAG = re.compile(r"</?[a-zA-Z][^>]*>")
-_FILE_LINK = re.compile(r"\[\[(?:File|Image|Category|Media):", re.I)
+_FILE_LINK = re.compile(r"\[\[(?:File|Image|Category|Media):", re.IGNORECASE)
 _LINK = re.compile(r"\[\[([^\[\]|]*\|)?([^\[\]]*)\]\]")
 _EXT_LINK = re.compile(r"\[(?:https?|ftp)://[^\s\]]+\s*([^\]]*)\]")
-_HEADING = re.compile(r"^=+\s*(.*?)\s*=+\s*$", re.M)
-_LIST = re.compile(r"^[*#:;]+\s*", re.M)
+_HEADING = re.compile(r"^=+\s*(.*?)\s*=+\s*$", re.MULTILINE)
+_LIST = re.compile(r"^[*#:;]+\s*", re.MULTILINE)
 _QUOTES = re.compile(r"'{2,}")
 _BLANKS = re.compile(r"\n{3,}")
 

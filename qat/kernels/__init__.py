@@ -5,4 +5,4 @@ Imports with torch alone (no hydra, wandb, datasets): the GPU image runs these t
 from qat.kernels import ops, reference
 from qat.kernels.build import KernelBuildError, extension_or_none, load_extension
 
-__all__ = ["ops", "reference", "KernelBuildError", "extension_or_none", "load_extension"]
+__all__ = ["KernelBuildError", "extension_or_none", "load_extension", "ops", "reference"]

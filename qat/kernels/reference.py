@@ -9,7 +9,8 @@ from qat.quant.packing import unpack_bits
 SALIENT_NONE, SALIENT_CSR, SALIENT_BITMAP = 0, 1, 2
 
 
-def salient_positions(fmt: int, row_ptr: Tensor, positions: Tensor, n_rows: int, in_features: int) -> tuple[Tensor, Tensor]:
+def salient_positions(fmt: int, row_ptr: Tensor, positions: Tensor, n_rows: int,
+                      in_features: int) -> tuple[Tensor, Tensor]:
     """(rows, cols) of the salient entries, in the order their codes are stored (row-major)."""
     if fmt == SALIENT_CSR:
         counts = (row_ptr[1:] - row_ptr[:-1]).long()

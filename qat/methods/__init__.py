@@ -29,4 +29,4 @@ def build_method(name: str, **params: Any) -> Method:
     return method
 
 
-__all__ = ["Method", "REGISTRY", "build_method", "register", "QATError"]
+__all__ = ["REGISTRY", "Method", "QATError", "build_method", "register"]

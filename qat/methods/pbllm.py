@@ -22,10 +22,10 @@ from torch import Tensor
 from qat.errors import QATError, check_choice, check_range
 from qat.kernels import ops
 from qat.methods.base import Method
+from qat.ptq.gptq import GPTQResult, PartialBinaryQuantizer
 from qat.quant.binarize import binarize_ste, optimal_alpha
 from qat.quant.bits import tensor_bits
 from qat.quant.packing import pack_bits, packed_words
-from qat.ptq.gptq import GPTQResult, PartialBinaryQuantizer
 from qat.quant.salient import (
     dequantize_kbit_rows,
     hessian_saliency,

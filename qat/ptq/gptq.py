@@ -54,7 +54,7 @@ def inverse_hessian_factor(H: Tensor, percdamp: float, max_damp: float = 10.0) -
 
 
 class Quantizer:
-    def begin_block(self, W: Tensor, i1: int, i2: int, cols: Tensor) -> None:  # noqa: B027
+    def begin_block(self, W: Tensor, i1: int, i2: int, cols: Tensor) -> None:
         """Fix per-block parameters. W is the whole matrix in GPTQ's column order as of this
         block's start (earlier blocks' lazy updates applied); cols = original column indices."""
 

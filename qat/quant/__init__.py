@@ -5,16 +5,16 @@ from qat.quant.binarize import (
     sign_pm1,
     ste_sign,
 )
-from qat.quant.salient import quantize_kbit_rows, salient_mask_topk
 from qat.quant.packing import pack_bits, unpack_bits
+from qat.quant.salient import quantize_kbit_rows, salient_mask_topk
 
 __all__ = [
     "binarize_ste",
     "optimal_alpha",
-    "sign_pm1",
-    "ste_sign",
+    "pack_bits",
     "quantize_kbit_rows",
     "salient_mask_topk",
-    "pack_bits",
+    "sign_pm1",
+    "ste_sign",
     "unpack_bits",
 ]

@@ -1,4 +1,4 @@
 from qat.train.callbacks import AtomicModelCheckpoint, QuantHealth
 from qat.train.lit import LitQAT
 
-__all__ = ["LitQAT", "QuantHealth", "AtomicModelCheckpoint"]
+__all__ = ["AtomicModelCheckpoint", "LitQAT", "QuantHealth"]
