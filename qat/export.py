@@ -7,9 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from safetensors import safe_open
@@ -17,6 +14,7 @@ from safetensors.torch import save_model
 from torch import nn
 
 from qat.errors import QATError
+from qat.fetch import atomic_dir
 from qat.methods import build_method
 from qat.nn.packed_linear import PackedLinear
 from qat.nn.qat_linear import set_submodule
@@ -38,16 +36,9 @@ def save_export(model: nn.Module, out_dir: Path, model_name: str) -> Path:
     if qcfg:
         config["quantization_config"] = qcfg
     config["qat_model_name"] = model_name
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}-"))
-    try:
+    with atomic_dir(out_dir) as tmp:
         save_model(model, str(tmp / "model.safetensors"))
         (tmp / "config.json").write_text(json.dumps(config, indent=1, default=str))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 

