@@ -9,12 +9,14 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import TQDMProgressBar
 from omegaconf import DictConfig, OmegaConf
 
 from qat.data import LMDataModule
@@ -50,6 +52,8 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
     t = OmegaConf.to_container(cfg.trainer, resolve=True)
     logger = instantiate(cfg.logger) if cfg.logger else False
     callbacks = [QuantHealth(every=int(cfg.quant_health_every))]
+    if not sys.stdout.isatty():  # the rich bar draws nothing into a log file; tqdm lines do
+        callbacks.append(TQDMProgressBar(refresh_rate=5))
     if cfg.checkpoint.enabled:
         callbacks.append(AtomicModelCheckpoint(dirpath=str(run_dir / "checkpoints"), save_last=True,
                                                every_n_train_steps=int(cfg.checkpoint.every_n_steps),
