@@ -61,8 +61,10 @@ def test_blocked_equals_plain_partial_binary():
     Wp = prepare_hessian(W, H)[0]
     mask = salient_mask_topk(Wp.abs(), 0.1)
     s, z = kbit_row_params(Wp, mask, 8)
-    # block = whole matrix: alpha fixed once from the start, the same in both forms
-    blocked = gptq(W, H, PartialBinaryQuantizer(mask, s, z, 8), block_size=W.shape[1])
+    # block = whole matrix: mask, scales and alpha fixed once from the start, as in the plain form
+    quantizer = PartialBinaryQuantizer(tuple(W.shape), 0.1, 8)
+    blocked = gptq(W, H, quantizer, block_size=W.shape[1])
+    assert torch.equal(quantizer.mask, mask)
     keep = ~mask
     alpha = ((Wp.abs() * keep).sum(1) / keep.sum(1)).half().float()
 
@@ -76,6 +78,32 @@ def test_blocked_equals_plain_partial_binary():
     assert out_err(W, blocked.quantized, X) < out_err(W, rtn, X)
     # every binary entry is exactly +-alpha of its row
     assert torch.equal(blocked.quantized.abs()[~mask], alpha[:, None].expand_as(W)[~mask])
+
+
+@pytest.mark.parametrize("metric", ["magnitude", "hessian"])
+def test_pbgptq_mask_is_fixed_per_block_from_the_compensated_weights(metric):
+    W, H, X = random_layer(seed=2)
+    Wp, Hp = prepare_hessian(W, H)
+    U = inverse_hessian_factor(Hp, 0.01)[0]
+    method = build_method("pbllm_qat", salient_ratio=0.1, salient_metric=metric)
+    quantizer = method.gptq_quantizer(Wp, torch.diag(U))
+    result = gptq(W, H, quantizer, block_size=32)
+    Wc, mask = result.compensated, quantizer.mask
+    for i1 in range(0, W.shape[1], 32):
+        block, m = Wc[:, i1:i1 + 32], mask[:, i1:i1 + 32]
+        assert int(m.sum()) == round(0.1 * m.numel())
+    # after the first block the mask follows the compensated weights, not the fp ones
+    assert not torch.equal(mask[:, 32:], salient_mask_topk(Wp[:, 32:].abs(), 0.1))
+    if metric == "magnitude":
+        # the first block's mask is chosen before any compensation reached it
+        assert torch.equal(mask[:, :32], salient_mask_topk(Wp[:, :32].abs(), 0.1))
+    state = method.state_from_gptq(result, quantizer)
+    # the stored per-row 8-bit salient codes reproduce the compensated salient values to within
+    # one step (half a step of rounding, plus the fp16 rounding of the scale and zero point)
+    deq = (state["salient_codes"].float() - state["salient_zero"][:, None]) * state["salient_scale"][:, None]
+    step = state["salient_scale"][:, None].expand_as(Wc)
+    assert ((deq - Wc).abs()[mask] <= step[mask]).all()
+    assert out_err(W, result.quantized, X) < out_err(W, method.fake_quant(Wp, state), X)
 
 
 def test_cholesky_failure_retries_with_more_damping():

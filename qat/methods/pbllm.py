@@ -29,7 +29,6 @@ from qat.quant.packing import pack_bits, packed_words
 from qat.quant.salient import (
     dequantize_kbit_rows,
     hessian_saliency,
-    kbit_row_params,
     quantize_kbit_rows,
     salient_mask_topk,
 )
@@ -89,22 +88,17 @@ class PartialBinary(Method):
 
     # -- PB-GPTQ (init=gptq_hessian) -----------------------------------------------------------
     def gptq_quantizer(self, weight: Tensor, hinv_diag: Tensor) -> PartialBinaryQuantizer:
-        """Mask (by |w| or w²/[H⁻¹]²_jj, over the whole matrix) and the salient rows' k-bit
-        scale/zero are fixed from the fp weights before GPTQ starts."""
-        mask = self.salient_mask(weight, hinv_diag)
-        scale, zero = kbit_row_params(weight, mask, self.salient_bits)
-        return PartialBinaryQuantizer(mask, scale, zero, self.salient_bits)
+        """Mask, salient scales and alpha are fixed per GPTQ block (see PartialBinaryQuantizer)."""
+        return PartialBinaryQuantizer(tuple(weight.shape), self.salient_ratio, self.salient_bits,
+                                      hinv_diag if self.salient_metric == "hessian" else None,
+                                      device=weight.device)
 
     def state_from_gptq(self, result: GPTQResult, quantizer: PartialBinaryQuantizer) -> dict[str, Tensor]:
-        """Latent = the compensated weights (their signs are GPTQ's); salient codes of them."""
-        mask, bits = quantizer.mask, self.salient_bits
-        qmax = 2**bits - 1
-        codes = torch.clamp(torch.round(result.compensated / quantizer.sal_scale[:, None])
-                            + quantizer.sal_zero[:, None], 0, qmax)
-        codes = torch.where(mask, codes, torch.zeros_like(codes)).to(torch.int32)
-        return {"latent": result.compensated.clone(), "salient_mask": mask,
-                "salient_codes": codes.to(torch.uint8 if bits <= 8 else torch.int32),
-                "salient_scale": quantizer.sal_scale, "salient_zero": quantizer.sal_zero}
+        """Latent = the compensated weights (their signs are GPTQ's); the salient part as the
+        per-row k-bit codes QAT and the packed layer store (one scale/zero per row, over the
+        per-block masks), taken from the compensated values."""
+        return {"latent": result.compensated.clone(),
+                **self.salient_buffers(result.compensated, quantizer.mask)}
 
     def fake_quant(self, latent: Tensor, buffers: dict[str, Tensor]) -> Tensor:
         mask = buffers["salient_mask"]

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from qat.quant.salient import hessian_saliency, kbit_row_params, salient_mask_topk
+
 log = logging.getLogger(__name__)
 
 
@@ -122,16 +124,26 @@ class KBitQuantizer(Quantizer):
 
 
 class PartialBinaryQuantizer(Quantizer):
-    """PB-GPTQ: salient entries (a fixed mask) -> k-bit with fixed per-row scale/zero; the rest
-    -> alpha·sign(w), alpha = mean|w| over the block's non-salient entries of each row, fixed
-    when the block starts (PB-LLM's choice; QAT then recomputes alpha* per row/group)."""
+    """PB-GPTQ (methods.md §2). When a block starts, three things are fixed from the block's
+    current (already compensated) weights: the salient mask, top-r of the block by |w| or by
+    w²/d_j² (d = the H⁻¹ diagonal passed in); the salient entries' per-row k-bit scale/zero;
+    and each row's alpha = mean|w| over its non-salient entries. Salient -> k-bit, the rest ->
+    alpha·sign(w). Fixing the mask per block, not once from the fp weights, lets it follow the
+    weights GPTQ's error feedback has grown (as PB-LLM's code does)."""
 
-    def __init__(self, mask: Tensor, sal_scale: Tensor, sal_zero: Tensor, bits: int):
-        self.mask, self.sal_scale, self.sal_zero, self.bits = mask, sal_scale, sal_zero, bits
+    def __init__(self, shape: tuple[int, int], ratio: float, bits: int, hinv_diag: Tensor | None = None,
+                 device=None):
+        self.ratio, self.bits, self.hinv_diag = ratio, bits, hinv_diag
+        self.mask = torch.zeros(shape, dtype=torch.bool, device=device)
 
     def begin_block(self, W: Tensor, i1: int, i2: int, cols: Tensor) -> None:
-        keep = ~self.mask[:, cols]
-        a = (W[:, i1:i2].abs() * keep).sum(1) / keep.sum(1).clamp_min(1)
+        block = W[:, i1:i2]
+        score = block.abs() if self.hinv_diag is None else hessian_saliency(block, self.hinv_diag[cols])
+        mask = salient_mask_topk(score, self.ratio)
+        self.mask[:, cols] = mask
+        self.sal_scale, self.sal_zero = kbit_row_params(block, mask, self.bits)
+        keep = ~mask
+        a = (block.abs() * keep).sum(1) / keep.sum(1).clamp_min(1)
         self.alpha = a.to(torch.float16).float()
 
     def column(self, w: Tensor, pos: int, col: int) -> Tensor:
