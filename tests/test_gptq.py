@@ -90,7 +90,7 @@ def test_pbgptq_mask_is_fixed_per_block_from_the_compensated_weights(metric):
     result = gptq(W, H, quantizer, block_size=32)
     Wc, mask = result.compensated, quantizer.mask
     for i1 in range(0, W.shape[1], 32):
-        block, m = Wc[:, i1:i1 + 32], mask[:, i1:i1 + 32]
+        m = mask[:, i1:i1 + 32]
         assert int(m.sum()) == round(0.1 * m.numel())
     # after the first block the mask follows the compensated weights, not the fp ones
     assert not torch.equal(mask[:, 32:], salient_mask_topk(Wp[:, 32:].abs(), 0.1))

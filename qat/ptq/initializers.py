@@ -32,8 +32,8 @@ PTQ_CACHE_VERSION = 2
 
 def _cache_key(model_name: str, method: Method, init_cfg: dict, skip: list[str], calib: Tensor) -> str:
     calib_hash = hashlib.sha1(calib.numpy().tobytes()).hexdigest()
-    blob = json.dumps([PTQ_CACHE_VERSION, model_name, method.name, dataclasses.asdict(method), init_cfg, skip, calib_hash],
-                      sort_keys=True, default=str)
+    blob = json.dumps([PTQ_CACHE_VERSION, model_name, method.name, dataclasses.asdict(method), init_cfg,
+                       skip, calib_hash], sort_keys=True, default=str)
     return hashlib.sha1(blob.encode()).hexdigest()[:20]
 
 
