@@ -11,6 +11,7 @@ from qat.ptq.gptq import (
     gptq,
     inverse_hessian_factor,
     prepare_hessian,
+    saliency_denominator,
 )
 from qat.ptq.initializers import initialize
 from qat.quant.kbit import minmax_params
@@ -104,6 +105,15 @@ def test_pbgptq_mask_is_fixed_per_block_from_the_compensated_weights(metric):
     step = state["salient_scale"][:, None].expand_as(Wc)
     assert ((deq - Wc).abs()[mask] <= step[mask]).all()
     assert out_err(W, result.quantized, X) < out_err(W, method.fake_quant(Wp, state), X)
+
+
+def test_saliency_denominators():
+    _, H, _ = random_layer(seed=3)
+    H = prepare_hessian(torch.zeros(1, H.shape[0]), H)[1]
+    U, damp, _ = inverse_hessian_factor(H, 0.01)
+    Hinv = torch.linalg.inv(H + damp * H.diagonal().mean() * torch.eye(H.shape[0]))
+    torch.testing.assert_close(saliency_denominator(U, "diag"), Hinv.diagonal(), rtol=1e-3, atol=1e-6)
+    torch.testing.assert_close(saliency_denominator(U, "cholesky"), torch.diag(U))
 
 
 def test_cholesky_failure_retries_with_more_damping():

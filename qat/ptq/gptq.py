@@ -55,6 +55,13 @@ def inverse_hessian_factor(H: Tensor, percdamp: float, max_damp: float = 10.0) -
             retries += 1
 
 
+def saliency_denominator(U: Tensor, kind: str = "diag") -> Tensor:
+    """d_j of the Hessian saliency w²/d_j², from U = the upper Cholesky factor of H⁻¹:
+    "diag": [H⁻¹]_jj = Σ_i U_ij² (the OBS formula of methods.md; measured best on the default);
+    "cholesky": U_jj (what PB-LLM's code uses: GPTQ's per-column error scale)."""
+    return torch.diag(U) if kind == "cholesky" else U.pow(2).sum(0)
+
+
 class Quantizer:
     def begin_block(self, W: Tensor, i1: int, i2: int, cols: Tensor) -> None:
         """Fix per-block parameters. W is the whole matrix in GPTQ's column order as of this

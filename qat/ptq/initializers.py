@@ -22,7 +22,7 @@ from qat.fetch import atomic_write_bytes, cache_dir
 from qat.methods.base import Method
 from qat.nn.qat_linear import quantizable_linears
 from qat.ptq.calibrate import sequential_quantize
-from qat.ptq.gptq import gptq, inverse_hessian_factor, prepare_hessian
+from qat.ptq.gptq import gptq, inverse_hessian_factor, prepare_hessian, saliency_denominator
 
 log = logging.getLogger(__name__)
 INITIALIZERS = ["rtn", "gptq_hessian"]
@@ -46,16 +46,13 @@ def gptq_hessian_states(model: nn.Module, method: Method, init_cfg: dict, skip: 
     if act_order and getattr(method, "group_size", 0):
         raise QATError("init.act_order=true with a method group_size > 0 is not supported")
 
-    saliency_hinv = init_cfg.get("saliency_hinv", "cholesky")
+    saliency_hinv = init_cfg.get("saliency_hinv", "diag")
     check_choice("init.saliency_hinv", saliency_hinv, ["cholesky", "diag"])
 
     def quantize(name: str, lin: nn.Linear, H: Tensor) -> dict[str, Tensor]:
         W, Hp = prepare_hessian(lin.weight.detach(), H)
         U, _, _ = inverse_hessian_factor(Hp, percdamp)
-        # the saliency denominator: the diagonal of H^-1's upper Cholesky factor (PB-LLM's code,
-        # GPTQ's per-column error scale) or of H^-1 itself (the OBS formula, methods.md)
-        hinv_diag = torch.diag(U) if saliency_hinv == "cholesky" else (U.t() @ U).diagonal()
-        quantizer = method.gptq_quantizer(W, hinv_diag)
+        quantizer = method.gptq_quantizer(W, saliency_denominator(U, saliency_hinv))
         result = gptq(W, H, quantizer, block_size=block, percdamp=percdamp, act_order=act_order)
         if result.retries:
             log.warning("%s: Cholesky needed percdamp=%g", name, result.damp)
