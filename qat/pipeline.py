@@ -158,12 +158,13 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     }
     atomic_write_bytes(run_dir / "results.json", json.dumps(results, indent=1).encode())
     print_table(results)
-    log_results(cfg, results)
+    log_results(cfg, results, errors)
     return results
 
 
-def log_results(cfg: DictConfig, results: dict[str, Any]) -> None:
-    """The summary to the configured logger (W&B offline by default) as run summary metrics."""
+def log_results(cfg: DictConfig, results: dict[str, Any], calibration_errors: list[dict] | None = None) -> None:
+    """The summary to the configured logger (W&B offline by default) as run summary metrics, and
+    the per-layer GPTQ reconstruction errors as a table where the logger keeps tables (W&B)."""
     if not cfg.logger:
         return
     logger = instantiate(cfg.logger)
@@ -172,6 +173,9 @@ def log_results(cfg: DictConfig, results: dict[str, Any]) -> None:
     flat.update({"train_tokens": results["train_tokens"]})
     logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     logger.log_metrics(flat)
+    if calibration_errors and hasattr(logger, "log_table"):
+        logger.log_table("calibration/rel_output_error", columns=["layer", "rel_output_error"],
+                         data=[[e["layer"], e["rel_output_error"]] for e in calibration_errors])
     logger.finalize("success")
     if hasattr(logger, "experiment") and hasattr(logger.experiment, "finish"):
         logger.experiment.finish()

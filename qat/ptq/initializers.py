@@ -71,6 +71,7 @@ def initialize(model: nn.Module, method: Method, init: str, skip: list[str],
                model_name: str = "model", use_cache: bool = False) -> dict[str, dict[str, Tensor]]:
     """Per quantized layer name, the state QATLinear is built from."""
     check_choice("init", init, INITIALIZERS)
+    initialize.last_errors = None  # per-layer GPTQ errors of this call (none from the cache)
     if not method.quantizes:
         return {}
     init_cfg = init_cfg or {}
