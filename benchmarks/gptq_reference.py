@@ -29,15 +29,16 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from qat.data import LMDataModule
+from qat.eval import perplexity
+from qat.methods import build_method
+from qat.models import load_model
+from qat.nn import prepare
+from qat.ptq.calibrate import sequential_quantize
+from qat.ptq.initializers import initialize
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from qat.data import LMDataModule  # noqa: E402
-from qat.eval import perplexity  # noqa: E402
-from qat.methods import build_method  # noqa: E402
-from qat.models import load_model  # noqa: E402
-from qat.nn import prepare  # noqa: E402
-from qat.ptq.calibrate import sequential_quantize  # noqa: E402
-from qat.ptq.initializers import initialize  # noqa: E402
 
 
 def compose(overrides: list[str]):

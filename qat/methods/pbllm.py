@@ -28,7 +28,6 @@ from qat.quant.bits import tensor_bits
 from qat.quant.packing import pack_bits, packed_words
 from qat.quant.salient import (
     dequantize_kbit_rows,
-    hessian_saliency,
     quantize_kbit_rows,
     salient_mask_topk,
 )
@@ -63,17 +62,15 @@ class PartialBinary(Method):
             raise QATError(f"ste_clip={self.ste_clip!r} must be positive or null")
 
     # -- training form ---------------------------------------------------------------------
-    def salient_mask(self, weight: Tensor, hinv_diag: Tensor | None = None) -> Tensor:
+    def salient_mask(self, weight: Tensor) -> Tensor:
+        """The data-free mask: top-r of the matrix by |w|. Hessian saliency is chosen per GPTQ
+        block by PB-GPTQ (gptq_quantizer), so it needs init=gptq_hessian."""
         if self.salient_metric == "hessian":
-            if hinv_diag is None:
-                raise QATError(
-                    "salient_metric='hessian' needs calibration Hessians: use init=gptq_hessian "
-                    "(or salient_metric=magnitude)"
-                )
-            score = hessian_saliency(weight, hinv_diag)
-        else:
-            score = weight.abs()
-        return salient_mask_topk(score, self.salient_ratio)
+            raise QATError(
+                "salient_metric='hessian' needs calibration Hessians: use init=gptq_hessian "
+                "(or salient_metric=magnitude)"
+            )
+        return salient_mask_topk(weight.abs(), self.salient_ratio)
 
     def salient_buffers(self, weight: Tensor, mask: Tensor) -> dict[str, Tensor]:
         codes, scale, zero = quantize_kbit_rows(weight, mask, self.salient_bits)
@@ -83,7 +80,7 @@ class PartialBinary(Method):
 
     def init_state(self, weight: Tensor, hessian: Tensor | None = None) -> dict[str, Tensor]:
         """The `rtn` seed: salient mask on the fp weights, salient values k-bit, latent = w."""
-        mask = self.salient_mask(weight, None)
+        mask = self.salient_mask(weight)
         return {"latent": weight.detach().clone(), **self.salient_buffers(weight, mask)}
 
     # -- PB-GPTQ (init=gptq_hessian) -----------------------------------------------------------
