@@ -4,8 +4,12 @@ Imports torch and qat.kernels only: this file runs on the bare GPU image.
 """
 from __future__ import annotations
 
+import os
+import re
+import shutil
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 import pytest
@@ -103,10 +107,39 @@ def test_w1a1x4_reference_is_exact_given_int4():
 def test_cuda_sources_compile(arch, tmp_path: Path):
     out = tmp_path / f"bitgemm_sm{arch}.o"
     cmd = [nvcc_path(), "-c", "-std=c++17", f"-gencode=arch=compute_{arch},code=sm_{arch}",
-           "-I", str(CSRC), "-o", str(out), str(CSRC / "bitgemm.cu")]
+           "-Xptxas", "-v", "-I", str(CSRC), "-o", str(out), str(CSRC / "bitgemm.cu")]
     res = subprocess.run(cmd, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     assert out.stat().st_size > 0
+    # ptxas -v: "Compiling entry function 'NAME'", "Function properties", "S bytes stack frame, ..."
+    frames = re.findall(r"entry function '(\w+)'[^\n]*\n[^\n]*Function properties[^\n]*\n"
+                        r"\s*(\d+) bytes stack frame, (\d+) bytes spill stores", res.stdout + res.stderr)
+    lut = [(name, int(stack) + int(spill)) for name, stack, spill in frames if "binary_gemv_lut_kernel" in name]
+    assert len(lut) == 2 * 5 * 2  # K splits x salient formats/code widths x grouped
+    assert all(n == 0 for _, n in lut), lut  # no local memory: the words and sums stay in registers
+
+
+def cuda_include_dir() -> Path | None:
+    homes = [os.environ.get("CUDA_HOME", ""), str(Path(nvcc_path() or "/").resolve().parents[1])]
+    homes += sorted(str(p) for p in Path("/usr/local").glob("cuda*"))
+    return next((Path(h) / "include" for h in homes if h and (Path(h) / "include" / "cuda_runtime.h").exists()), None)
+
+
+@pytest.mark.skipif(shutil.which("g++") is None or nvcc_path() is None, reason="needs g++ and the CUDA headers")
+def test_torch_bindings_compile(tmp_path: Path):
+    """bindings.cpp against this torch's headers (syntax only: no GPU torch here to link with)."""
+    from torch.utils import cpp_extension
+    cuda_inc = cuda_include_dir()
+    if cuda_inc is None:
+        pytest.skip("cuda_runtime.h not found")
+    stub = tmp_path / "c10" / "cuda" / "impl" / "cuda_cmake_macros.h"  # generated in CUDA builds only
+    stub.parent.mkdir(parents=True)
+    stub.write_text("")
+    cmd = ["g++", "-std=c++20", "-fsyntax-only", "-w", "-DTORCH_EXTENSION_NAME=qat_bitgemm",
+           "-I", str(tmp_path), "-I", str(cuda_inc), "-I", str(CSRC), "-I", sysconfig.get_paths()["include"]]
+    cmd += [a for inc in cpp_extension.include_paths() for a in ("-I", inc)]
+    res = subprocess.run(cmd + [str(CSRC / "bindings.cpp")], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
 
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -135,6 +168,50 @@ def test_binary_gemm_cuda_matches_reference(m, n, k, ratio, fmt, group, bits):
     y = call_binary_gemm(x.cuda(), pc, k)
     assert torch.isfinite(y).all()
     assert rel_err(y.cpu(), ref) < 2e-3
+
+
+@cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("splits", [4, 8])
+@pytest.mark.parametrize("n,k,ratio,fmt,group,bits", [
+    (1000, 4096, 0.0, 0, 0, 8),
+    (513, 1000, 0.1, 2, 0, 8),       # K padded to 1024: one partial chunk of tables
+    (300, 11008, 0.1, 2, 0, 8),      # 6 chunks, the last one partial; N not a multiple of 64
+    (777, 4200, 0.05, 1, 0, 8),      # CSR salient
+    (130, 2048, 0.1, 1, 128, 12),    # column groups (power of two words), 12-bit codes
+    (64, 8192, 0.0, 0, 64, 8),
+])
+def test_lut_gemv_matches_reference(splits, n, k, ratio, fmt, group, bits):
+    p, _ = random_packed(n, k, ratio, fmt, group, bits, seed=splits)
+    x = torch.randn(1, k, generator=torch.Generator().manual_seed(k)).half()
+    ref = call_binary_gemm(x.double(), p, k)
+    pc = to(p, "cuda")
+    kw = pc["signs"].shape[1]
+    xh = torch.zeros(1, 32 * kw, dtype=torch.float16, device="cuda")
+    xh[:, :k] = x.cuda()
+    empty = pc["signs"].new_empty(0)
+    sal = [pc[key] if pc[key] is not None else empty for key in ("row_ptr", "positions", "codes", "sal_scale", "sal_zero")]
+    wpg = kw // pc["scales"].shape[1]
+    y = extension_or_none().binary_gemv(xh, pc["signs"], pc["scales"], wpg, fmt, *sal, algo=2, lut_splits=splits)
+    assert torch.isfinite(y).all()
+    assert rel_err(y.cpu(), ref) < 2e-3
+
+
+@cuda
+@pytest.mark.gpu
+def test_gemv_algo_env_selects_lut(monkeypatch):
+    p, _ = random_packed(700, 4096, 0.1, 2, seed=3)
+    x = torch.randn(1, 4096, generator=torch.Generator().manual_seed(3)).half()
+    ref = call_binary_gemm(x.double(), p, 4096)
+    monkeypatch.setenv("QAT_GEMV_ALGO", "lut")
+    y = call_binary_gemm(x.cuda(), to(p, "cuda"), 4096)
+    assert rel_err(y.cpu(), ref) < 2e-3
+
+
+def test_gemv_algo_rejects_unknown_name(monkeypatch):
+    monkeypatch.setenv("QAT_GEMV_ALGO", "fastest")
+    with pytest.raises(ValueError, match="'fastest' is not one of"):
+        ops.gemv_algo()
 
 
 @cuda

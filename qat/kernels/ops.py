@@ -6,6 +6,8 @@ the CUDA kernel is registered for the same op and used when the extension builds
 """
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import Tensor
 
@@ -14,6 +16,16 @@ from qat.kernels.build import extension_or_none
 
 GEMV_MAX_M = 2  # above this the CUDA path dequantizes to fp16 and uses cuBLAS (H100: GEMV wins at M<=2)
 GEMV_TILE_M = 8  # the GEMV kernel takes up to 8 tokens per launch
+# M = 1 kernel: "signflip" (measured on H100, the default) or "lut" (lookup tables: fewer
+# instructions per weight, not yet measured on a GPU; docs/kernels.md). QAT_GEMV_ALGO picks.
+GEMV_ALGOS = {"signflip": 1, "lut": 2}
+
+
+def gemv_algo() -> int:
+    name = os.environ.get("QAT_GEMV_ALGO", "signflip")
+    if name not in GEMV_ALGOS:
+        raise ValueError(f"QAT_GEMV_ALGO={name!r} is not one of {sorted(GEMV_ALGOS)}")
+    return GEMV_ALGOS[name]
 
 
 @torch.library.custom_op("qat::binary_gemm", mutates_args=())
@@ -70,7 +82,7 @@ def _gemv(ext, x2, signs, scales, in_features, words_per_group, salient_format, 
     else:
         xh = torch.zeros(m_pad, n_words * 32, dtype=torch.float16, device=x2.device)
         xh[:m, :in_features] = x2
-    return ext.binary_gemv(xh, signs, scales, words_per_group, salient_format, *sal)[:m]
+    return ext.binary_gemv(xh, signs, scales, words_per_group, salient_format, *sal, algo=gemv_algo())[:m]
 
 
 @torch.library.custom_op("qat::w1a1x4_gemm", mutates_args=())

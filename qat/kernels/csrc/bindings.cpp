@@ -46,10 +46,14 @@ BinaryGemvArgs binary_args(const torch::Tensor& signs, const torch::Tensor& scal
 }  // namespace
 
 // x fp16 [M, 32*Kw], M in {1, 2, 4, 8} (the Python side pads). Returns fp16 [M, N].
+// algo: 0 default, 1 sign-flip, 2 lookup table (M = 1, K % 128 == 0; else sign-flip).
 torch::Tensor binary_gemv(torch::Tensor x, torch::Tensor signs, torch::Tensor scales,
                           int64_t words_per_group, int64_t fmt, torch::Tensor row_ptr,
                           torch::Tensor positions, torch::Tensor codes, torch::Tensor sal_scale,
-                          torch::Tensor sal_zero, int64_t rows_per_warp) {
+                          torch::Tensor sal_zero, int64_t rows_per_warp, int64_t algo,
+                          int64_t lut_splits) {
+  TORCH_CHECK(algo >= 0 && algo <= 2, "algo must be 0 (default), 1 (sign-flip) or 2 (lookup table), got ", algo);
+  TORCH_CHECK(lut_splits == 0 || lut_splits == 4 || lut_splits == 8, "lut_splits must be 0, 4 or 8, got ", lut_splits);
   check(x, "x");
   TORCH_CHECK(x.scalar_type() == torch::kHalf, "x must be fp16");
   auto a = binary_args(signs, scales, words_per_group, fmt, row_ptr, positions, codes, sal_scale,
@@ -58,6 +62,8 @@ torch::Tensor binary_gemv(torch::Tensor x, torch::Tensor signs, torch::Tensor sc
   auto y = torch::empty({x.size(0), (int64_t)a.N}, x.options());
   a.M = x.size(0);
   a.rows_per_warp = rows_per_warp;
+  a.algo = algo;
+  a.lut_splits = lut_splits;
   a.x = x.data_ptr();
   a.ldx = x.size(1);
   a.y = y.data_ptr();
@@ -108,7 +114,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("binary_gemv", &binary_gemv, "W1A16 GEMV for small M, PB-LLM salient part fused",
         py::arg("x"), py::arg("signs"), py::arg("scales"), py::arg("words_per_group"), py::arg("fmt"),
         py::arg("row_ptr"), py::arg("positions"), py::arg("codes"), py::arg("sal_scale"),
-        py::arg("sal_zero"), py::arg("rows_per_warp") = 0);
+        py::arg("sal_zero"), py::arg("rows_per_warp") = 0, py::arg("algo") = 0,
+        py::arg("lut_splits") = 0);
   m.def("binary_dequant", &binary_dequant, "packed binary (+salient) weight -> dense fp16");
   m.def("w1a1x4_gemm", &w1a1x4_gemm, "W1A1 bit-serial GEMM over 4 INT4 activation bit planes");
 }

@@ -7,10 +7,12 @@
 // (deq - alpha) * x_j on top of the dense binary product.
 //
 // Ops: binary_gemv   W1A16 for small M (decode), one warp per R rows, fp16 sign-flip sums
+//      binary_gemv_lut W1A16 for M = 1: a lane per row, 4-column lookup tables of x in smem
 //      binary_dequant dense fp16 weight for large M (prefill: dequantize, then cuBLAS)
 //      w1a1x4_gemm   W1A1 bit-serial GEMM: INT4 activations as 4 bit planes, popcounts
 #include "bitgemm.h"
 #include <cuda_fp16.h>
+#include <utility>
 
 
 namespace {
@@ -46,6 +48,22 @@ template <typename CodeT>
 __device__ __forceinline__ float salient_value(const CodeT* codes, int idx, float sc, float z) {
   float c = static_cast<float>(static_cast<uint32_t>(codes[idx]) & 0xFFFFu);
   return (c - z) * sc;
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xFFFFFFFFu, v, o);
+  return v;
+}
+
+__device__ __forceinline__ int warp_inclusive_scan(int v) {
+  const int lane = threadIdx.x & 31;
+#pragma unroll
+  for (int d = 1; d < 32; d <<= 1) {
+    const int u = __shfl_up_sync(0xFFFFFFFFu, v, d);
+    if (lane >= d) v += u;
+  }
+  return v;
 }
 
 // R rows' sign words for chunk c (VEC consecutive words; VEC = 4 is one 16-byte load per row).
@@ -131,12 +149,7 @@ __global__ void __launch_bounds__(256) binary_gemv_kernel(
           bw[q] = live ? __ldg(bitmap + (size_t)row * Kw + (size_t)c * VEC + q) : 0u;
           cnt += __popc(bw[q]);
         }
-        int incl = cnt;  // inclusive scan over lanes = this lane's offset into the row's values
-#pragma unroll
-        for (int d = 1; d < 32; d <<= 1) {
-          const int v = __shfl_up_sync(0xFFFFFFFFu, incl, d);
-          if (lane >= d) incl += v;
-        }
+        const int incl = warp_inclusive_scan(cnt);  // this lane's offset into the row's values
         if (cnt) {
           const float sc = __half2float(sal_scale[row]), z = __half2float(sal_zero[row]);
           int idx = sal_next[r] + incl - cnt;
@@ -185,11 +198,202 @@ __global__ void __launch_bounds__(256) binary_gemv_kernel(
   for (int r = 0; r < R; ++r) {
 #pragma unroll
     for (int m = 0; m < M; ++m) {
-      float v = acc[r][m];
-#pragma unroll
-      for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xFFFFFFFFu, v, o);
+      const float v = warp_sum(acc[r][m]);
       if (lane == 0 && row0 + r < N) y[(size_t)m * N + row0 + r] = __float2half(v);
     }
+  }
+}
+
+// ---- W1A16 GEMV for M = 1 through lookup tables ------------------------------------------------
+// For every 4 consecutive columns the block tabulates the 16 possible signed sums of x:
+// lut[g][e] = sum_i (bit i of e ? x[4g+i] : -x[4g+i]). A sign word then costs, per 4 weights,
+// one shift, one LOP3 (nibble -> byte offset), one shared load and one add: ~1 instruction per
+// weight, against ~2 for the sign-flip kernel, and with fp32 sums throughout.
+// Mapping: a lane per output row, so the 32 lanes of a warp read the same table row at once;
+// its 16 entries sit in 16 different banks, so any mix of nibbles is conflict-free. Each block
+// has 8 warps: 8 / S row groups of 32 rows, each split S ways along K; the S partial sums of a
+// row meet in shared memory at the end. K is walked in chunks of 2048 columns whose tables are
+// double-buffered (build chunk c + 1 while reading chunk c: one barrier per chunk), and each
+// lane's sign words for the next chunk are loaded before the current chunk is summed.
+constexpr int LUT_THREADS = 256, LUT_WARPS = LUT_THREADS / 32;
+constexpr int LUT_CHUNK_COLS = 2048, LUT_CHUNK_WORDS = LUT_CHUNK_COLS / 32;
+constexpr int LUT_CHUNK_QUADS = LUT_CHUNK_COLS / 4, LUT_CHUNK_FLOATS = LUT_CHUNK_QUADS * 16;
+constexpr int LUT_SMEM_BYTES = 2 * LUT_CHUNK_FLOATS * sizeof(float) + 64;  // two chunks, aligned
+
+// Tables for chunk `chunk` (512 column quads x 16 entries), built by the whole block.
+__device__ __forceinline__ void build_lut_chunk(const __half* __restrict__ x, int k_pad, int chunk,
+                                                float* __restrict__ lut) {
+  for (int g = threadIdx.x; g < LUT_CHUNK_QUADS; g += LUT_THREADS) {
+    const int col = chunk * LUT_CHUNK_COLS + 4 * g;
+    float v[4] = {0.f, 0.f, 0.f, 0.f};
+    if (col < k_pad) {  // k_pad is a multiple of 32, so the whole quad is inside x
+      const uint2 raw = __ldg(reinterpret_cast<const uint2*>(x + col));
+      const float2 lo = __half22float2(*reinterpret_cast<const __half2*>(&raw.x));
+      const float2 hi = __half22float2(*reinterpret_cast<const __half2*>(&raw.y));
+      v[0] = lo.x; v[1] = lo.y; v[2] = hi.x; v[3] = hi.y;
+    }
+    // Entry e: all four signs -1, plus 2 x_i for every bit i set in e.
+    const float d0 = 2.f * v[0], d1 = 2.f * v[1], d2 = 2.f * v[2], d3 = 2.f * v[3];
+    const float e0 = -((v[0] + v[1]) + (v[2] + v[3]));
+    const float4 lo4 = make_float4(e0, e0 + d0, e0 + d1, e0 + d0 + d1);  // entries 0-3
+    float4* dst = reinterpret_cast<float4*>(lut + g * 16);
+    dst[0] = lo4;
+    dst[1] = make_float4(lo4.x + d2, lo4.y + d2, lo4.z + d2, lo4.w + d2);
+    dst[2] = make_float4(lo4.x + d3, lo4.y + d3, lo4.z + d3, lo4.w + d3);
+    dst[3] = make_float4(lo4.x + d2 + d3, lo4.y + d2 + d3, lo4.z + d2 + d3, lo4.w + d2 + d3);
+  }
+}
+
+// The WPS sign words of one row starting at word w0 (zeros past the row's end; Kw % 4 == 0).
+template <int WPS>
+__device__ __forceinline__ void load_row_words(const uint32_t* __restrict__ row_signs, int Kw, int w0,
+                                               uint32_t (&dst)[WPS]) {
+#pragma unroll
+  for (int u = 0; u < WPS / 4; ++u) {
+    const uint4 v = w0 + 4 * u < Kw ? __ldg(reinterpret_cast<const uint4*>(row_signs + w0 + 4 * u))
+                                    : make_uint4(0u, 0u, 0u, 0u);
+    dst[4 * u] = v.x; dst[4 * u + 1] = v.y; dst[4 * u + 2] = v.z; dst[4 * u + 3] = v.w;
+  }
+}
+
+// Byte offset of nibble J's entry inside its quad's 64-byte table: 4 * ((w >> 4J) & 15).
+template <int J>
+__device__ __forceinline__ uint32_t nibble_offset(uint32_t w) {
+  if constexpr (J == 0) return (w << 2) & 0x3Cu;
+  else return (w >> (4 * J - 2)) & 0x3Cu;
+}
+
+// ld.shared with a compile-time displacement: with `table` 64-byte aligned, the address is
+// (nibble offset | table), one LOP3, and the quad's position rides in the load's immediate.
+template <int DISP>
+__device__ __forceinline__ float lds_f32(uint32_t addr) {
+  float v;
+  asm volatile("ld.shared.f32 %0, [%1+%2];" : "=f"(v) : "r"(addr), "n"(DISP) : "memory");
+  return v;
+}
+
+// sum_j sign_j * x_j over word Q's 32 columns: 8 table lookups, added as a tree.
+template <int Q, int... J>
+__device__ __forceinline__ float word_sum(uint32_t w, uint32_t table, std::integer_sequence<int, J...>) {
+  const float v[8] = {lds_f32<(Q * 8 + J) * 64>(nibble_offset<J>(w) | table)...};
+  return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));
+}
+
+// acc += sum over words Q.. of the lane's row (times the group scale when GROUPED); `table` is
+// the shared address of word 0's tables. n_words (valid words of this chunk) is warp-uniform.
+template <int Q, int WPS, bool GROUPED>
+__device__ __forceinline__ void lut_dot(const uint32_t (&words)[WPS], uint32_t table, int n_words,
+                                        const __half* __restrict__ row_scales, int first_word,
+                                        int group_shift, float& acc) {
+  if constexpr (Q < WPS) {
+    if (Q >= n_words) return;
+    const float part = word_sum<Q>(words[Q], table, std::make_integer_sequence<int, 8>{});
+    acc += GROUPED ? part * __half2float(row_scales[(first_word + Q) >> group_shift]) : part;
+    lut_dot<Q + 1, WPS, GROUPED>(words, table, n_words, row_scales, first_word, group_shift, acc);
+  }
+}
+
+// A warp's sum over one row's salient entries of (value - alpha) * x[col]: the dense binary
+// product counted them as +alpha (their sign bit is +1). CSR: lanes over entries. Bitmap: lanes
+// over 32-column words, a warp scan giving each lane the index of its first code.
+template <int FMT, typename CodeT, bool GROUPED>
+__device__ float salient_row_correction(int row, int Kw, const int* __restrict__ row_ptr,
+                                        const uint32_t* __restrict__ bitmap,
+                                        const uint16_t* __restrict__ cols,
+                                        const CodeT* __restrict__ codes, float sc, float z,
+                                        float alpha_row, const __half* __restrict__ row_scales,
+                                        int group_shift, const __half* __restrict__ x) {
+  const int lane = threadIdx.x & 31;
+  float acc = 0.f;
+  if (FMT == FMT_CSR) {
+    for (int e = row_ptr[row] + lane; e < row_ptr[row + 1]; e += 32) {
+      const int col = cols[e];
+      const float alpha = GROUPED ? __half2float(row_scales[(col >> 5) >> group_shift]) : alpha_row;
+      acc += (salient_value(codes, e, sc, z) - alpha) * __half2float(x[col]);
+    }
+  } else {
+    int next = row_ptr[row];
+    for (int base = 0; base < Kw; base += 32) {
+      const int w = base + lane;
+      uint32_t bits = w < Kw ? __ldg(bitmap + (size_t)row * Kw + w) : 0u;
+      const int cnt = __popc(bits), incl = warp_inclusive_scan(cnt);
+      int idx = next + incl - cnt;
+      const float alpha = GROUPED && bits ? __half2float(row_scales[w >> group_shift]) : alpha_row;
+      while (bits) {
+        const int j = __ffs(bits) - 1;
+        bits &= bits - 1;
+        acc += (salient_value(codes, idx++, sc, z) - alpha) * __half2float(x[w * 32 + j]);
+      }
+      next += __shfl_sync(0xFFFFFFFFu, incl, 31);
+    }
+  }
+  return warp_sum(acc);
+}
+
+template <int S, int FMT, typename CodeT, bool GROUPED>
+__global__ void __launch_bounds__(LUT_THREADS) binary_gemv_lut_kernel(
+    const __half* __restrict__ x, const uint32_t* __restrict__ signs, int Kw,
+    const __half* __restrict__ scales, int G, int group_shift,
+    const int* __restrict__ row_ptr, const uint32_t* __restrict__ bitmap,
+    const uint16_t* __restrict__ cols, const CodeT* __restrict__ codes,
+    const __half* __restrict__ sal_scale, const __half* __restrict__ sal_zero,
+    __half* __restrict__ y, int N) {
+  static_assert(LUT_WARPS % S == 0 && (LUT_CHUNK_WORDS / S) % 4 == 0, "bad K split");
+  constexpr int WPS = LUT_CHUNK_WORDS / S;        // sign words per lane per chunk
+  constexpr int ROWS = 32 * (LUT_WARPS / S);      // rows per block
+  // Two chunks of tables (reused at the end), 64-byte aligned by hand: lds_f32's OR needs it.
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const uint32_t pad = (64u - (static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw)) & 63u)) & 63u;
+  float* smem = reinterpret_cast<float*>(smem_raw + pad);  // indexing smem_raw keeps it in shared space
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int split = warp % S, local_row = (warp / S) * 32 + lane;
+  const int row0 = blockIdx.x * ROWS, row = row0 + local_row;
+  const uint32_t* row_signs = signs + (size_t)min(row, N - 1) * Kw;  // rows past N compute junk
+  const __half* row_scales = scales + (size_t)min(row, N - 1) * G;
+  const int nchunks = (Kw + LUT_CHUNK_WORDS - 1) / LUT_CHUNK_WORDS;
+  const int k_pad = 32 * Kw;
+
+  uint32_t cur[WPS], nxt[WPS];
+  load_row_words<WPS>(row_signs, Kw, split * WPS, cur);
+  build_lut_chunk(x, k_pad, 0, smem);
+  __syncthreads();
+  float acc = 0.f;
+  for (int c = 0; c < nchunks; ++c) {
+    const int w0 = c * LUT_CHUNK_WORDS + split * WPS;
+    if (c + 1 < nchunks) {
+      load_row_words<WPS>(row_signs, Kw, w0 + LUT_CHUNK_WORDS, nxt);
+      build_lut_chunk(x, k_pad, c + 1, smem + ((c + 1) & 1) * LUT_CHUNK_FLOATS);
+    }
+    const float* lut = smem + (c & 1) * LUT_CHUNK_FLOATS + split * WPS * 8 * 16;
+    lut_dot<0, WPS, GROUPED>(cur, static_cast<uint32_t>(__cvta_generic_to_shared(lut)),
+                             min(max(Kw - w0, 0), WPS), row_scales, w0, group_shift, acc);
+    __syncthreads();  // chunk c's tables are free for chunk c + 2
+#pragma unroll
+    for (int q = 0; q < WPS; ++q) cur[q] = nxt[q];
+  }
+
+  float* partial = smem;             // [S][ROWS]
+  float* correction = smem + S * ROWS;  // [ROWS]
+  partial[split * ROWS + local_row] = acc;
+  if (FMT != FMT_NONE) {
+    for (int r = warp; r < ROWS && row0 + r < N; r += LUT_WARPS) {
+      const int rr = row0 + r;
+      const float alpha_row = GROUPED ? 0.f : __half2float(scales[rr]);
+      const float v = salient_row_correction<FMT, CodeT, GROUPED>(
+          rr, Kw, row_ptr, bitmap, cols, codes, __half2float(sal_scale[rr]),
+          __half2float(sal_zero[rr]), alpha_row, scales + (size_t)rr * G, group_shift, x);
+      if (lane == 0) correction[r] = v;
+    }
+  }
+  __syncthreads();
+  if (threadIdx.x < ROWS && row0 + threadIdx.x < N) {
+    const int t = threadIdx.x;
+    float sum = 0.f;
+#pragma unroll
+    for (int s = 0; s < S; ++s) sum += partial[s * ROWS + t];
+    float v = GROUPED ? sum : __half2float(scales[row0 + t]) * sum;
+    if (FMT != FMT_NONE) v += correction[t];
+    y[row0 + t] = __float2half(v);
   }
 }
 
@@ -235,12 +439,7 @@ __global__ void salient_scatter_kernel(const int* __restrict__ row_ptr,
     const int w = base + lane;
     uint32_t bits = w < Kw ? __ldg(bitmap + (size_t)row * Kw + w) : 0u;
     const int cnt = __popc(bits);
-    int incl = cnt;
-#pragma unroll
-    for (int d = 1; d < 32; d <<= 1) {
-      const int v = __shfl_up_sync(0xFFFFFFFFu, incl, d);
-      if (lane >= d) incl += v;
-    }
+    const int incl = warp_inclusive_scan(cnt);
     int idx = next + incl - cnt;
     while (bits) {
       const int j = __ffs(bits) - 1;
@@ -330,6 +529,64 @@ void launch_gemv_vec(const BinaryGemvArgs& a, cudaStream_t s) {
   else launch_gemv_fmt<M, R, 1>(a, s);
 }
 
+template <int S, int FMT, typename CodeT, bool GROUPED>
+cudaError_t launch_lut_t(const BinaryGemvArgs& a, int group_shift, cudaStream_t stream) {
+  auto kernel = binary_gemv_lut_kernel<S, FMT, CodeT, GROUPED>;
+  // 64 KB of dynamic shared memory is above the 48 KB default: opt in (per device, once).
+  static bool configured[64] = {};
+  int dev = 0;
+  cudaGetDevice(&dev);
+  if (dev >= 64 || !configured[dev]) {
+    const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                 LUT_SMEM_BYTES);
+    if (err != cudaSuccess) return err;
+    if (dev < 64) configured[dev] = true;
+  }
+  const int rows = 32 * (LUT_WARPS / S), blocks = (a.N + rows - 1) / rows;
+  kernel<<<blocks, LUT_THREADS, LUT_SMEM_BYTES, stream>>>(
+      static_cast<const __half*>(a.x), static_cast<const uint32_t*>(a.signs), a.Kw,
+      static_cast<const __half*>(a.scales), a.G, group_shift, a.row_ptr,
+      FMT == FMT_BITMAP ? static_cast<const uint32_t*>(a.positions) : nullptr,
+      FMT == FMT_CSR ? static_cast<const uint16_t*>(a.positions) : nullptr,
+      static_cast<const CodeT*>(a.codes), static_cast<const __half*>(a.sal_scale),
+      static_cast<const __half*>(a.sal_zero), static_cast<__half*>(a.y), a.N);
+  return cudaGetLastError();
+}
+
+template <int S, bool GROUPED>
+cudaError_t launch_lut_fmt(const BinaryGemvArgs& a, int shift, cudaStream_t s) {
+  if (a.fmt == FMT_NONE) return launch_lut_t<S, FMT_NONE, uint8_t, GROUPED>(a, shift, s);
+  if (a.fmt == FMT_CSR && !a.wide_codes) return launch_lut_t<S, FMT_CSR, uint8_t, GROUPED>(a, shift, s);
+  if (a.fmt == FMT_CSR) return launch_lut_t<S, FMT_CSR, uint16_t, GROUPED>(a, shift, s);
+  if (!a.wide_codes) return launch_lut_t<S, FMT_BITMAP, uint8_t, GROUPED>(a, shift, s);
+  return launch_lut_t<S, FMT_BITMAP, uint16_t, GROUPED>(a, shift, s);
+}
+
+// The lookup-table kernel takes M = 1, whole 128-column sign chunks and power-of-two groups.
+int lut_group_shift(const BinaryGemvArgs& a) {
+  if (a.M != 1 || a.Kw % 4 != 0) return -1;
+  if (a.G == 1) return 0;
+  const int wpg = a.words_per_group;
+  if (wpg <= 0 || (wpg & (wpg - 1)) != 0) return -1;
+  return __builtin_ctz(wpg);
+}
+
+cudaError_t launch_lut(const BinaryGemvArgs& a, int shift, cudaStream_t s) {
+  // K splits per block: 4 (64 rows a block) when that still gives two blocks per SM, else 8
+  // (32 rows a block, more blocks for small N).
+  int splits = a.lut_splits;
+  if (splits == 0) {
+    int dev = 0, sms = 0;
+    cudaGetDevice(&dev);
+    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+    splits = (a.N + 63) / 64 >= 2 * sms ? 4 : 8;
+  }
+  const bool grouped = a.G != 1;
+  if (splits == 4) return grouped ? launch_lut_fmt<4, true>(a, shift, s) : launch_lut_fmt<4, false>(a, shift, s);
+  if (splits == 8) return grouped ? launch_lut_fmt<8, true>(a, shift, s) : launch_lut_fmt<8, false>(a, shift, s);
+  return cudaErrorInvalidValue;
+}
+
 template <int FMT, typename CodeT>
 void launch_scatter_t(const BinaryGemvArgs& a, cudaStream_t s) {
   salient_scatter_kernel<FMT, CodeT><<<(a.N * 32 + 255) / 256, 256, 0, s>>>(
@@ -342,6 +599,12 @@ void launch_scatter_t(const BinaryGemvArgs& a, cudaStream_t s) {
 }  // namespace
 
 cudaError_t launch_binary_gemv(const BinaryGemvArgs& a, cudaStream_t s) {
+  // algo 2 asks for the lookup-table kernel; shapes it does not take use the sign-flip kernel.
+  // (Default stays sign-flip until the lookup-table kernel is measured on a GPU: docs/kernels.md.)
+  if (a.algo == 2) {
+    const int shift = lut_group_shift(a);
+    if (shift >= 0) return launch_lut(a, shift, s);
+  }
   // rows per warp: more rows share each x load, fewer give more warps in flight. Measured on
   // H100 (benchmarks/results): binary M=1 fastest at 4 for N >= 4096, 1 below; the bitmap
   // salient path (serial per-bit loop) at 2.

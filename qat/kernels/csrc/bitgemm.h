@@ -6,7 +6,9 @@
 
 struct BinaryGemvArgs {
   int M, N, Kw, G, words_per_group, fmt;  // fmt: 0 none, 1 CSR, 2 bitmap
-  int rows_per_warp;                      // gemv: 0 = default, else 1, 2 or 4 (M = 1)
+  int rows_per_warp;                      // sign-flip gemv: 0 = default, else 1, 2 or 4 (M = 1)
+  int algo;                               // gemv: 0 = default, 1 = sign-flip, 2 = lookup table
+  int lut_splits;                         // lookup-table gemv: K splits per block, 0 = auto, 4 or 8
   bool wide_codes;                        // salient codes int16 (9..16 bits) instead of uint8
   const void* x; int ldx;                 // fp16 [M, ldx], ldx = 32 * Kw, zero padded
   const void* signs;                      // int32 [N, Kw]
