@@ -33,6 +33,10 @@ SHAPES = {  # name: (K, N)
     "70b.down": (28672, 8192),
 }
 MS = [1, 16, 128, 1024]
+KERNEL_SETTINGS = {  # M = 1 kernels timed raw: sign-flip with R rows per warp, lookup table with S K-splits
+    "R1": dict(algo=1, rows_per_warp=1), "R2": dict(algo=1, rows_per_warp=2), "R4": dict(algo=1, rows_per_warp=4),
+    "lut_S4": dict(algo=2, lut_splits=4), "lut_S8": dict(algo=2, lut_splits=8),
+}
 SMALL_MS = [2, 4, 8]  # decode batches: GEMV vs dequantize + cuBLAS, to place the crossover
 L2_FLUSH_BYTES = 256 * 2**20
 
@@ -142,16 +146,20 @@ def bench_shape(name, k, n, ms, ext, bnb, gen):
             tq = time_calls([lambda q=q, st=st: bnb.matmul_4bit(x, q.t(), quant_state=st) for q, st in nf4])
             rec["nf4_us"] = tq
             rec["binary_speedup_vs_nf4"] = tq / rec["binary_us"]
-        if m == 1:  # the raw kernel at each rows-per-warp setting (no op overhead)
-            for rpw in (1, 2, 4):
+        if m == 1:  # the raw kernels, each setting (no op overhead): sign-flip R rows/warp, lookup table S splits
+            for setting, kw in KERNEL_SETTINGS.items():
                 for r, plist in binaries.items():
                     tag = "binary" if r == 0 else f"pbllm_r{r}"
-                    rec[f"{tag}_kernel_R{rpw}_us"] = time_calls([
+                    t = time_calls([
                         lambda p=p: ext.binary_gemv(x, p["signs"], p["scales"], p["signs"].shape[1],
                                                     p["fmt"], *[p[k] if p[k] is not None else empty for k in
                                                                 ("row_ptr", "positions", "codes", "sal_scale", "sal_zero")],
-                                                    rows_per_warp=rpw) for p in plist])
-            print("    raw kernel us by rows/warp: " + ", ".join(f"{k[:-3]}={v:.1f}" for k, v in rec.items() if "_kernel_R" in k))
+                                                    **kw) for p in plist])
+                    rec[f"{tag}_kernel_{setting}_us"] = t
+                    rec[f"{tag}_kernel_{setting}_speedup_vs_fp16"] = t16 / t
+                    rec[f"{tag}_kernel_{setting}_GBps"] = packed_bytes(plist[0]) / t / 1e3
+            print("    raw kernel us: " + ", ".join(f"{k[:-3]}={v:.1f}" for k, v in rec.items()
+                                                   if "_kernel_" in k and k.endswith("_us")))
         if 1 < m <= 16:  # decode batch: the GEMV path vs dequantize + cuBLAS
             p = binaries[0.0][0]
             w = ext.binary_dequant(p["signs"], p["scales"], p["signs"].shape[1], 0, empty, empty, empty, empty, empty)
@@ -177,6 +185,28 @@ def bench_shape(name, k, n, ms, ext, bnb, gen):
     del w16, binaries, nf4
     torch.cuda.empty_cache()
     return rows
+
+
+def target_summary(rows: list[dict], bw: float) -> list[dict]:
+    """Issue #5's M = 1 targets, per shape, for the fastest raw kernel setting of each weight kind."""
+    out = []
+    for r in (r for r in rows if r["M"] == 1):
+        rec = {"shape": r["shape"]}
+        for tag in ("binary", "pbllm_r0.1"):
+            times = {k[len(tag) + 8:-3]: v for k, v in r.items() if k.startswith(f"{tag}_kernel_") and k.endswith("_us")}
+            if not times:
+                continue
+            best = min(times, key=times.get)
+            rec[f"{tag}_best_kernel"] = best
+            rec[f"{tag}_best_speedup_vs_fp16"] = r["fp16_us"] / times[best]
+            rec[f"{tag}_best_bw_fraction"] = r[f"{tag}_bytes"] / times[best] / 1e3 / bw
+        if "nf4_us" in r and "binary_best_kernel" in rec:
+            rec["binary_best_speedup_vs_nf4"] = r["nf4_us"] / r[f"binary_kernel_{rec['binary_best_kernel']}_us"]
+        out.append(rec)
+        print(f"  target check {r['shape']:12s} " + "  ".join(
+            f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in rec.items() if k != "shape"))
+    print("  targets (M = 1): binary >= 8x fp16, >= 1.5x NF4, >= 70% bandwidth; PB-LLM r=0.1 >= 3x fp16")
+    return out
 
 
 def copy_bandwidth() -> float:
@@ -211,15 +241,16 @@ def main() -> None:
     for name, (k, n) in shapes.items():
         rows += bench_shape(name, k, n, ms, ext, bnb, gen)
     for r in rows:
-        if r.get("binary_GBps"):
-            r["binary_bw_fraction"] = r["binary_GBps"] / bw
+        for key in [k for k in r if k.endswith("GBps") and r[k]]:
+            r[key[:-4] + "bw_fraction"] = r[key] / bw
+    targets = target_summary(rows, bw)
     result = {
         "benchmark": "bitgemm", "device": torch.cuda.get_device_name(),
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "commit": os.environ.get("QAT_COMMIT", commit()), "torch": torch.__version__,
         "bitsandbytes": getattr(bnb, "__version__", None), "host": platform.node(),
         "copy_bandwidth_GBps": bw, "method": "median of 15 CUDA-graph replays, rotating weight copies",
-        "rows": rows,
+        "targets": targets, "rows": rows,
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

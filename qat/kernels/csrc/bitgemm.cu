@@ -219,11 +219,14 @@ constexpr int LUT_THREADS = 256, LUT_WARPS = LUT_THREADS / 32;
 constexpr int LUT_CHUNK_COLS = 2048, LUT_CHUNK_WORDS = LUT_CHUNK_COLS / 32;
 constexpr int LUT_CHUNK_QUADS = LUT_CHUNK_COLS / 4, LUT_CHUNK_FLOATS = LUT_CHUNK_QUADS * 16;
 constexpr int LUT_SMEM_BYTES = 2 * LUT_CHUNK_FLOATS * sizeof(float) + 64;  // two chunks, aligned
+static_assert(LUT_CHUNK_QUADS % LUT_THREADS == 0, "each thread builds whole quads");
 
 // Tables for chunk `chunk` (512 column quads x 16 entries), built by the whole block.
 __device__ __forceinline__ void build_lut_chunk(const __half* __restrict__ x, int k_pad, int chunk,
                                                 float* __restrict__ lut) {
-  for (int g = threadIdx.x; g < LUT_CHUNK_QUADS; g += LUT_THREADS) {
+#pragma unroll
+  for (int i = 0; i < LUT_CHUNK_QUADS / LUT_THREADS; ++i) {
+    const int g = threadIdx.x + i * LUT_THREADS;
     const int col = chunk * LUT_CHUNK_COLS + 4 * g;
     float v[4] = {0.f, 0.f, 0.f, 0.f};
     if (col < k_pad) {  // k_pad is a multiple of 32, so the whole quad is inside x
@@ -280,16 +283,17 @@ __device__ __forceinline__ float word_sum(uint32_t w, uint32_t table, std::integ
 }
 
 // acc += sum over words Q.. of the lane's row (times the group scale when GROUPED); `table` is
-// the shared address of word 0's tables. n_words (valid words of this chunk) is warp-uniform.
-template <int Q, int WPS, bool GROUPED>
+// the shared address of word 0's tables. n_words (valid words of this chunk) is warp-uniform;
+// FULL = all WPS words are valid (every chunk but the last), which drops the per-word test.
+template <int Q, int WPS, bool GROUPED, bool FULL>
 __device__ __forceinline__ void lut_dot(const uint32_t (&words)[WPS], uint32_t table, int n_words,
                                         const __half* __restrict__ row_scales, int first_word,
                                         int group_shift, float& acc) {
   if constexpr (Q < WPS) {
-    if (Q >= n_words) return;
+    if (!FULL && Q >= n_words) return;
     const float part = word_sum<Q>(words[Q], table, std::make_integer_sequence<int, 8>{});
     acc += GROUPED ? part * __half2float(row_scales[(first_word + Q) >> group_shift]) : part;
-    lut_dot<Q + 1, WPS, GROUPED>(words, table, n_words, row_scales, first_word, group_shift, acc);
+    lut_dot<Q + 1, WPS, GROUPED, FULL>(words, table, n_words, row_scales, first_word, group_shift, acc);
   }
 }
 
@@ -364,9 +368,11 @@ __global__ void __launch_bounds__(LUT_THREADS) binary_gemv_lut_kernel(
       load_row_words<WPS>(row_signs, Kw, w0 + LUT_CHUNK_WORDS, nxt);
       build_lut_chunk(x, k_pad, c + 1, smem + ((c + 1) & 1) * LUT_CHUNK_FLOATS);
     }
-    const float* lut = smem + (c & 1) * LUT_CHUNK_FLOATS + split * WPS * 8 * 16;
-    lut_dot<0, WPS, GROUPED>(cur, static_cast<uint32_t>(__cvta_generic_to_shared(lut)),
-                             min(max(Kw - w0, 0), WPS), row_scales, w0, group_shift, acc);
+    const uint32_t table = static_cast<uint32_t>(
+        __cvta_generic_to_shared(smem + (c & 1) * LUT_CHUNK_FLOATS + split * WPS * 8 * 16));
+    const int n_words = min(max(Kw - w0, 0), WPS);
+    if (n_words == WPS) lut_dot<0, WPS, GROUPED, true>(cur, table, n_words, row_scales, w0, group_shift, acc);
+    else lut_dot<0, WPS, GROUPED, false>(cur, table, n_words, row_scales, w0, group_shift, acc);
     __syncthreads();  // chunk c's tables are free for chunk c + 2
 #pragma unroll
     for (int q = 0; q < WPS; ++q) cur[q] = nxt[q];
