@@ -48,6 +48,11 @@ def validate(cfg: DictConfig) -> None:
         raise QATError(f"ckpt_path={cfg.ckpt_path!r}: no such checkpoint file")
 
 
+def run_config(cfg: DictConfig) -> dict[str, Any]:
+    """The run's own settings, resolved: without Hydra's node (present when composed with it)."""
+    return OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True)
+
+
 def build_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
     t = OmegaConf.to_container(cfg.trainer, resolve=True)
     logger = instantiate(cfg.logger) if cfg.logger else False
@@ -89,8 +94,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     validate(cfg)
     method = method_from_cfg(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
-    resolved = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
-    atomic_write_bytes(run_dir / "config.yaml", OmegaConf.to_yaml(resolved, resolve=True).encode())
+    atomic_write_bytes(run_dir / "config.yaml", OmegaConf.to_yaml(run_config(cfg)).encode())
     L.seed_everything(int(cfg.seed), workers=True)
     seconds = {"calibrate": 0.0, "train": 0.0, "eval": 0.0}
 
@@ -128,7 +132,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     seconds["calibrate"] = time.time() - t0
     ppl_init, _ = ppl(model, "ppl init") if method.quantizes else (ppl_fp, eval_tokens)
 
-    train_tokens = 0
+    train_tokens, trainer = 0, None
     if max_steps > 0:
         t0 = time.time()
         lit = LitQAT(model, OmegaConf.to_container(cfg.optim, resolve=True),
@@ -142,7 +146,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                         * int(cfg.data.batch_size) * int(cfg.data.seq_len) * world)
         model = lit.model
         if trainer.logger:
-            trainer.logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+            trainer.logger.log_hyperparams(run_config(cfg))
 
     model = convert(model.float())
     ppl_final, _ = ppl(model, "ppl final (packed)")
@@ -158,20 +162,23 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     }
     atomic_write_bytes(run_dir / "results.json", json.dumps(results, indent=1).encode())
     print_table(results)
-    log_results(cfg, results, errors)
+    log_results(cfg, results, errors, trainer.logger if trainer is not None else None)
     return results
 
 
-def log_results(cfg: DictConfig, results: dict[str, Any], calibration_errors: list[dict] | None = None) -> None:
+def log_results(cfg: DictConfig, results: dict[str, Any], calibration_errors: list[dict] | None = None,
+                logger: Any = None) -> None:
     """The summary to the configured logger (W&B offline by default) as run summary metrics, and
-    the per-layer GPTQ reconstruction errors as a table where the logger keeps tables (W&B)."""
+    the per-layer GPTQ reconstruction errors as a table where the logger keeps tables (W&B).
+    `logger`: the training run's logger, so that the summary joins that run; built from the config
+    when there was no training."""
     if not cfg.logger:
         return
-    logger = instantiate(cfg.logger)
+    logger = logger or instantiate(cfg.logger)
     flat = {f"ppl/{k}": v for k, v in results["ppl"].items()}
     flat.update({f"bits/{k}": v for k, v in results["bits"].items()})
     flat.update({"train_tokens": results["train_tokens"]})
-    logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    logger.log_hyperparams(run_config(cfg))
     logger.log_metrics(flat)
     if calibration_errors and hasattr(logger, "log_table"):
         logger.log_table("calibration/rel_output_error", columns=["layer", "rel_output_error"],

@@ -34,6 +34,17 @@ def test_end_to_end_tiny_writes_results_and_export(compose, tmp_path):
     assert not list(tmp_path.rglob("*.tmp"))
 
 
+def test_summary_joins_the_training_runs_log(compose, tmp_path):
+    cfg = compose([o for o in TINY if o != "logger=none"] + ["logger=csv", f"logger.save_dir={tmp_path}", f"hydra.run.dir={tmp_path}",
+                                                             "method=pbllm_qat", "trainer.max_steps=2",
+                                                             "trainer.log_every_n_steps=1"])
+    run(cfg, tmp_path)
+    versions = sorted(p.parent for p in tmp_path.rglob("metrics.csv"))
+    assert len(versions) == 1, versions  # one logger run, not a second one for the summary
+    header = (versions[0] / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert "train/loss" in header and "ppl/final" in header and "bits/storage" in header
+
+
 def test_fp16_final_equals_fp_and_rtn_binary_is_worse(compose, tmp_path):
     fp, _ = run_cfg(compose, tmp_path / "fp", ["method=fp16", "trainer.max_steps=0"])
     assert fp["ppl"]["final"] == pytest.approx(fp["ppl"]["fp"], rel=1e-6)
