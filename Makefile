@@ -4,7 +4,7 @@ PIP     := .venv/bin/pip
 STAMP   := .venv/.setup-stamp
 ARGS    ?=
 
-.PHONY: help setup train test test-gpu lint bench clean
+.PHONY: help setup train test test-gpu lint bench sass clean
 
 help: ## this list
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -33,6 +33,10 @@ lint: setup ## ruff
 
 bench: ## the kernel benchmark (needs a GPU): benchmarks/results/*.json
 	python3 benchmarks/bitgemm.py
+
+sass: setup ## static instruction counts of the GEMV kernels' loops (nvcc; no GPU)
+	$(PIP) install -q nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm
+	$(PY) benchmarks/sass_loops.py
 
 clean: ## remove run outputs (not the model cache in ~/.cache/qat)
 	rm -rf outputs multirun wandb lightning_logs .pytest_cache

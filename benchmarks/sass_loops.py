@@ -7,7 +7,7 @@ example the lookup-table kernel's full-chunk and last-chunk paths), so the figur
 bounds on the instructions a lane issues per weight; they compare kernels, not predict speed.
 Writes benchmarks/results/sass-loops-sm<arch>-<date>.json.
 
-  python benchmarks/sass_loops.py [--arch 90]     (cuobjdump: pip install nvidia-cuda-cuobjdump)
+  python benchmarks/sass_loops.py [--arch 90]     (or `make sass`, which installs cuobjdump + nvdisasm)
 """
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import argparse
 import collections
 import datetime as dt
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -23,6 +24,8 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bitgemm import commit  # this folder is on sys.path when run as a script
+
 from qat.kernels.build import CSRC, nvcc_path
 
 # kernel (mangled-name fragment, M = 1, no salient part, one scale per row) -> weights per lane per loop iteration
@@ -67,12 +70,14 @@ def main() -> None:
     args = ap.parse_args()
     nvcc, objdump = nvcc_path(), cuobjdump_path()
     if nvcc is None or objdump is None:
-        sys.exit("needs nvcc and cuobjdump (pip install nvidia-cuda-cuobjdump)")
+        sys.exit("needs nvcc and cuobjdump (pip install nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm)")
     with tempfile.TemporaryDirectory() as tmp:
         cubin = Path(tmp) / "bitgemm.cubin"
         subprocess.run([nvcc, "-cubin", "-O3", "-std=c++17", f"-arch=sm_{args.arch}", "-I", str(CSRC),
                         "-o", str(cubin), str(CSRC / "bitgemm.cu")], check=True)
-        sass = subprocess.run([objdump, "-sass", str(cubin)], check=True, capture_output=True, text=True).stdout
+        env = {**os.environ, "PATH": f"{Path(objdump).parent}{os.pathsep}{os.environ.get('PATH', '')}"}  # its nvdisasm
+        sass = subprocess.run([objdump, "-sass", str(cubin)], check=True, capture_output=True, text=True,
+                              env=env).stdout
     functions = {f.split("\n", 1)[0]: f for f in re.split(r"\n\s*Function : ", sass)[1:]}
     rows = []
     for label, (fragment, weights) in KERNELS.items():
@@ -89,7 +94,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"sass-loops-sm{args.arch}-{dt.date.today().isoformat()}.json"
-    path.write_text(json.dumps({"benchmark": "sass_loops", "arch": f"sm_{args.arch}", "nvcc": version,
+    path.write_text(json.dumps({"benchmark": "sass_loops", "arch": f"sm_{args.arch}", "nvcc": version, "commit": commit(),
                                 "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                                 "note": "static upper bounds: both sides of in-loop branches counted",
                                 "rows": rows}, indent=1))
