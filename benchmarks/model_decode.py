@@ -5,7 +5,7 @@ depend on the values); each linear is quantized and packed layer by layer (as qa
 does after QAT). Decode: greedy, batch 1, HF generate with a KV cache, eager.
 Writes benchmarks/results/model_decode-<device>-<date>.json.
 
-  python benchmarks/model_decode.py [--layers 32] [--new-tokens 64]
+  [QAT_GEMV_ALGO=lut] python benchmarks/model_decode.py [--layers 32] [--new-tokens 64]
 """
 from __future__ import annotations
 
@@ -20,6 +20,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bitgemm import commit  # this folder is on sys.path when run as a script
+
 from qat.kernels.build import load_extension
 from qat.methods import build_method
 from qat.nn import PackedLinear
@@ -65,6 +67,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = ap.parse_args()
     load_extension()
+    algo = os.environ.get("QAT_GEMV_ALGO", "signflip")  # the M = 1 kernel the packed layers use
     config = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=args.layers,
                          num_attention_heads=32, num_key_value_heads=32, vocab_size=32000)
     rows = []
@@ -90,9 +93,10 @@ def main() -> None:
     dev = torch.cuda.get_device_name().replace(" ", "_")
     result = {"benchmark": "model_decode", "device": torch.cuda.get_device_name(),
               "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-              "commit": os.environ.get("QAT_COMMIT", "unknown"), "layers": args.layers,
-              "shape": "llama-2-7b", "new_tokens": args.new_tokens, "rows": rows}
-    path = out / f"model_decode-{dev}-{dt.date.today().isoformat()}.json"
+              "commit": os.environ.get("QAT_COMMIT", commit()), "layers": args.layers,
+              "shape": "llama-2-7b", "new_tokens": args.new_tokens, "gemv_algo": algo, "rows": rows}
+    tag = "" if algo == "signflip" else f"-{algo}"
+    path = out / f"model_decode{tag}-{dev}-{dt.date.today().isoformat()}.json"
     path.write_text(json.dumps(result, indent=1))
     print(f"wrote {path}")
 
