@@ -145,8 +145,6 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         train_tokens = (trainer.global_step * int(cfg.trainer.get("accumulate_grad_batches", 1))
                         * int(cfg.data.batch_size) * int(cfg.data.seq_len) * world)
         model = lit.model
-        if trainer.logger:
-            trainer.logger.log_hyperparams(run_config(cfg))
 
     model = convert(model.float())
     ppl_final, _ = ppl(model, "ppl final (packed)")
@@ -174,7 +172,7 @@ def log_results(cfg: DictConfig, results: dict[str, Any], calibration_errors: li
     when there was no training."""
     if not cfg.logger:
         return
-    logger = logger or instantiate(cfg.logger)
+    logger = logger if logger is not None else instantiate(cfg.logger)
     flat = {f"ppl/{k}": v for k, v in results["ppl"].items()}
     flat.update({f"bits/{k}": v for k, v in results["bits"].items()})
     flat.update({"train_tokens": results["train_tokens"]})
