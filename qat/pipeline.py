@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import TQDMProgressBar
 from omegaconf import DictConfig, OmegaConf
@@ -44,8 +45,23 @@ def validate(cfg: DictConfig) -> None:
         raise QATError(f"eval.seq_len={cfg.eval.seq_len} must be a positive number of tokens")
     if int(cfg.trainer.max_steps) < 0:
         raise QATError(f"trainer.max_steps={cfg.trainer.max_steps} must be >= 0 (0: evaluate the PTQ model)")
-    if cfg.ckpt_path and not Path(cfg.ckpt_path).is_file():
-        raise QATError(f"ckpt_path={cfg.ckpt_path!r}: no such checkpoint file")
+    if cfg.ckpt_path:
+        check_checkpoint(str(cfg.ckpt_path))
+
+
+def check_checkpoint(path: str) -> None:
+    """A checkpoint to resume from must exist and unpickle as a Lightning checkpoint. mmap: only
+    the structure is read, not the tensors, so this is cheap for large models."""
+    if not Path(path).is_file():
+        raise QATError(f"ckpt_path={path!r}: no such checkpoint file")
+    try:
+        ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as e:  # truncated, garbage, or not a torch file: torch's message is a page long
+        raise QATError(f"ckpt_path={path!r}: not a readable checkpoint ({type(e).__name__}); "
+                       "it may be truncated or not written by this trainer") from None
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "global_step" not in ckpt:
+        raise QATError(f"ckpt_path={path!r}: a torch file but not a Lightning checkpoint "
+                       "(no state_dict / global_step)")
 
 
 def run_config(cfg: DictConfig) -> dict[str, Any]:

