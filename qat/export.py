@@ -9,7 +9,7 @@ import dataclasses
 import json
 from pathlib import Path
 
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_model
 from torch import nn
 
@@ -59,7 +59,7 @@ def load_export(export_dir: Path, device: str = "cpu") -> nn.Module:
         model = AutoModelForCausalLM.from_config(config)
         with safe_open(str(weights), framework="pt", device=device) as f:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (OSError, ValueError, json.JSONDecodeError) as e:
+    except (OSError, ValueError, json.JSONDecodeError, SafetensorError) as e:  # truncated or garbled files
         raise QATError(f"export {export_dir} is corrupt: {str(e).splitlines()[0]}") from None
     if qcfg:
         method = build_method(qcfg["method"], **qcfg["params"])

@@ -87,6 +87,12 @@ def test_export_reloads_without_training_code_and_matches(compose, tmp_path):
     ppl, _ = perplexity(model, data.test_tokens, 64, 4)
     assert ppl == pytest.approx(res["ppl"]["final"], rel=1e-5)
 
+    from qat.errors import QATError
+    weights = tmp_path / "export" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # a copy cut short
+    with pytest.raises(QATError, match="export .* is corrupt"):
+        load_export(tmp_path / "export")
+
 
 def cli(args, tmp_path):
     env = dict(os.environ, WANDB_MODE="disabled")
