@@ -66,6 +66,33 @@ __device__ __forceinline__ int warp_inclusive_scan(int v) {
   return v;
 }
 
+// Calls f(code_index, column) for every salient entry of `row`, spread over the warp's lanes:
+// CSR, lanes over the row's entries; bitmap, lanes over 32-column words, a warp scan giving each
+// lane the index of its word's first code. All 32 lanes of the warp must call it.
+template <int FMT, typename F>
+__device__ __forceinline__ void for_each_salient(int row, int Kw, const int* __restrict__ row_ptr,
+                                                 const uint32_t* __restrict__ bitmap,
+                                                 const uint16_t* __restrict__ cols, F&& f) {
+  const int lane = threadIdx.x & 31;
+  if constexpr (FMT == FMT_CSR) {
+    for (int e = row_ptr[row] + lane; e < row_ptr[row + 1]; e += 32) f(e, static_cast<int>(cols[e]));
+  } else {
+    int next = row_ptr[row];
+    for (int base = 0; base < Kw; base += 32) {
+      const int w = base + lane;
+      uint32_t bits = w < Kw ? __ldg(bitmap + (size_t)row * Kw + w) : 0u;
+      const int cnt = __popc(bits), incl = warp_inclusive_scan(cnt);
+      int idx = next + incl - cnt;
+      while (bits) {
+        const int j = __ffs(bits) - 1;
+        bits &= bits - 1;
+        f(idx++, w * 32 + j);
+      }
+      next += __shfl_sync(0xFFFFFFFFu, incl, 31);
+    }
+  }
+}
+
 // R rows' sign words for chunk c (VEC consecutive words; VEC = 4 is one 16-byte load per row).
 template <int R, int VEC>
 __device__ __forceinline__ void load_sign_chunk(const uint32_t* __restrict__ signs, int Kw, int row0,
@@ -207,8 +234,8 @@ __global__ void __launch_bounds__(256) binary_gemv_kernel(
 // ---- W1A16 GEMV for M = 1 through lookup tables ------------------------------------------------
 // For every 4 consecutive columns the block tabulates the 16 possible signed sums of x:
 // lut[g][e] = sum_i (bit i of e ? x[4g+i] : -x[4g+i]). A sign word then costs, per 4 weights,
-// one shift, one LOP3 (nibble -> byte offset), one shared load and one add: ~1 instruction per
-// weight, against ~2 for the sign-flip kernel, and with fp32 sums throughout.
+// one shift, one LOP3 (nibble -> byte offset), one shared load and one add (the sign-flip
+// kernel's loop issues 4-6 per weight: benchmarks/sass_loops.py), with fp32 sums throughout.
 // Mapping: a lane per output row, so the 32 lanes of a warp read the same table row at once;
 // its 16 entries sit in 16 different banks, so any mix of nibbles is conflict-free. Each block
 // has 8 warps: 8 / S row groups of 32 rows, each split S ways along K; the S partial sums of a
@@ -298,8 +325,7 @@ __device__ __forceinline__ void lut_dot(const uint32_t (&words)[WPS], uint32_t t
 }
 
 // A warp's sum over one row's salient entries of (value - alpha) * x[col]: the dense binary
-// product counted them as +alpha (their sign bit is +1). CSR: lanes over entries. Bitmap: lanes
-// over 32-column words, a warp scan giving each lane the index of its first code.
+// product counted them as +alpha (their sign bit is +1).
 template <int FMT, typename CodeT, bool GROUPED>
 __device__ float salient_row_correction(int row, int Kw, const int* __restrict__ row_ptr,
                                         const uint32_t* __restrict__ bitmap,
@@ -307,30 +333,11 @@ __device__ float salient_row_correction(int row, int Kw, const int* __restrict__
                                         const CodeT* __restrict__ codes, float sc, float z,
                                         float alpha_row, const __half* __restrict__ row_scales,
                                         int group_shift, const __half* __restrict__ x) {
-  const int lane = threadIdx.x & 31;
   float acc = 0.f;
-  if (FMT == FMT_CSR) {
-    for (int e = row_ptr[row] + lane; e < row_ptr[row + 1]; e += 32) {
-      const int col = cols[e];
-      const float alpha = GROUPED ? __half2float(row_scales[(col >> 5) >> group_shift]) : alpha_row;
-      acc += (salient_value(codes, e, sc, z) - alpha) * __half2float(x[col]);
-    }
-  } else {
-    int next = row_ptr[row];
-    for (int base = 0; base < Kw; base += 32) {
-      const int w = base + lane;
-      uint32_t bits = w < Kw ? __ldg(bitmap + (size_t)row * Kw + w) : 0u;
-      const int cnt = __popc(bits), incl = warp_inclusive_scan(cnt);
-      int idx = next + incl - cnt;
-      const float alpha = GROUPED && bits ? __half2float(row_scales[w >> group_shift]) : alpha_row;
-      while (bits) {
-        const int j = __ffs(bits) - 1;
-        bits &= bits - 1;
-        acc += (salient_value(codes, idx++, sc, z) - alpha) * __half2float(x[w * 32 + j]);
-      }
-      next += __shfl_sync(0xFFFFFFFFu, incl, 31);
-    }
-  }
+  for_each_salient<FMT>(row, Kw, row_ptr, bitmap, cols, [&](int e, int col) {
+    const float alpha = GROUPED ? __half2float(row_scales[(col >> 5) >> group_shift]) : alpha_row;
+    acc += (salient_value(codes, e, sc, z) - alpha) * __half2float(x[col]);
+  });
   return warp_sum(acc);
 }
 
@@ -430,30 +437,13 @@ __global__ void salient_scatter_kernel(const int* __restrict__ row_ptr,
                                        const __half* __restrict__ sal_scale,
                                        const __half* __restrict__ sal_zero,
                                        __half* __restrict__ out, int N) {
-  const int lane = threadIdx.x & 31;
   const int row = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
   if (row >= N) return;
   const float sc = __half2float(sal_scale[row]), z = __half2float(sal_zero[row]);
   __half* dst = out + (size_t)row * Kw * 32;
-  if (FMT == FMT_CSR) {
-    for (int e = row_ptr[row] + lane; e < row_ptr[row + 1]; e += 32)
-      dst[cols[e]] = __float2half(salient_value(codes, e, sc, z));
-    return;
-  }
-  int next = row_ptr[row];
-  for (int base = 0; base < Kw; base += 32) {
-    const int w = base + lane;
-    uint32_t bits = w < Kw ? __ldg(bitmap + (size_t)row * Kw + w) : 0u;
-    const int cnt = __popc(bits);
-    const int incl = warp_inclusive_scan(cnt);
-    int idx = next + incl - cnt;
-    while (bits) {
-      const int j = __ffs(bits) - 1;
-      bits &= bits - 1;
-      dst[w * 32 + j] = __float2half(salient_value(codes, idx++, sc, z));
-    }
-    next += __shfl_sync(0xFFFFFFFFu, incl, 31);
-  }
+  for_each_salient<FMT>(row, Kw, row_ptr, bitmap, cols, [&](int e, int col) {
+    dst[col] = __float2half(salient_value(codes, e, sc, z));
+  });
 }
 
 // W1A1x4: y[m,n] = xs[m] * (sum_b 2^b * sum_j w_nj q_bmj  -  xz[m] * wsum[n]),
