@@ -21,7 +21,6 @@ import contextlib
 import datetime as dt
 import io
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -30,6 +29,8 @@ import torch
 from omegaconf import OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bitgemm import commit  # this folder is on sys.path when run as a script
+
 from qat.data import LMDataModule
 from qat.eval import perplexity
 from qat.methods import build_method
@@ -120,10 +121,8 @@ def main() -> None:
         rows.append(row)
         print(f"{bits}-bit group {group or 'row':>4}: project {row['project_ppl']:9.2f}   "
               f"reference {row['reference_ppl']:9.2f}   (fp {ppl_fp:.2f})", flush=True)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                            text=True).stdout.strip() or "unknown"
     result = {"benchmark": "gptq_reference", "model": loaded.name, "date": dt.date.today().isoformat(),
-              "commit": commit, "device": "cuda" if torch.cuda.is_available() else "cpu",
+              "commit": commit(), "device": "cuda" if torch.cuda.is_available() else "cpu",
               "calibration": {"n_samples": int(cfg.init.n_samples), "seq_len": int(cfg.init.seq_len)},
               "eval": {"seq_len": seq_len, "windows": windows, "tokens": tokens},
               "ppl_fp": ppl_fp, "rows": rows}
