@@ -70,3 +70,15 @@ def test_kbit_quantization_hand_case():
     c8, s8, z8 = quantize_kbit_rows(w8, m8, 8)
     assert ((dequantize_kbit_rows(c8, s8, z8) - w8).abs() <= s8[:, None] * 0.5 + 1e-6).all()
     assert math.isfinite(float(s8.sum()))
+
+
+@pytest.mark.parametrize("row", [[0.5, 0.7, 1.0], [-0.5, -0.7, -1.0], [0.3]])
+def test_salient_kbit_keeps_rows_of_one_sign(row):
+    """The range is widened to include 0, not the zero point clamped: same-sign salient values
+    keep their order and a lone salient value is not dequantized to 0."""
+    w = torch.tensor([row + [0.01] * (4 - len(row))])
+    mask = torch.tensor([[True] * len(row) + [False] * (4 - len(row))])
+    codes, scale, zero = quantize_kbit_rows(w, mask, bits=8)
+    deq = dequantize_kbit_rows(codes, scale, zero)[mask]
+    assert (deq - w[mask]).abs().max() <= 1.0 / 255  # half a step of 8 bits over a range <= 2
+    assert len(set(deq.tolist())) == len(row)

@@ -48,7 +48,7 @@ class KBit(Method):
         s, z = self._params(weight)
         return {"latent": weight.detach().clone(), "scale": s, "zero": z}
 
-    def gptq_quantizer(self, weight: Tensor, hinv_diag: Tensor) -> KBitQuantizer:
+    def gptq_quantizer(self, weight: Tensor, denominator: Tensor, block_size: int = 128) -> KBitQuantizer:
         return KBitQuantizer(weight.float(), self.bits, self.group_size)
 
     def state_from_gptq(self, result: GPTQResult, quantizer: KBitQuantizer) -> dict[str, Tensor]:

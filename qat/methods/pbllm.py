@@ -23,7 +23,7 @@ from qat.errors import QATError, check_choice, check_range
 from qat.kernels import ops
 from qat.methods.base import Method
 from qat.ptq.gptq import GPTQResult, PartialBinaryQuantizer
-from qat.quant.binarize import binarize_ste, optimal_alpha
+from qat.quant.binarize import binarize_ste, optimal_alpha, rescale_to_alpha
 from qat.quant.bits import tensor_bits
 from qat.quant.packing import pack_bits, packed_words
 from qat.quant.salient import (
@@ -84,18 +84,25 @@ class PartialBinary(Method):
         return {"latent": weight.detach().clone(), **self.salient_buffers(weight, mask)}
 
     # -- PB-GPTQ (init=gptq_hessian) -----------------------------------------------------------
-    def gptq_quantizer(self, weight: Tensor, hinv_diag: Tensor) -> PartialBinaryQuantizer:
-        """Mask, salient scales and alpha are fixed per GPTQ block (see PartialBinaryQuantizer)."""
-        return PartialBinaryQuantizer(tuple(weight.shape), self.salient_ratio, self.salient_bits,
-                                      hinv_diag if self.salient_metric == "hessian" else None,
-                                      device=weight.device)
+    def gptq_quantizer(self, weight: Tensor, denominator: Tensor, block_size: int = 128) -> PartialBinaryQuantizer:
+        """Quantizes with the parameters this method stores (see PartialBinaryQuantizer)."""
+        return PartialBinaryQuantizer(weight, self.salient_ratio, self.salient_bits,
+                                      denominator if self.salient_metric == "hessian" else None,
+                                      self.group_size, block_size)
 
     def state_from_gptq(self, result: GPTQResult, quantizer: PartialBinaryQuantizer) -> dict[str, Tensor]:
-        """Latent = the compensated weights (their signs are GPTQ's); the salient part as the
-        per-row k-bit codes QAT and the packed layer store (one scale/zero per row, over the
-        per-block masks), taken from the compensated values."""
-        return {"latent": result.compensated.clone(),
-                **self.salient_buffers(result.compensated, quantizer.mask)}
+        """The state whose fake_quant is GPTQ's output exactly: the salient codes GPTQ chose
+        (its per-row scale/zero) and a latent weight that keeps the compensated weights' signs
+        and magnitudes, rescaled per alpha group so that alpha* recomputed from it is GPTQ's."""
+        mask, Wc = quantizer.mask, result.compensated
+        qmax = 2**self.salient_bits - 1
+        scale, zero = quantizer.sal_scale, quantizer.sal_zero
+        codes = torch.clamp(torch.round(Wc / scale[:, None]) + zero[:, None], 0, qmax)
+        codes = torch.where(mask, codes, torch.zeros_like(codes))
+        code_dtype = torch.uint8 if self.salient_bits <= 8 else torch.int32
+        latent = rescale_to_alpha(Wc, ~mask, quantizer.alpha, self.group_size)
+        return {"latent": latent, "salient_mask": mask.clone(), "salient_codes": codes.to(code_dtype),
+                "salient_scale": scale.clone(), "salient_zero": zero.clone()}
 
     def fake_quant(self, latent: Tensor, buffers: dict[str, Tensor]) -> Tensor:
         mask = buffers["salient_mask"]

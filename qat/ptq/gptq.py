@@ -12,7 +12,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from qat.quant.salient import hessian_saliency, kbit_row_params, salient_mask_topk
+from qat.quant.binarize import optimal_alpha
+from qat.quant.kbit import minmax_params
+from qat.quant.salient import hessian_saliency, salient_mask_topk
 
 log = logging.getLogger(__name__)
 
@@ -55,11 +57,22 @@ def inverse_hessian_factor(H: Tensor, percdamp: float, max_damp: float = 10.0) -
             retries += 1
 
 
-def saliency_denominator(U: Tensor, kind: str = "diag") -> Tensor:
-    """d_j of the Hessian saliency w²/d_j², from U = the upper Cholesky factor of H⁻¹:
-    "diag": [H⁻¹]_jj = Σ_i U_ij² (the OBS formula of methods.md; measured best on the default);
-    "cholesky": U_jj (what PB-LLM's code uses: GPTQ's per-column error scale)."""
-    return torch.diag(U) if kind == "cholesky" else U.pow(2).sum(0)
+SALIENCY_KINDS = ["obs", "obs_gptq_order", "hinv_sq"]
+
+
+def saliency_denominator(U: Tensor, kind: str = "obs") -> Tensor:
+    """d_j of the Hessian saliency w_ij²/d_j, from U = the upper Cholesky factor of H⁻¹ (H⁻¹ = UᵀU):
+    "obs":            [H⁻¹]_jj = Σ_i U_ij², the OBS saliency of removing w_ij alone;
+    "obs_gptq_order": U_jj² = [(H_{j:,j:})⁻¹]_jj, OBS given that columns < j are already fixed
+                      (GPTQ's own per-column error scale; what PB-LLM's code divides by);
+    "hinv_sq":        [H⁻¹]_jj², an earlier version's formula (not OBS), kept for comparison."""
+    if kind == "obs":
+        return U.pow(2).sum(0)
+    if kind == "obs_gptq_order":
+        return torch.diag(U).pow(2)
+    if kind == "hinv_sq":
+        return U.pow(2).sum(0).pow(2)
+    raise ValueError(f"saliency kind {kind!r}: allowed {SALIENCY_KINDS}")
 
 
 class Quantizer:
@@ -109,9 +122,7 @@ class KBitQuantizer(Quantizer):
     reference does). Columns are in GPTQ's (possibly permuted) order."""
 
     def __init__(self, W: Tensor, bits: int, group_size: int = 0):
-        from qat.quant.kbit import minmax_params
-
-        self.bits, self.group_size, self.minmax = bits, group_size, minmax_params
+        self.bits, self.group_size = bits, group_size
         out_f, in_f = W.shape
         self.n_groups = 1 if group_size == 0 else in_f // group_size
         self.scale = torch.zeros(out_f, self.n_groups, device=W.device)
@@ -125,36 +136,59 @@ class KBitQuantizer(Quantizer):
     def column(self, w: Tensor, pos: int, col: int) -> Tensor:
         g = 0 if self.group_size == 0 else pos // self.group_size
         if self.group_size and pos % self.group_size == 0:
-            self.scale[:, g], self.zero[:, g] = self.minmax(self.W[:, pos: pos + self.group_size], self.bits)
+            self.scale[:, g], self.zero[:, g] = minmax_params(self.W[:, pos: pos + self.group_size], self.bits)
         s, z = self.scale[:, g], self.zero[:, g]
         return (torch.clamp(torch.round(w / s) + z, 0, 2**self.bits - 1) - z) * s
 
 
-class PartialBinaryQuantizer(Quantizer):
-    """PB-GPTQ (methods.md §2). When a block starts, three things are fixed from the block's
-    current (already compensated) weights: the salient mask, top-r of the block by |w| or by
-    w²/d_j² (d = the H⁻¹ diagonal passed in); the salient entries' per-row k-bit scale/zero;
-    and each row's alpha = mean|w| over its non-salient entries. Salient -> k-bit, the rest ->
-    alpha·sign(w). Fixing the mask per block, not once from the fp weights, lets it follow the
-    weights GPTQ's error feedback has grown (as PB-LLM's code does)."""
+def blockwise_topk_mask(score: Tensor, ratio: float, block_size: int) -> Tensor:
+    """Top-`ratio` of each block of `block_size` columns (PB-GPTQ's mask granularity)."""
+    return torch.cat([salient_mask_topk(score[:, i:i + block_size], ratio)
+                      for i in range(0, score.shape[1], block_size)], dim=1)
 
-    def __init__(self, shape: tuple[int, int], ratio: float, bits: int, hinv_diag: Tensor | None = None,
-                 device=None):
-        self.ratio, self.bits, self.hinv_diag = ratio, bits, hinv_diag
-        self.mask = torch.zeros(shape, dtype=torch.bool, device=device)
+
+class PartialBinaryQuantizer(Quantizer):
+    """PB-GPTQ (methods.md §2), quantizing with exactly the parameters the training and packed
+    forms store, so that the state handed to QAT reproduces GPTQ's output bit for bit:
+    - salient mask: top-r of each block by |w| or by w²/d_j (d = `denominator`), chosen when
+      the block starts from its current, already compensated weights (it follows the weights
+      GPTQ's error feedback has grown, as PB-LLM's code does);
+    - salient values: k-bit with one scale/zero per row, fixed up front from the row's range;
+    - alpha (fp16): with `group_size` g > 0, one per row and group of g columns, the mean |w|
+      of the group's non-salient entries when its block starts (g must divide the block);
+      with g = 0, one per row, fixed up front from the non-salient entries of the initial
+      weights under the same per-block mask rule."""
+
+    def __init__(self, W: Tensor, ratio: float, bits: int, denominator: Tensor | None = None,
+                 group_size: int = 0, block_size: int = 128):
+        out_f, in_f = W.shape
+        if group_size and (block_size % group_size or in_f % group_size):
+            raise ValueError(f"group_size={group_size} must divide the GPTQ block ({block_size}) "
+                             f"and in_features ({in_f})")
+        self.ratio, self.bits, self.denominator, self.group_size = ratio, bits, denominator, group_size
+        self.mask = torch.zeros(W.shape, dtype=torch.bool, device=W.device)
+        self.sal_scale, self.sal_zero = minmax_params(W, bits)
+        if group_size == 0:
+            keep = ~blockwise_topk_mask(self.score(W, torch.arange(in_f, device=W.device)), ratio, block_size)
+            self.alpha = ((W.abs() * keep).sum(1) / keep.sum(1).clamp_min(1)).to(torch.float16).float()[:, None]
+        else:
+            self.alpha = torch.zeros(out_f, in_f // group_size, device=W.device)
+
+    def score(self, block: Tensor, cols: Tensor) -> Tensor:
+        return block.abs() if self.denominator is None else hessian_saliency(block, self.denominator[cols])
 
     def begin_block(self, W: Tensor, i1: int, i2: int, cols: Tensor) -> None:
         block = W[:, i1:i2]
-        score = block.abs() if self.hinv_diag is None else hessian_saliency(block, self.hinv_diag[cols])
-        mask = salient_mask_topk(score, self.ratio)
+        mask = salient_mask_topk(self.score(block, cols), self.ratio)
         self.mask[:, cols] = mask
-        self.sal_scale, self.sal_zero = kbit_row_params(block, mask, self.bits)
-        keep = ~mask
-        a = (block.abs() * keep).sum(1) / keep.sum(1).clamp_min(1)
-        self.alpha = a.to(torch.float16).float()
+        if self.group_size:
+            g = self.group_size
+            a = optimal_alpha(block, ~mask, g).to(torch.float16).float()
+            self.alpha[:, i1 // g: i2 // g] = a  # no act_order with groups: positions are columns
 
     def column(self, w: Tensor, pos: int, col: int) -> Tensor:
-        binary = torch.where(w >= 0, self.alpha, -self.alpha)
+        alpha = self.alpha[:, 0 if self.group_size == 0 else col // self.group_size]
+        binary = torch.where(w >= 0, alpha, -alpha)
         qmax = 2**self.bits - 1
         salient = (torch.clamp(torch.round(w / self.sal_scale) + self.sal_zero, 0, qmax)
                    - self.sal_zero) * self.sal_scale

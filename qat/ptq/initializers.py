@@ -22,12 +22,12 @@ from qat.fetch import atomic_write_bytes, cache_dir
 from qat.methods.base import Method
 from qat.nn.qat_linear import quantizable_linears
 from qat.ptq.calibrate import sequential_quantize
-from qat.ptq.gptq import gptq, inverse_hessian_factor, prepare_hessian, saliency_denominator
+from qat.ptq.gptq import SALIENCY_KINDS, gptq, inverse_hessian_factor, prepare_hessian, saliency_denominator
 
 log = logging.getLogger(__name__)
 INITIALIZERS = ["rtn", "gptq_hessian"]
 # bump when the PTQ algorithms change what they produce, so stale cached states are not reused
-PTQ_CACHE_VERSION = 2
+PTQ_CACHE_VERSION = 3
 
 
 def _cache_key(model_name: str, method: Method, init_cfg: dict, skip: list[str], calib: Tensor) -> str:
@@ -46,13 +46,13 @@ def gptq_hessian_states(model: nn.Module, method: Method, init_cfg: dict, skip: 
     if act_order and getattr(method, "group_size", 0):
         raise QATError("init.act_order=true with a method group_size > 0 is not supported")
 
-    saliency_hinv = init_cfg.get("saliency_hinv", "diag")
-    check_choice("init.saliency_hinv", saliency_hinv, ["cholesky", "diag"])
+    saliency = init_cfg.get("saliency", "obs")
+    check_choice("init.saliency", saliency, SALIENCY_KINDS)
 
     def quantize(name: str, lin: nn.Linear, H: Tensor) -> dict[str, Tensor]:
         W, Hp = prepare_hessian(lin.weight.detach(), H)
         U, _, _ = inverse_hessian_factor(Hp, percdamp)
-        quantizer = method.gptq_quantizer(W, saliency_denominator(U, saliency_hinv))
+        quantizer = method.gptq_quantizer(W, saliency_denominator(U, saliency), block)
         result = gptq(W, H, quantizer, block_size=block, percdamp=percdamp, act_order=act_order)
         if result.retries:
             log.warning("%s: Cholesky needed percdamp=%g", name, result.damp)

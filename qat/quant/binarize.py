@@ -78,3 +78,16 @@ def binarize_ste(
     if scale_dtype is not None:
         alpha = alpha + (alpha.to(scale_dtype).to(alpha.dtype) - alpha).detach()
     return expand_groups(alpha, w.shape[1]) * ste_sign(w, clip), alpha
+
+
+def rescale_to_alpha(w: Tensor, keep: Tensor, alpha: Tensor, group_size: int = 0) -> Tensor:
+    """w with each group's binarized entries scaled so that optimal_alpha(result) == alpha
+    (up to float rounding) and their signs kept: a latent weight that fake-quantizes to
+    alpha·sign(w). Groups whose binarized entries are all 0 get alpha itself (sign +1).
+    Entries outside `keep` are returned unchanged."""
+    current = optimal_alpha(w, keep, group_size)
+    factor = torch.where(current > 0, alpha / current.clamp_min(torch.finfo(w.dtype).tiny), torch.ones_like(alpha))
+    scaled = w * expand_groups(factor, w.shape[1])
+    dead = expand_groups(current == 0, w.shape[1])
+    scaled = torch.where(dead, expand_groups(alpha, w.shape[1]), scaled)
+    return torch.where(keep, scaled, w)

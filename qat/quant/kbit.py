@@ -5,15 +5,25 @@ import torch
 from torch import Tensor
 
 
-def minmax_params(W: Tensor, bits: int) -> tuple[Tensor, Tensor]:
-    """Per row of W: scale, zero (both rounded to fp16, as stored) so q = round(w/s) + z."""
-    lo = W.float().amin(dim=1).clamp(max=0.0)
-    hi = W.float().amax(dim=1).clamp(min=0.0)
+def range_params(lo: Tensor, hi: Tensor, bits: int) -> tuple[Tensor, Tensor]:
+    """Asymmetric scale and zero point for values in [lo, hi], so q = round(w/s) + z.
+
+    The range is first widened to include 0, so the zero point is an integer in [0, qmax] and
+    every value of the range is representable (a range of one sign keeps all its values; a
+    single value is not collapsed to 0). Scale and zero are rounded to fp16, as stored.
+    """
+    lo, hi = lo.float().clamp(max=0.0), hi.float().clamp(min=0.0)
     qmax = 2**bits - 1
     scale = ((hi - lo) / qmax).to(torch.float16).float()
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    zero = torch.round(-lo / scale).clamp(0, qmax)
+    # fp16 holds integers exactly only up to 2048: round the zero point as it will be stored
+    zero = torch.round(-lo / scale).clamp(0, qmax).to(torch.float16).float()
     return scale, zero
+
+
+def minmax_params(W: Tensor, bits: int) -> tuple[Tensor, Tensor]:
+    """Per row of W: scale, zero over the row's range (GPTQ's quantizer)."""
+    return range_params(W.float().amin(dim=1), W.float().amax(dim=1), bits)
 
 
 def round_ste(x: Tensor) -> Tensor:

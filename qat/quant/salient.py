@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from qat.quant.kbit import range_params
+
 
 def salient_count(numel: int, ratio: float) -> int:
     return int(round(ratio * numel))
@@ -18,30 +20,22 @@ def salient_mask_topk(score: Tensor, ratio: float) -> Tensor:
     return mask.view_as(score)
 
 
-def hessian_saliency(w: Tensor, hinv_diag: Tensor) -> Tensor:
-    """OBS saliency w² / [H⁻¹]_jj² (column j's inverse-Hessian diagonal), shape of w."""
-    return w.float().pow(2) / hinv_diag.float().pow(2).unsqueeze(0)
+def hessian_saliency(w: Tensor, denominator: Tensor) -> Tensor:
+    """Saliency w² / d_j (d_j per column j: see qat.ptq.gptq.saliency_denominator), shape of w."""
+    return w.float().pow(2) / denominator.float().unsqueeze(0)
 
 
 def kbit_row_params(w: Tensor, mask: Tensor, bits: int) -> tuple[Tensor, Tensor]:
-    """Per-row asymmetric min/max scale and zero point over the masked entries, in fp16.
+    """Per-row scale and zero over the range of the masked entries (qat.quant.kbit.range_params:
+    widened to include 0, fp16 as stored). A row with no masked entry gets scale 1, zero 0.
 
-    Returns (scale [out], zero [out]) with dequant = (code - zero) * scale. Scale and zero are
-    rounded to fp16 because that is what the packed layer stores.
+    Returns (scale [out], zero [out]) with dequant = (code - zero) * scale.
     """
     big = torch.finfo(torch.float32).max
     wf = w.float()
-    lo = torch.where(mask, wf, torch.full_like(wf, big)).amin(dim=1)
-    hi = torch.where(mask, wf, torch.full_like(wf, -big)).amax(dim=1)
-    empty = ~mask.any(dim=1)
-    lo = torch.where(empty, torch.zeros_like(lo), lo)
-    hi = torch.where(empty, torch.zeros_like(hi), hi)
-    qmax = 2**bits - 1
-    scale = ((hi - lo) / qmax).to(torch.float16).float()
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    # fp16 holds integers exactly only up to 2048: round the zero point as it will be stored
-    zero = torch.round(-lo / scale).clamp(0, qmax).to(torch.float16).float()
-    return scale, zero
+    lo = torch.where(mask, wf, torch.full_like(wf, big)).amin(dim=1).clamp(max=0.0)
+    hi = torch.where(mask, wf, torch.full_like(wf, -big)).amax(dim=1).clamp(min=0.0)
+    return range_params(lo, hi, bits)
 
 
 def quantize_kbit_rows(w: Tensor, mask: Tensor, bits: int) -> tuple[Tensor, Tensor, Tensor]:
