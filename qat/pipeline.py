@@ -29,7 +29,9 @@ from qat.methods import build_method
 from qat.models import load_model
 from qat.nn import bits_report, convert, prepare
 from qat.ptq.initializers import initialize
+from qat.ptq.reconstruct import reconstruct_blocks
 from qat.train import AtomicModelCheckpoint, LitQAT, QuantHealth
+from qat.train.lit import select_trainable
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +98,7 @@ def print_table(results: dict[str, Any]) -> str:
         ("eval tokens", results["eval_tokens"]),
         ("bits weight / storage", f"{fmt(b['weight'])} / {fmt(b['storage'])}"),
         ("train tokens", results["train_tokens"]),
-        ("seconds calibrate / train / eval", " / ".join(f"{v:.0f}" for v in results["seconds"].values())),
+        ("seconds calibrate / reconstruct / train / eval / total", " / ".join(f"{v:.0f}" for v in results["seconds"].values())),
         ("status", results["status"]),
     ]
     width = max(len(k) for k, _ in rows)
@@ -109,10 +111,11 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """One run: returns the results dict it also writes to run_dir/results.json."""
     validate(cfg)
     method = method_from_cfg(cfg)
+    started = time.time()
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(run_dir / "config.yaml", OmegaConf.to_yaml(run_config(cfg)).encode())
     L.seed_everything(int(cfg.seed), workers=True)
-    seconds = {"calibrate": 0.0, "train": 0.0, "eval": 0.0}
+    seconds = {"calibrate": 0.0, "reconstruct": 0.0, "train": 0.0, "eval": 0.0}
 
     loaded = load_model(OmegaConf.to_container(cfg.model, resolve=True))
     model = loaded.model
@@ -132,7 +135,10 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     ppl_fp, eval_tokens = ppl(model, "ppl fp")
     log.info("ppl fp = %.3f over %d tokens", ppl_fp, eval_tokens)
 
-    teacher = copy.deepcopy(model).eval() if float(cfg.distill.alpha) > 0 and max_steps > 0 else None
+    kd = float(cfg.distill.alpha) > 0 and max_steps > 0
+    recon_epochs = int(cfg.reconstruct.epochs) if method.quantizes else 0
+    fp_model = copy.deepcopy(model).eval() if kd or recon_epochs > 0 else None  # before PTQ edits it
+    teacher = fp_model if kd else None
     t0 = time.time()
     skip = list(cfg.quantize.skip)
     init_cfg = OmegaConf.to_container(cfg.init, resolve=True)
@@ -146,11 +152,22 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         atomic_write_bytes(run_dir / "calibration_errors.json", json.dumps(errors, indent=1).encode())
     prepare(model, method, states)
     seconds["calibrate"] = time.time() - t0
+    ppl_ptq = None
+    if recon_epochs > 0:
+        ppl_ptq, _ = ppl(model, "ppl ptq (before reconstruction)") if cfg.reconstruct.eval_ptq else (None, 0)
+        t0 = time.time()
+        r = cfg.reconstruct
+        recon_calib = data.calibration(int(r.n_samples), int(r.seq_len))
+        recon = reconstruct_blocks(model, fp_model, recon_calib, recon_epochs, float(r.lr), seed=int(cfg.seed))
+        atomic_write_bytes(run_dir / "reconstruction.json", json.dumps(recon, indent=1).encode())
+        seconds["reconstruct"] = time.time() - t0
     ppl_init, _ = ppl(model, "ppl init") if method.quantizes else (ppl_fp, eval_tokens)
 
     train_tokens, trainer = 0, None
     if max_steps > 0:
         t0 = time.time()
+        trainable = select_trainable(model, str(cfg.train.params))
+        log.info("QAT trains %s parameters (train.params=%s)", trainable, cfg.train.params)
         lit = LitQAT(model, OmegaConf.to_container(cfg.optim, resolve=True),
                      OmegaConf.to_container(cfg.distill, resolve=True), max_steps, teacher)
         trainer = build_trainer(cfg, run_dir)
@@ -167,10 +184,11 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     bits = bits_report(model) or {"weight": 16.0, "storage": 16.0}
 
     save_export(model, run_dir / "export", loaded.name)
+    seconds["total"] = time.time() - started
     results = {
         "method": method.name, "init": cfg.init.name, "model": loaded.name,
         "salient_ratio": getattr(method, "salient_ratio", None),
-        "ppl": {"fp": ppl_fp, "init": ppl_init, "final": ppl_final}, "eval_tokens": eval_tokens,
+        "ppl": {"fp": ppl_fp, "init": ppl_init, "final": ppl_final, **({"ptq": ppl_ptq} if ppl_ptq else {})}, "eval_tokens": eval_tokens,
         "bits": {"weight": bits["weight"], "storage": bits["storage"]},
         "train_tokens": train_tokens, "seconds": seconds, "status": "ok",
     }

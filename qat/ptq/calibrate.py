@@ -65,7 +65,7 @@ def capture_layer0_inputs(model: nn.Module, layers: nn.ModuleList, calib: Tensor
     return inputs, kwargs
 
 
-def _run_layer(layer: nn.Module, x: Tensor, kwargs: dict) -> Tensor:
+def run_layer(layer: nn.Module, x: Tensor, kwargs: dict) -> Tensor:
     out = layer(x, **kwargs)
     return out[0] if isinstance(out, tuple) else out
 
@@ -91,14 +91,20 @@ QuantizeFn = Callable[[str, nn.Linear, Tensor], dict[str, Tensor]]
 
 @torch.no_grad()
 def sequential_quantize(model: nn.Module, calib: Tensor, skip: list[str], quantize: QuantizeFn,
-                        fake_quant: Callable[[dict[str, Tensor]], Tensor]) -> tuple[dict, list[dict]]:
+                        fake_quant: Callable[[dict[str, Tensor]], Tensor],
+                        true_sequential: bool = True) -> tuple[dict, list[dict]]:
     """Run the loop; `quantize(name, linear, H)` returns the layer's state, `fake_quant(state)`
-    the weight the next groups must see. Returns (states by full name, per-layer error rows)."""
+    the weight the next groups must see. Returns (states by full name, per-layer error rows).
+    `true_sequential=False`: one pass per layer collects every linear's Hessian from the fp
+    layer (GPTQ's original order; about 2.5x fewer layer forwards, later groups do not see
+    the earlier groups' quantization)."""
     model_type = getattr(model.config, "model_type", "")
     if model_type not in SEQUENTIAL_GROUPS:
         raise QATError(f"no sequential groups for model_type={model_type!r}; "
                        f"known: {', '.join(sorted(SEQUENTIAL_GROUPS))}")
     groups = SEQUENTIAL_GROUPS[model_type]
+    if not true_sequential:
+        groups = [[name for group in groups for name in group]]
     prefix, layers = decoder_layers(model)
     inputs, kwargs = capture_layer0_inputs(model, layers, calib)
     states, errors = {}, []
@@ -111,7 +117,7 @@ def sequential_quantize(model: nn.Module, calib: Tensor, skip: list[str], quanti
                      for n, m in linears.items()]
             try:
                 for x in inputs:
-                    _run_layer(layer, x, kwargs)
+                    run_layer(layer, x, kwargs)
             finally:
                 for h in hooks:
                     h.remove()
@@ -125,5 +131,5 @@ def sequential_quantize(model: nn.Module, calib: Tensor, skip: list[str], quanti
                 errors.append({"layer": full, "rel_output_error": rel})
                 lin.weight.copy_(Q.to(lin.weight.dtype))
                 states[full] = state
-        inputs = [_run_layer(layer, x, kwargs) for x in inputs]
+        inputs = [run_layer(layer, x, kwargs) for x in inputs]
     return states, errors

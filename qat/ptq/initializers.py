@@ -62,7 +62,8 @@ def gptq_hessian_states(model: nn.Module, method: Method, init_cfg: dict, skip: 
         buffers = {k: v for k, v in state.items() if k != "latent"}
         return method.fake_quant(state["latent"], buffers)
 
-    return sequential_quantize(model, calib, skip, quantize, fake_quant)
+    return sequential_quantize(model, calib, skip, quantize, fake_quant,
+                               true_sequential=bool(init_cfg.get("true_sequential", True)))
 
 
 @torch.no_grad()

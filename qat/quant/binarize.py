@@ -7,7 +7,7 @@ from torch import Tensor
 
 def sign_pm1(w: Tensor) -> Tensor:
     """sign(w) in {-1, +1}; zero maps to +1 (torch.sign gives 0, which would lose the entry)."""
-    return torch.where(w >= 0, torch.ones_like(w), -torch.ones_like(w))
+    return torch.where(w >= 0, 1.0, -1.0).to(w.dtype)
 
 
 class _STESign(torch.autograd.Function):
@@ -52,8 +52,8 @@ def optimal_alpha(w: Tensor, keep: Tensor | None = None, group_size: int = 0) ->
     a = group_view(w.abs(), group_size)
     if keep is None:
         return a.mean(dim=-1)
-    k = group_view(keep, group_size).to(w.dtype)
-    return (a * k).sum(dim=-1) / k.sum(dim=-1).clamp_min(1.0)
+    k = group_view(keep, group_size)
+    return torch.where(k, a, 0.0).sum(dim=-1) / k.sum(dim=-1).clamp_min(1).to(w.dtype)
 
 
 def expand_groups(per_group: Tensor, in_features: int) -> Tensor:
@@ -77,7 +77,8 @@ def binarize_ste(
     alpha = optimal_alpha(w, keep, group_size)
     if scale_dtype is not None:
         alpha = alpha + (alpha.to(scale_dtype).to(alpha.dtype) - alpha).detach()
-    return expand_groups(alpha, w.shape[1]) * ste_sign(w, clip), alpha
+    signs = group_view(ste_sign(w, clip), group_size)  # broadcast alpha over its group, no copy
+    return (alpha.unsqueeze(-1) * signs).reshape(w.shape), alpha
 
 
 def rescale_to_alpha(w: Tensor, keep: Tensor, alpha: Tensor, group_size: int = 0) -> Tensor:

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qat.errors import QATError, check_choice
+from qat.nn.qat_linear import QATLinear
 
 
 def lm_loss(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -28,6 +29,30 @@ def cosine_with_warmup(step: int, warmup: int, total: int, min_ratio: float) -> 
         return (step + 1) / max(1, warmup)
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+TRAINABLE = ["quantized", "quantized+norms", "all"]
+
+
+def select_trainable(model: nn.Module, which: str) -> dict[str, int]:
+    """Set requires_grad for what QAT trains: `quantized` (the quantized linears' latent weights
+    and biases), `quantized+norms` (and the normalization layers' weights), `all` (everything,
+    the embedding included). Returns the number of trainable parameters per kind."""
+    check_choice("train.params", which, TRAINABLE)
+    counts = {"quantized": 0, "norms": 0, "other": 0}
+    for m in model.modules():
+        own = list(m.parameters(recurse=False))
+        if isinstance(m, QATLinear):
+            kind = "quantized"
+        elif "norm" in type(m).__name__.lower():
+            kind = "norms"
+        else:
+            kind = "other"
+        train = kind == "quantized" or which == "all" or (which == "quantized+norms" and kind == "norms")
+        for p in own:
+            p.requires_grad_(train)
+            counts[kind] += p.numel() if train else 0
+    return counts
 
 
 def build_optimizer(params: list[dict], cfg: dict) -> torch.optim.Optimizer:
@@ -89,13 +114,19 @@ class LitQAT(L.LightningModule):
             self.log("val/ppl", torch.exp(ce), prog_bar=True, sync_dist=True)
 
     def configure_optimizers(self):
-        decay, no_decay = [], []
+        # latent weights at optim.lr; fp parameters (norms, embedding) at optim.lr_fp (null: lr)
+        lr = float(self.optim_cfg["lr"])
+        lr_fp = self.optim_cfg.get("lr_fp")
+        lr_fp = lr if lr_fp is None else float(lr_fp)
+        latent = {id(p) for m in self.model.modules() if isinstance(m, QATLinear) for p in m.parameters()}
+        wd = float(self.optim_cfg.get("weight_decay", 0.0))
+        groups: dict[tuple[float, float], list] = {}
         for p in self.model.parameters():
             if p.requires_grad:
-                (decay if p.ndim >= 2 else no_decay).append(p)
-        wd = float(self.optim_cfg.get("weight_decay", 0.0))
-        opt = build_optimizer([{"params": decay, "weight_decay": wd},
-                               {"params": no_decay, "weight_decay": 0.0}], self.optim_cfg)
+                key = (lr if id(p) in latent else lr_fp, wd if p.ndim >= 2 else 0.0)
+                groups.setdefault(key, []).append(p)
+        opt = build_optimizer([{"params": ps, "lr": g_lr, "weight_decay": g_wd}
+                               for (g_lr, g_wd), ps in groups.items()], self.optim_cfg)
         warmup = int(self.optim_cfg.get("warmup_steps", 0))
         min_ratio = float(self.optim_cfg.get("min_lr_ratio", 0.1))
         sched = torch.optim.lr_scheduler.LambdaLR(
