@@ -21,17 +21,18 @@ from lightning.pytorch.callbacks import TQDMProgressBar
 from omegaconf import DictConfig, OmegaConf
 
 from qat.data import LMDataModule
-from qat.errors import QATError
+from qat.errors import QATError, check_choice
 from qat.eval import perplexity
 from qat.export import save_export
 from qat.fetch import atomic_write_bytes
 from qat.methods import build_method
 from qat.models import load_model
 from qat.nn import bits_report, convert, prepare
+from qat.ptq.gptq import SALIENCY_KINDS
 from qat.ptq.initializers import initialize
 from qat.ptq.reconstruct import reconstruct_blocks
 from qat.train import AtomicModelCheckpoint, LitQAT, QuantHealth
-from qat.train.lit import select_trainable
+from qat.train.lit import TRAINABLE, select_trainable
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,13 @@ def validate(cfg: DictConfig) -> None:
         raise QATError(f"eval.seq_len={cfg.eval.seq_len} must be a positive number of tokens")
     if int(cfg.trainer.max_steps) < 0:
         raise QATError(f"trainer.max_steps={cfg.trainer.max_steps} must be >= 0 (0: evaluate the PTQ model)")
+    check_choice("train.params", cfg.train.params, TRAINABLE)
+    if cfg.init.name == "gptq_hessian":
+        check_choice("init.saliency", cfg.init.get("saliency", "hinv_sq"), SALIENCY_KINDS)
+    check_choice("reconstruct.precision", cfg.reconstruct.precision, ["fp32", "bf16"])
+    if int(cfg.reconstruct.epochs) < 0 or float(cfg.reconstruct.lr) <= 0:
+        raise QATError(f"reconstruct.epochs={cfg.reconstruct.epochs} must be >= 0 (0: off) and "
+                       f"reconstruct.lr={cfg.reconstruct.lr} > 0")
     if cfg.ckpt_path:
         check_checkpoint(str(cfg.ckpt_path))
 
@@ -158,10 +166,12 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         t0 = time.time()
         r = cfg.reconstruct
         recon_calib = data.calibration(int(r.n_samples), int(r.seq_len))
-        recon = reconstruct_blocks(model, fp_model, recon_calib, recon_epochs, float(r.lr), seed=int(cfg.seed))
+        recon = reconstruct_blocks(model, fp_model, recon_calib, recon_epochs, float(r.lr), seed=int(cfg.seed),
+                                   bf16=str(r.precision) == "bf16")
         atomic_write_bytes(run_dir / "reconstruction.json", json.dumps(recon, indent=1).encode())
         seconds["reconstruct"] = time.time() - t0
     ppl_init, _ = ppl(model, "ppl init") if method.quantizes else (ppl_fp, eval_tokens)
+    log.info("ppl ptq = %s, ppl init = %.3f", ppl_ptq, ppl_init)
 
     train_tokens, trainer = 0, None
     if max_steps > 0:

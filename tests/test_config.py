@@ -31,3 +31,12 @@ def test_experiment_preset_is_the_paper_setting(compose):
     assert cfg.optim.lr == 2e-5 and cfg.optim.weight_decay == 0 and cfg.optim.name == "adamw8bit"
     assert cfg.trainer.max_steps == 10000 and cfg.data.seq_len == 2048
     assert cfg.trainer.precision == "bf16-mixed"
+
+
+def test_gpu_headline_preset_scales_the_cpu_recipe(compose):
+    cpu, gpu = compose([]), compose(["experiment=headline_gpu"])
+    assert gpu.method == cpu.method and gpu.distill == cpu.distill and gpu.train == cpu.train
+    assert gpu.init.name == cpu.init.name and gpu.init.n_samples * gpu.init.seq_len > cpu.init.n_samples * cpu.init.seq_len
+    assert gpu.trainer.accelerator == "gpu" and gpu.trainer.precision == "bf16-mixed"
+    tokens = lambda c: c.trainer.max_steps * c.data.batch_size * c.data.seq_len
+    assert tokens(gpu) > 20 * tokens(cpu)

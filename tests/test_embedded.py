@@ -7,7 +7,8 @@ from qat.pipeline import run
 
 pytestmark = pytest.mark.slow
 SMALL = ["logger=none", "data.seq_len=64", "data.batch_size=1", "eval.seq_len=128", "eval.max_windows=3",
-         "checkpoint.enabled=false", "trainer.val_check_interval=2", "trainer.limit_val_batches=1"]
+         "checkpoint.enabled=false", "trainer.val_check_interval=2", "trainer.limit_val_batches=1",
+         "init.n_samples=4", "init.seq_len=64", "init.cache=false"]
 
 
 def test_rtn_binary_ptq_is_far_worse_than_fp(compose, tmp_path):

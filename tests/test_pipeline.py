@@ -34,6 +34,18 @@ def test_end_to_end_tiny_writes_results_and_export(compose, tmp_path):
     assert not list(tmp_path.rglob("*.tmp"))
 
 
+def test_pbgptq_seed_block_reconstruction_and_quantized_only_training(compose, tmp_path):
+    res, _ = run_cfg(compose, tmp_path, [
+        "method=pbllm_qat", "method.salient_metric=hessian", "init=gptq_hessian", "init.n_samples=4",
+        "init.seq_len=32", "init.cache=false", "init.true_sequential=false", "reconstruct.epochs=1",
+        "reconstruct.n_samples=4", "reconstruct.seq_len=32", "reconstruct.eval_ptq=true",
+        "train.params=quantized", "trainer.max_steps=3", "trainer.val_check_interval=3"])
+    assert res["seconds"]["reconstruct"] > 0 and "ptq" in res["ppl"]
+    recon = json.loads((tmp_path / "reconstruction.json").read_text())
+    assert len(recon) == 2 and all(r["rel_error_after"] < r["rel_error_before"] for r in recon)
+    assert res["seconds"]["total"] >= sum(v for k, v in res["seconds"].items() if k != "total") - 1
+
+
 def test_summary_joins_the_training_runs_log(compose, tmp_path):
     cfg = compose([o for o in TINY if o != "logger=none"] + ["logger=csv", f"logger.save_dir={tmp_path}", f"hydra.run.dir={tmp_path}",
                                                              "method=pbllm_qat", "trainer.max_steps=2",
@@ -106,6 +118,10 @@ def cli(args, tmp_path):
     (["model=hf", "model.name_or_path=/no/such/model"], "model.name_or_path='/no/such/model': no such folder"),
     (["eval.seq_len=0"], "eval.seq_len=0 must be a positive number of tokens"),
     (["ckpt_path=/no/such.ckpt"], "ckpt_path='/no/such.ckpt': no such checkpoint file"),
+    (["train.params=embedding"], "unknown train.params 'embedding'; allowed: quantized, quantized+norms, all"),
+    (["reconstruct.precision=fp8"], "unknown reconstruct.precision 'fp8'; allowed: fp32, bf16"),
+    (["reconstruct.epochs=-1"], "reconstruct.epochs=-1 must be >= 0"),
+    (["init=gptq_hessian", "init.saliency=diag"], "unknown init.saliency 'diag'; allowed: obs, obs_gptq_order, hinv_sq"),
 ])
 def test_bad_input_is_one_clear_line_and_leaves_no_run_folder(args, needle, tmp_path):
     run_dir = tmp_path / "run"

@@ -22,13 +22,14 @@ def quantized_tiny(seed=0):
     return fp, student
 
 
-def test_reconstruction_lowers_every_blocks_error_and_trains_only_latent_weights():
+@pytest.mark.parametrize("bf16", [False, True])
+def test_reconstruction_lowers_every_blocks_error_and_trains_only_latent_weights(bf16):
     fp, student = quantized_tiny()
     calib = torch.randint(0, 257, (6, 32), generator=torch.Generator().manual_seed(1))
     frozen_before = {n: p.detach().clone() for n, p in student.named_parameters() if "layers" in n and "norm" in n}
     buffers_before = {n: b.clone() for n, b in student.named_buffers()}
     latent_before = {n: m.weight.detach().clone() for n, m in student.named_modules() if isinstance(m, QATLinear)}
-    report = reconstruct_blocks(student, fp, calib, epochs=3, lr=1e-3)
+    report = reconstruct_blocks(student, fp, calib, epochs=3, lr=1e-3, bf16=bf16)
     assert len(report) == 2
     for row in report:
         assert row["rel_error_after"] < row["rel_error_before"]

@@ -46,7 +46,7 @@ def gptq_hessian_states(model: nn.Module, method: Method, init_cfg: dict, skip: 
     if act_order and getattr(method, "group_size", 0):
         raise QATError("init.act_order=true with a method group_size > 0 is not supported")
 
-    saliency = init_cfg.get("saliency", "obs")
+    saliency = init_cfg.get("saliency", "hinv_sq")
     check_choice("init.saliency", saliency, SALIENCY_KINDS)
 
     def quantize(name: str, lin: nn.Linear, H: Tensor) -> dict[str, Tensor]:
@@ -94,7 +94,13 @@ def initialize(model: nn.Module, method: Method, init: str, skip: list[str],
                  ", ".join(f"{e['layer']}={e['rel_output_error']:.3f}" for e in worst))
         initialize.last_errors = errors
     # layers the engine did not cover (not in a decoder layer) and the rtn seed
-    for name, lin in tqdm([(n, m) for n, m in layers if n not in states], desc=f"init={init}", leave=False):
+    rest = [(n, m) for n, m in layers if n not in states]
+    if rest and getattr(method, "salient_metric", None) == "hessian":
+        # no Hessians for these: the data-free seed ranks salient weights by |w|
+        log.warning("%d layers without calibration Hessians (init=%s): salient weights chosen by magnitude",
+                    len(rest), init)
+        method = dataclasses.replace(method, salient_metric="magnitude")
+    for name, lin in tqdm(rest, desc=f"init={init}", leave=False):
         states[name] = method.init_state(lin.weight.detach().float())
     if init == "gptq_hessian" and use_cache:
         buf = io.BytesIO()

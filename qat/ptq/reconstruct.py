@@ -35,11 +35,12 @@ def relative_error(block: nn.Module, inputs: list[Tensor], targets: list[Tensor]
 
 
 def reconstruct_blocks(student: nn.Module, teacher: nn.Module, calib: Tensor, epochs: int, lr: float,
-                       seed: int = 0) -> list[dict]:
+                       seed: int = 0, bf16: bool = False) -> list[dict]:
     """Train each decoder block of `student` (already prepared with QATLinears) to match
     `teacher`'s (the fp model's) block outputs on `calib` [n, seq_len]: `epochs` passes of Adam
-    over the samples (batch 1, shuffled, cosine lr). Returns per-block relative output errors
-    before and after."""
+    over the samples (batch 1, shuffled, cosine lr). `bf16`: the student block's forward under
+    bf16 autocast (targets, loss and weights stay fp32). Returns per-block relative output
+    errors before and after."""
     if epochs < 0 or lr <= 0:
         raise QATError(f"block reconstruction needs epochs >= 0 and lr > 0; got epochs={epochs}, lr={lr}")
     _, s_layers = decoder_layers(student)
@@ -62,7 +63,9 @@ def reconstruct_blocks(student: nn.Module, teacher: nn.Module, calib: Tensor, ep
             sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps, eta_min=lr * 0.1)
             for _ in range(epochs):
                 for i in torch.randperm(len(q_inputs), generator=g).tolist():
-                    loss = F.mse_loss(run_layer(block, q_inputs[i], kwargs), targets[i])
+                    with torch.autocast(q_inputs[i].device.type, dtype=torch.bfloat16, enabled=bf16):
+                        out = run_layer(block, q_inputs[i], kwargs)
+                    loss = F.mse_loss(out.float(), targets[i])
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()
