@@ -20,16 +20,21 @@ def load_results(paths: list[str]) -> list[dict]:
     return rows
 
 
+def fmt(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds:.0f}"
+
+
 def markdown_table(rows: list[dict]) -> str:
     head = ("| run | method | init | r | ppl fp | ppl init | ppl final | bits weight | bits storage "
-            "| train tokens | calib s | train s |")
+            "| train tokens | calib s | recon s | train s | total s |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         p, b, s = r["ppl"], r["bits"], r["seconds"]
         ratio = "-" if r.get("salient_ratio") is None else f"{r['salient_ratio']:g}"
         lines.append(f"| {r['run']} | {r['method']} | {r['init']} | {ratio} | {p['fp']:.2f} | {p['init']:.1f} "
                      f"| {p['final']:.1f} | {b['weight']:.3f} | {b['storage']:.3f} | {r['train_tokens']} "
-                     f"| {s['calibrate']:.0f} | {s['train']:.0f} |")
+                     f"| {s['calibrate']:.0f} | {s.get('reconstruct', 0):.0f} | {s['train']:.0f} "
+                     f"| {fmt(s.get('total'))} |")
     return "\n".join(lines)
 
 
