@@ -31,7 +31,7 @@ from qat.nn import bits_report, convert, prepare
 from qat.ptq.gptq import SALIENCY_KINDS
 from qat.ptq.initializers import initialize
 from qat.ptq.reconstruct import reconstruct_blocks
-from qat.train import AtomicModelCheckpoint, LitQAT, QuantHealth
+from qat.train import AtomicModelCheckpoint, LitQAT, QuantHealth, Regroup
 from qat.train.lit import TRAINABLE, select_trainable
 
 log = logging.getLogger(__name__)
@@ -83,6 +83,8 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
     t = OmegaConf.to_container(cfg.trainer, resolve=True)
     logger = instantiate(cfg.logger) if cfg.logger else False
     callbacks = [QuantHealth(every=int(cfg.quant_health_every))]
+    if int(cfg.method.get("regroup_every", 0) or 0) > 0:
+        callbacks.append(Regroup(int(cfg.method.regroup_every)))
     if not sys.stdout.isatty():  # the rich bar draws nothing into a log file; tqdm lines do
         callbacks.append(TQDMProgressBar(refresh_rate=5))
     if cfg.checkpoint.enabled:

@@ -113,7 +113,7 @@ def cli(args, tmp_path):
 
 
 @pytest.mark.parametrize("args,needle", [
-    (["method.name=bogus"], "unknown method 'bogus'; allowed: fp16, gptq, pbllm_qat, rtn_binary"),
+    (["method.name=bogus"], "unknown method 'bogus'; allowed: dyngroup, fp16, gptq, pbllm_qat, rtn_binary"),
     (["salient_ratio=1.5"], "salient_ratio=1.5 is outside [0.0, 1.0)"),
     (["model=hf", "model.name_or_path=/no/such/model"], "model.name_or_path='/no/such/model': no such folder"),
     (["eval.seq_len=0"], "eval.seq_len=0 must be a positive number of tokens"),
@@ -121,6 +121,8 @@ def cli(args, tmp_path):
     (["train.params=embedding"], "unknown train.params 'embedding'; allowed: quantized, quantized+norms, all"),
     (["reconstruct.precision=fp8"], "unknown reconstruct.precision 'fp8'; allowed: fp32, bf16"),
     (["reconstruct.epochs=-1"], "reconstruct.epochs=-1 must be >= 0"),
+    (["method=dyngroup", "method.groups=0"], "method.groups=0: must be an integer >= 1"),
+    (["method=dyngroup", "method.algorithm=kmeans"], "unknown method.algorithm 'kmeans'; allowed: dp, greedy, windowed"),
     (["init=gptq_hessian", "init.saliency=diag"], "unknown init.saliency 'diag'; allowed: obs, obs_gptq_order, hinv_sq"),
 ])
 def test_bad_input_is_one_clear_line_and_leaves_no_run_folder(args, needle, tmp_path):

@@ -2,6 +2,7 @@
 the CUDA kernel is registered for the same op and used when the extension builds.
 
   qat::binary_gemm   y = x · Wᵀ, W = alpha·sign (+ PB-LLM salient values)   [W1A16]
+  qat::grouped_binary_gemm   y = x · Wᵀ, W = sign·alpha[group id] (dynamic grouping)  [W1A16]
   qat::w1a1x4_gemm   y = xs·(Σ_b 2^b·W q_b − xz·W1), activations as 4 bit planes [W1A1×4]
 """
 from __future__ import annotations
@@ -103,3 +104,37 @@ def _w1a1x4_cuda(planes, signs, gbits, scales, wsum, xs, xz):
         return reference.w1a1x4_gemm(planes, signs, gbits, scales, wsum, xs, xz)
     return ext.w1a1x4_gemm(planes.contiguous(), signs, gbits, scales.to(torch.float16).contiguous(),
                            wsum.float().contiguous(), xs.float().contiguous(), xz.float().contiguous())
+
+
+@torch.library.custom_op("qat::grouped_binary_gemm", mutates_args=())
+def grouped_binary_gemm(x: Tensor, signs: Tensor, group_planes: Tensor, scales: Tensor,
+                        in_features: int) -> Tensor:
+    lead = x.shape[:-1]
+    y = reference.grouped_binary_gemm(x.reshape(-1, in_features), signs, group_planes, scales, in_features)
+    return y.reshape(*lead, signs.shape[0])
+
+
+@grouped_binary_gemm.register_fake
+def _(x, signs, group_planes, scales, in_features):
+    return x.new_empty(*x.shape[:-1], signs.shape[0])
+
+
+@grouped_binary_gemm.register_kernel("cuda")
+def _grouped_binary_gemm_cuda(x, signs, group_planes, scales, in_features):
+    ext = extension_or_none()
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, in_features)
+    if ext is None:
+        y = reference.grouped_binary_gemm(x2, signs, group_planes, scales, in_features)
+        return y.reshape(*lead, signs.shape[0])
+    m, n_words = x2.shape[0], signs.shape[1]
+    planes, sc = group_planes.contiguous(), scales.to(torch.float16).contiguous()
+    if m <= GEMV_MAX_M:
+        # fp32 activations and sums: the scale lookup is exact, so is the product up to fp32
+        xf = torch.zeros(m, n_words * 32, dtype=torch.float32, device=x.device)
+        xf[:, :in_features] = x2
+        y = ext.grouped_binary_gemv(xf, signs, planes, sc)
+    else:
+        w = ext.grouped_binary_dequant(signs, planes, sc)  # sign·alpha is exact in fp16
+        y = x2.to(torch.float16) @ w[:, :in_features].t()
+    return y.to(x.dtype).reshape(*lead, signs.shape[0])

@@ -57,3 +57,19 @@ def w1a1x4_gemm(planes: Tensor, signs: Tensor, gbits: Tensor, scales: Tensor, ws
     w = s * torch.gather(scales.float(), 1, g)
     q = sum((2**b) * unpack_bits(planes[b], k).float() for b in range(4))
     return xs.float()[:, None] * (q @ w.t() - xz.float()[:, None] * wsum.float()[None, :])
+
+
+def grouped_binary_weight(signs: Tensor, group_planes: Tensor, scales: Tensor, in_features: int) -> Tensor:
+    """The dense fp32 weight [N, K] of a dynamically grouped binary layer: sign·alpha[row?, id],
+    id = Σ_b 2^b·plane_b; scales [1 or N, G] fp16."""
+    s = unpack_bits(signs, in_features).float() * 2 - 1
+    ids = torch.zeros_like(s, dtype=torch.long)
+    for b in range(group_planes.shape[0]):
+        ids |= unpack_bits(group_planes[b], in_features).long() << b
+    return s * torch.gather(scales.float().expand(s.shape[0], -1), 1, ids)
+
+
+def grouped_binary_gemm(x: Tensor, signs: Tensor, group_planes: Tensor, scales: Tensor,
+                        in_features: int) -> Tensor:
+    w = grouped_binary_weight(signs, group_planes, scales, in_features)
+    return (x.float() @ w.t()).to(x.dtype)

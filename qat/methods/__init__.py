@@ -5,11 +5,12 @@ from typing import Any
 
 from qat.errors import QATError, check_choice
 from qat.methods.base import Method
+from qat.methods.dyngroup import DynamicGrouping
 from qat.methods.fp16 import FP16
 from qat.methods.kbit import KBit
 from qat.methods.pbllm import PartialBinary, RTNBinary
 
-REGISTRY: dict[str, type[Method]] = {cls.name: cls for cls in (FP16, RTNBinary, PartialBinary, KBit)}
+REGISTRY: dict[str, type[Method]] = {cls.name: cls for cls in (FP16, RTNBinary, PartialBinary, KBit, DynamicGrouping)}
 
 
 def register(cls: type[Method]) -> type[Method]:

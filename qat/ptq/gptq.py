@@ -193,3 +193,26 @@ class PartialBinaryQuantizer(Quantizer):
         salient = (torch.clamp(torch.round(w / self.sal_scale) + self.sal_zero, 0, qmax)
                    - self.sal_zero) * self.sal_scale
         return torch.where(self.mask[:, col], salient, binary)
+
+
+class GroupedBinaryQuantizer(Quantizer):
+    """Dynamic grouping inside GPTQ (methods.md §5; none of the published code does this): the
+    levels alpha_g (fp16 values, [1 or rows, G], ascending over the first `n_filled` groups of
+    each grouping) are fixed up front; each weight goes, when GPTQ reaches its column, to the
+    level nearest its compensated |w|, and becomes sign(w)·alpha_g. `ids` records the choice."""
+
+    def __init__(self, levels: Tensor, n_filled: Tensor, shape: torch.Size):
+        self.levels = levels
+        n_groups = levels.shape[1]
+        # cut j lies between levels j and j+1; none above the last filled group
+        mids = (levels[:, :-1] + levels[:, 1:]) / 2
+        live = torch.arange(n_groups - 1, device=levels.device)[None, :] < (n_filled[:, None] - 1)
+        self.cuts = torch.where(live, mids, torch.full_like(mids, float("inf"))).contiguous()
+        self.ids = torch.zeros(shape, dtype=torch.long, device=levels.device)
+
+    def column(self, w: Tensor, pos: int, col: int) -> Tensor:
+        cuts = self.cuts.expand(w.shape[0], -1).contiguous()
+        g = torch.searchsorted(cuts, w.abs()[:, None].contiguous(), right=True)
+        self.ids[:, col] = g[:, 0]
+        alpha = torch.gather(self.levels.expand(w.shape[0], -1), 1, g)[:, 0]
+        return torch.where(w >= 0, alpha, -alpha)

@@ -62,3 +62,19 @@ class AtomicModelCheckpoint(ModelCheckpoint):
         if trainer.is_global_zero:
             for logger in trainer.loggers:
                 logger.after_save_checkpoint(self)
+
+
+class Regroup(L.Callback):
+    """Every `every` steps, re-run a grouping method's grouping on the current latent weights
+    (dyngroup's method.regroup_every): the group ids are buffers the optimizer never moves."""
+
+    def __init__(self, every: int):
+        self.every = every
+
+    @torch.no_grad()
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step % self.every:
+            return
+        for m in pl_module.model.modules():
+            if isinstance(m, QATLinear) and hasattr(m.method, "regroup"):
+                m.group_ids.copy_(m.method.regroup(m.weight))

@@ -110,6 +110,54 @@ torch::Tensor w1a1x4_gemm(torch::Tensor planes, torch::Tensor signs, torch::Tens
   return y;
 }
 
+GroupedArgs grouped_args(const torch::Tensor& signs, const torch::Tensor& planes,
+                         const torch::Tensor& scales) {
+  check(signs, "signs");
+  check(planes, "group_planes");
+  check(scales, "scales");
+  TORCH_CHECK(scales.scalar_type() == torch::kHalf, "scales must be fp16");
+  TORCH_CHECK(planes.dim() == 3 && planes.size(0) <= 8, "group_planes must be [P <= 8, N, Kw]");
+  TORCH_CHECK(scales.size(1) <= 256, "at most 256 groups");
+  GroupedArgs a{};
+  a.N = signs.size(0);
+  a.Kw = signs.size(1);
+  a.P = planes.size(0);
+  a.G = scales.size(1);
+  TORCH_CHECK(a.P == 0 || (planes.size(1) == a.N && planes.size(2) == a.Kw), "group_planes must match signs");
+  TORCH_CHECK(scales.size(0) == 1 || scales.size(0) == a.N, "scales must be [1, G] or [N, G]");
+  a.per_row_scales = scales.size(0) == a.N && a.N > 1;
+  a.signs = signs.data_ptr();
+  a.planes = planes.data_ptr();
+  a.scales = scales.data_ptr();
+  return a;
+}
+
+// x fp32 [M <= 8, 32*Kw] zero padded. Returns fp32 [M, N].
+torch::Tensor grouped_binary_gemv(torch::Tensor x, torch::Tensor signs, torch::Tensor planes,
+                                  torch::Tensor scales) {
+  check(x, "x");
+  TORCH_CHECK(x.scalar_type() == torch::kFloat, "x must be fp32");
+  auto a = grouped_args(signs, planes, scales);
+  TORCH_CHECK(x.size(0) >= 1 && x.size(0) <= 8, "x must have 1..8 rows");
+  TORCH_CHECK(x.size(1) == (int64_t)a.Kw * 32, "x must be zero padded to 32 * words columns");
+  auto y = torch::empty({x.size(0), (int64_t)a.N}, x.options());
+  a.M = x.size(0);
+  a.x = x.data_ptr<float>();
+  a.ldx = x.size(1);
+  a.y = y.data_ptr<float>();
+  check_launch(launch_grouped_gemv(a, c10::cuda::getCurrentCUDAStream()), "grouped_binary_gemv");
+  return y;
+}
+
+// Returns the dense fp16 weight [N, 32*Kw] (the caller narrows to K).
+torch::Tensor grouped_binary_dequant(torch::Tensor signs, torch::Tensor planes, torch::Tensor scales) {
+  auto a = grouped_args(signs, planes, scales);
+  auto w = torch::empty({(int64_t)a.N, (int64_t)a.Kw * 32}, scales.options());
+  check_launch(launch_grouped_dequant(a, w.data_ptr(), c10::cuda::getCurrentCUDAStream()),
+               "grouped_binary_dequant");
+  return w;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("binary_gemv", &binary_gemv, "W1A16 GEMV for small M, PB-LLM salient part fused",
         py::arg("x"), py::arg("signs"), py::arg("scales"), py::arg("words_per_group"), py::arg("fmt"),
@@ -117,5 +165,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("sal_zero"), py::arg("rows_per_warp") = 0, py::arg("algo") = 0,
         py::arg("lut_splits") = 0);
   m.def("binary_dequant", &binary_dequant, "packed binary (+salient) weight -> dense fp16");
+  m.def("grouped_binary_gemv", &grouped_binary_gemv, "dynamic grouping W1A16 GEMV, fp32 sums");
+  m.def("grouped_binary_dequant", &grouped_binary_dequant, "dynamic grouping packed weight -> dense fp16");
   m.def("w1a1x4_gemm", &w1a1x4_gemm, "W1A1 bit-serial GEMM over 4 INT4 activation bit planes");
 }

@@ -10,6 +10,8 @@
 //      binary_gemv_lut W1A16 for M = 1: a lane per row, 4-column lookup tables of x in smem
 //      binary_dequant dense fp16 weight for large M (prefill: dequantize, then cuBLAS)
 //      w1a1x4_gemm   W1A1 bit-serial GEMM: INT4 activations as 4 bit planes, popcounts
+//      grouped_gemv / grouped_dequant  dynamic grouping: sign plane + P group-id planes, the
+//                    scale looked up per weight from the row's (or matrix's) G fp16 scales
 #include "bitgemm.h"
 #include <cuda_fp16.h>
 #include <utility>
@@ -497,6 +499,74 @@ __global__ void w1a1x4_kernel(const uint32_t* __restrict__ planes, int M,
   }
 }
 
+// Dynamic grouping, small M: one warp per row, lanes over 32-column words, fp32 activations and
+// sums. The row's G scales are staged in shared memory (one slice per warp); a weight's scale
+// index is its P id bits. Correct for any shape; not yet tuned (x loads are strided per lane).
+template <int MT>
+__global__ void __launch_bounds__(256) grouped_gemv_kernel(
+    const float* __restrict__ x, int M, int ldx, const uint32_t* __restrict__ signs,
+    const uint32_t* __restrict__ planes, int P, int Kw, const __half* __restrict__ scales, int G,
+    int scale_row_stride, float* __restrict__ y, int N) {
+  extern __shared__ float s_scales[];  // [warps per block][G]
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int row = blockIdx.x * (blockDim.x >> 5) + warp;
+  if (row >= N) return;  // the whole warp: rows are per warp
+  float* alpha = s_scales + warp * G;
+  for (int g = lane; g < G; g += 32) alpha[g] = __half2float(scales[(size_t)row * scale_row_stride + g]);
+  __syncwarp();
+  float acc[MT];
+#pragma unroll
+  for (int m = 0; m < MT; ++m) acc[m] = 0.f;
+  const size_t plane_stride = (size_t)N * Kw, at = (size_t)row * Kw;
+  for (int w = lane; w < Kw; w += 32) {
+    const uint32_t s = __ldg(signs + at + w);
+    uint32_t ids[8];
+#pragma unroll
+    for (int b = 0; b < 8; ++b) ids[b] = b < P ? __ldg(planes + b * plane_stride + at + w) : 0u;
+#pragma unroll 4
+    for (int j = 0; j < 32; ++j) {
+      int g = 0;
+#pragma unroll
+      for (int b = 0; b < 8; ++b) g |= static_cast<int>((ids[b] >> j) & 1u) << b;
+      const float a = alpha[g], v = ((s >> j) & 1u) ? a : -a;
+      const int col = w * 32 + j;
+#pragma unroll
+      for (int m = 0; m < MT; ++m)
+        if (m < M) acc[m] = fmaf(v, __ldg(x + (size_t)m * ldx + col), acc[m]);
+    }
+  }
+#pragma unroll
+  for (int m = 0; m < MT; ++m) {
+    const float t = warp_sum(acc[m]);
+    if (lane == 0 && m < M) y[(size_t)m * N + row] = t;
+  }
+}
+
+// Dynamic grouping, large M: one thread per 32-column word writes its 32 fp16 weights (sign times
+// an fp16 scale is exact in fp16); cuBLAS then multiplies.
+__global__ void grouped_dequant_kernel(const uint32_t* __restrict__ signs,
+                                       const uint32_t* __restrict__ planes, int P, int Kw,
+                                       const __half* __restrict__ scales, int G,
+                                       int scale_row_stride, __half* __restrict__ out, int N) {
+  const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;  // (row, word)
+  if (i >= (size_t)N * Kw) return;
+  const int row = i / Kw;
+  const uint32_t s = __ldg(signs + i);
+  uint32_t ids[8];
+#pragma unroll
+  for (int b = 0; b < 8; ++b) ids[b] = b < P ? __ldg(planes + (size_t)b * N * Kw + i) : 0u;
+  const __half* alpha = scales + (size_t)row * scale_row_stride;
+  __half* dst = out + i * 32;
+#pragma unroll 4
+  for (int j = 0; j < 32; ++j) {
+    int g = 0;
+#pragma unroll
+    for (int b = 0; b < 8; ++b) g |= static_cast<int>((ids[b] >> j) & 1u) << b;
+    const __half a = alpha[g];
+    dst[j] = ((s >> j) & 1u) ? a : __hneg(a);
+  }
+}
+
 template <int M, int R, int VEC, int FMT, typename CodeT>
 void launch_gemv_t(const BinaryGemvArgs& a, cudaStream_t stream) {
   const int threads = 256, warps = (a.N + R - 1) / R;
@@ -636,5 +706,31 @@ cudaError_t launch_w1a1x4(const W1A1x4Args& a, cudaStream_t s) {
       static_cast<const uint32_t*>(a.planes), a.M, static_cast<const uint32_t*>(a.signs),
       static_cast<const uint32_t*>(a.gbits), a.Kw, static_cast<const __half*>(a.scales),
       a.wsum, a.xs, a.xz, a.y, a.N);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_grouped_gemv(const GroupedArgs& a, cudaStream_t s) {
+  if (a.M < 1 || a.M > 8 || a.P < 0 || a.P > 8 || a.G > 256) return cudaErrorInvalidValue;
+  const int threads = 256, rows = threads / 32, blocks = (a.N + rows - 1) / rows;
+  const size_t smem = (size_t)rows * a.G * sizeof(float);
+  const int stride = a.per_row_scales ? a.G : 0;
+  const auto* x = a.x;
+  const auto* sg = static_cast<const uint32_t*>(a.signs);
+  const auto* pl = static_cast<const uint32_t*>(a.planes);
+  const auto* sc = static_cast<const __half*>(a.scales);
+  if (a.M == 1) grouped_gemv_kernel<1><<<blocks, threads, smem, s>>>(x, a.M, a.ldx, sg, pl, a.P, a.Kw, sc, a.G, stride, a.y, a.N);
+  else if (a.M == 2) grouped_gemv_kernel<2><<<blocks, threads, smem, s>>>(x, a.M, a.ldx, sg, pl, a.P, a.Kw, sc, a.G, stride, a.y, a.N);
+  else if (a.M <= 4) grouped_gemv_kernel<4><<<blocks, threads, smem, s>>>(x, a.M, a.ldx, sg, pl, a.P, a.Kw, sc, a.G, stride, a.y, a.N);
+  else grouped_gemv_kernel<8><<<blocks, threads, smem, s>>>(x, a.M, a.ldx, sg, pl, a.P, a.Kw, sc, a.G, stride, a.y, a.N);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_grouped_dequant(const GroupedArgs& a, void* out, cudaStream_t s) {
+  if (a.P < 0 || a.P > 8 || a.G > 256) return cudaErrorInvalidValue;
+  const size_t total = (size_t)a.N * a.Kw;
+  grouped_dequant_kernel<<<(unsigned)((total + 255) / 256), 256, 0, s>>>(
+      static_cast<const uint32_t*>(a.signs), static_cast<const uint32_t*>(a.planes), a.P, a.Kw,
+      static_cast<const __half*>(a.scales), a.G, a.per_row_scales ? a.G : 0,
+      static_cast<__half*>(out), a.N);
   return cudaGetLastError();
 }

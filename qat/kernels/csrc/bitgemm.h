@@ -31,7 +31,19 @@ struct W1A1x4Args {
   float* y;            // fp32 [M, N]
 };
 
+struct GroupedArgs {   // dynamic grouping (qat/methods/dyngroup.py)
+  int M, N, Kw, P, G;  // P group-id planes (0..8), G scales per row or per matrix (<= 256)
+  bool per_row_scales; // scales [N, G] (true) or [1, G]
+  const float* x; int ldx;  // fp32 [M, ldx], ldx = 32 * Kw, zero padded; M <= 8
+  const void* signs;   // int32 [N, Kw]
+  const void* planes;  // int32 [P, N, Kw]
+  const void* scales;  // fp16
+  float* y;            // fp32 [M, N]
+};
+
 // M must be 1, 2, 4 or 8 (the binding pads); returns the launch's error code.
 cudaError_t launch_binary_gemv(const BinaryGemvArgs& args, cudaStream_t stream);
 cudaError_t launch_binary_dequant(const BinaryGemvArgs& args, cudaStream_t stream);
 cudaError_t launch_w1a1x4(const W1A1x4Args& args, cudaStream_t stream);
+cudaError_t launch_grouped_gemv(const GroupedArgs& args, cudaStream_t stream);
+cudaError_t launch_grouped_dequant(const GroupedArgs& args, void* out, cudaStream_t stream);  // fp16 [N, 32 * Kw]
