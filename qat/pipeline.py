@@ -108,7 +108,8 @@ def print_table(results: dict[str, Any]) -> str:
         ("eval tokens", results["eval_tokens"]),
         ("bits weight / storage", f"{fmt(b['weight'])} / {fmt(b['storage'])}"),
         ("train tokens", results["train_tokens"]),
-        ("seconds calibrate / reconstruct / train / eval / total", " / ".join(f"{v:.0f}" for v in results["seconds"].values())),
+        ("seconds calibrate / reconstruct / train / eval / total",
+         " / ".join(f"{v:.0f}" for v in results["seconds"].values())),
         ("status", results["status"]),
     ]
     width = max(len(k) for k, _ in rows)
@@ -200,7 +201,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     results = {
         "method": method.name, "init": cfg.init.name, "model": loaded.name,
         "salient_ratio": getattr(method, "salient_ratio", None),
-        "ppl": {"fp": ppl_fp, "init": ppl_init, "final": ppl_final, **({"ptq": ppl_ptq} if ppl_ptq else {})}, "eval_tokens": eval_tokens,
+        "ppl": {"fp": ppl_fp, "init": ppl_init, "final": ppl_final, **({"ptq": ppl_ptq} if ppl_ptq else {})},
+        "eval_tokens": eval_tokens,
         "bits": {"weight": bits["weight"], "storage": bits["storage"]},
         "train_tokens": train_tokens, "seconds": seconds, "status": "ok",
     }

@@ -14,8 +14,8 @@ from qat.ptq.gptq import (
     saliency_denominator,
 )
 from qat.ptq.initializers import initialize
-from qat.quant.kbit import minmax_params
 from qat.quant.binarize import expand_groups, optimal_alpha
+from qat.quant.kbit import minmax_params
 from qat.quant.salient import salient_mask_topk
 
 

@@ -21,6 +21,10 @@ def layer(method, out_f=8, in_f=64, seed=0):
     dict(name="pbllm_qat", salient_ratio=0.1),
     dict(name="pbllm_qat", salient_ratio=0.02, group_size=32),   # CSR positions
     dict(name="pbllm_qat", salient_ratio=0.3, salient_bits=12),  # wide codes
+    dict(name="dyngroup", groups=1),
+    dict(name="dyngroup", groups=2, scope="row"),
+    dict(name="dyngroup", groups=5, algorithm="greedy"),     # not a power of two: 3 id planes
+    dict(name="dyngroup", groups=16, window=8),
 ])
 def test_packed_model_equals_fake_quant_model(params):
     method = build_method(**params)

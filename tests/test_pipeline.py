@@ -176,10 +176,12 @@ def test_corrupt_cached_file_is_a_clear_error(tmp_path, monkeypatch):
         tokenize_splits(cfg, ByteTokenizer(), "bytes")
 
 
-def test_export_size_matches_storage_bits_and_eval_cli(compose, tmp_path):
+@pytest.mark.parametrize("method", [["method=pbllm_qat", "salient_ratio=0.1"],
+                                    ["method=dyngroup", "method.groups=4", "init=rtn"]])
+def test_export_size_matches_storage_bits_and_eval_cli(method, compose, tmp_path):
     from safetensors import safe_open
 
-    res, _ = run_cfg(compose, tmp_path, ["method=pbllm_qat", "salient_ratio=0.1", "trainer.max_steps=0"])
+    res, _ = run_cfg(compose, tmp_path, method + ["trainer.max_steps=0"])
     path = tmp_path / "export" / "model.safetensors"
     with safe_open(str(path), framework="pt") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from qat.errors import QATError
 from qat.nn.qat_linear import QATLinear
-from qat.ptq.calibrate import run_layer, capture_layer0_inputs, decoder_layers
+from qat.ptq.calibrate import capture_layer0_inputs, decoder_layers, run_layer
 
 log = logging.getLogger(__name__)
 
