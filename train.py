@@ -9,7 +9,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from qat.errors import QATError
+from qat.errors import QATError, TrainingDiverged
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
@@ -24,6 +24,10 @@ def main(cfg: DictConfig) -> dict:
         shutil.rmtree(run_dir, ignore_errors=True)
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except TrainingDiverged as e:
+        # the run folder stays: its last good checkpoint and results.json (status "diverged")
+        print(f"error: {e} ({run_dir / 'results.json'})", file=sys.stderr)
+        sys.exit(3)
 
 
 if __name__ == "__main__":

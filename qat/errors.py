@@ -10,8 +10,30 @@ def check_choice(what: str, value: object, allowed: list) -> None:
         raise QATError(f"unknown {what} {value!r}; allowed: {', '.join(map(str, allowed))}")
 
 
+def is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_int(what: str, value: object, lo: int) -> None:
+    if not (isinstance(value, int) and not isinstance(value, bool) and value >= lo):
+        raise QATError(f"{what}={value!r}: must be an integer >= {lo}")
+
+
 def check_range(what: str, value: float, lo: float, hi: float, hi_inclusive: bool = False) -> None:
+    if not is_number(value):
+        bracket = "]" if hi_inclusive else ")"
+        raise QATError(f"{what}={value!r} is not a number in [{lo}, {hi}{bracket}")
     ok = lo <= value <= hi if hi_inclusive else lo <= value < hi
     if not ok:
         bracket = "]" if hi_inclusive else ")"
         raise QATError(f"{what}={value!r} is outside [{lo}, {hi}{bracket}")
+
+
+class TrainingDiverged(RuntimeError):
+    """A non-finite loss or gradient norm: training stops at once (the run folder keeps its last
+    good checkpoint and a results.json with status "diverged"; train.py exits 3)."""
+
+    def __init__(self, step: int, what: str):
+        super().__init__(f"training diverged at step {step}: {what}; the last good checkpoint is kept "
+                         "(lower optim.lr, or set trainer.gradient_clip_val)")
+        self.step, self.what = step, what

@@ -20,19 +20,20 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import TQDMProgressBar
 from omegaconf import DictConfig, OmegaConf
 
+from qat.config_checks import check_config
 from qat.data import LMDataModule
-from qat.errors import QATError, check_choice
+from qat.errors import QATError, TrainingDiverged, check_choice
 from qat.eval import perplexity
 from qat.export import save_export
 from qat.fetch import atomic_write_bytes
 from qat.methods import build_method
 from qat.models import load_model
-from qat.nn import bits_report, convert, prepare
+from qat.nn import bits_report, convert, prepare, quantizable_linears
 from qat.ptq.gptq import SALIENCY_KINDS
-from qat.ptq.initializers import initialize
+from qat.ptq.initializers import INITIALIZERS, initialize
 from qat.ptq.reconstruct import reconstruct_blocks
 from qat.train import AtomicModelCheckpoint, LitQAT, QuantHealth, Regroup
-from qat.train.lit import TRAINABLE, select_trainable
+from qat.train.lit import OPTIMIZERS, TRAINABLE, select_trainable
 
 log = logging.getLogger(__name__)
 
@@ -44,17 +45,13 @@ def method_from_cfg(cfg: DictConfig):
 
 def validate(cfg: DictConfig) -> None:
     """Check the values a run depends on before anything is loaded or written."""
-    if int(cfg.eval.seq_len) <= 0:
-        raise QATError(f"eval.seq_len={cfg.eval.seq_len} must be a positive number of tokens")
-    if int(cfg.trainer.max_steps) < 0:
-        raise QATError(f"trainer.max_steps={cfg.trainer.max_steps} must be >= 0 (0: evaluate the PTQ model)")
+    check_config(cfg)
+    check_choice("init", cfg.init.name, INITIALIZERS)
+    check_choice("optim.name", cfg.optim.name, OPTIMIZERS)
     check_choice("train.params", cfg.train.params, TRAINABLE)
     if cfg.init.name == "gptq_hessian":
         check_choice("init.saliency", cfg.init.get("saliency", "hinv_sq"), SALIENCY_KINDS)
     check_choice("reconstruct.precision", cfg.reconstruct.precision, ["fp32", "bf16"])
-    if int(cfg.reconstruct.epochs) < 0 or float(cfg.reconstruct.lr) <= 0:
-        raise QATError(f"reconstruct.epochs={cfg.reconstruct.epochs} must be >= 0 (0: off) and "
-                       f"reconstruct.lr={cfg.reconstruct.lr} > 0")
     if cfg.ckpt_path:
         check_checkpoint(str(cfg.ckpt_path))
 
@@ -123,13 +120,17 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     validate(cfg)
     method = method_from_cfg(cfg)
     started = time.time()
+    loaded = load_model(OmegaConf.to_container(cfg.model, resolve=True))
+    model = loaded.model
+    skip = list(cfg.quantize.skip)
+    gptq_block = int(cfg.init.get("block_size", 128)) if cfg.init.name == "gptq_hessian" else None
+    for name, lin in quantizable_linears(model, skip):  # shape checks: before the run folder exists
+        method.check_layer(name, lin.out_features, lin.in_features, gptq_block)
+
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(run_dir / "config.yaml", OmegaConf.to_yaml(run_config(cfg)).encode())
     L.seed_everything(int(cfg.seed), workers=True)
     seconds = {"calibrate": 0.0, "reconstruct": 0.0, "train": 0.0, "eval": 0.0}
-
-    loaded = load_model(OmegaConf.to_container(cfg.model, resolve=True))
-    model = loaded.model
     data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
     max_steps = int(cfg.trainer.max_steps)
     data_cfg["total_batches"] = max_steps * int(cfg.trainer.get("accumulate_grad_batches", 1))
@@ -151,7 +152,6 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     fp_model = copy.deepcopy(model).eval() if kd or recon_epochs > 0 else None  # before PTQ edits it
     teacher = fp_model if kd else None
     t0 = time.time()
-    skip = list(cfg.quantize.skip)
     init_cfg = OmegaConf.to_container(cfg.init, resolve=True)
     calib = None
     if init_cfg.get("needs_calibration", False):
@@ -185,7 +185,16 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                      OmegaConf.to_container(cfg.distill, resolve=True), max_steps, teacher)
         trainer = build_trainer(cfg, run_dir)
         lit.train()  # from_pretrained returns the model in eval mode
-        trainer.fit(lit, datamodule=data, ckpt_path=cfg.ckpt_path or None)
+        try:
+            trainer.fit(lit, datamodule=data, ckpt_path=cfg.ckpt_path or None)
+        except TrainingDiverged as e:
+            seconds["train"] = time.time() - t0
+            seconds["total"] = time.time() - started
+            results = {"method": method.name, "init": cfg.init.name, "model": loaded.name,
+                       "ppl": {"fp": ppl_fp, "init": ppl_init, "final": None}, "eval_tokens": eval_tokens,
+                       "seconds": seconds, "status": "diverged", "diverged": {"step": e.step, "what": e.what}}
+            atomic_write_bytes(run_dir / "results.json", json.dumps(results, indent=1).encode())
+            raise
         seconds["train"] = time.time() - t0
         world = trainer.world_size
         train_tokens = (trainer.global_step * int(cfg.trainer.get("accumulate_grad_batches", 1))

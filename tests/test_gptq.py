@@ -195,3 +195,32 @@ def test_engine_states_seed_qat_and_pack(params):
         fake = model(x).logits
         convert(model)
         torch.testing.assert_close(model(x).logits, fake, rtol=1e-4, atol=1e-4)
+
+
+def test_indefinite_hessian_falls_back_to_rtn_for_that_layer_and_is_recorded(monkeypatch):
+    """Damping retries exhausted (simulated for the 128-input down projections): the run goes
+    on, those layers get the data-free seed, calibration_errors records which."""
+    import qat.ptq.gptq as gptq_module
+    import qat.ptq.initializers as init_module
+    from qat.methods import build_method
+    from qat.models.load import tiny_llama
+    from qat.ptq.initializers import initialize
+
+    real = gptq_module.inverse_hessian_factor
+
+    def flaky(H, percdamp, max_damp=10.0):
+        if H.shape[0] == 128:
+            raise torch.linalg.LinAlgError("not positive definite")
+        return real(H, percdamp, max_damp)
+
+    monkeypatch.setattr(gptq_module, "inverse_hessian_factor", flaky)
+    monkeypatch.setattr(init_module, "inverse_hessian_factor", flaky)
+    model = tiny_llama({})
+    method = build_method("pbllm_qat", salient_ratio=0.1, salient_metric="hessian")
+    calib = torch.randint(0, 257, (4, 32))
+    states = initialize(model, method, "gptq_hessian", ["lm_head"], calib, {"true_sequential": False})
+    errors = initialize.last_errors
+    fell_back = {e["layer"] for e in errors if e.get("fallback") == "rtn"}
+    down = {n for n in states if n.endswith("mlp.down_proj")}
+    assert fell_back == down and down
+    assert all(torch.isfinite(states[n]["latent"]).all() for n in states)

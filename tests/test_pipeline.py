@@ -114,13 +114,13 @@ def cli(args, tmp_path):
 
 @pytest.mark.parametrize("args,needle", [
     (["method.name=bogus"], "unknown method 'bogus'; allowed: dyngroup, fp16, gptq, pbllm_qat, rtn_binary"),
-    (["salient_ratio=1.5"], "salient_ratio=1.5 is outside [0.0, 1.0)"),
+    (["salient_ratio=1.5"], "salient_ratio=1.5: must be a number >= 0 and < 1"),
     (["model=hf", "model.name_or_path=/no/such/model"], "model.name_or_path='/no/such/model': no such folder"),
-    (["eval.seq_len=0"], "eval.seq_len=0 must be a positive number of tokens"),
+    (["eval.seq_len=0"], "eval.seq_len=0: must be an integer > 0"),
     (["ckpt_path=/no/such.ckpt"], "ckpt_path='/no/such.ckpt': no such checkpoint file"),
     (["train.params=embedding"], "unknown train.params 'embedding'; allowed: quantized, quantized+norms, all"),
     (["reconstruct.precision=fp8"], "unknown reconstruct.precision 'fp8'; allowed: fp32, bf16"),
-    (["reconstruct.epochs=-1"], "reconstruct.epochs=-1 must be >= 0"),
+    (["reconstruct.epochs=-1"], "reconstruct.epochs=-1: must be an integer >= 0"),
     (["method=dyngroup", "method.groups=0"], "method.groups=0: must be an integer >= 1"),
     (["method=dyngroup", "method.algorithm=kmeans"], "unknown method.algorithm 'kmeans'; allowed: dp, greedy, windowed"),
     (["init=gptq_hessian", "init.saliency=diag"], "unknown init.saliency 'diag'; allowed: obs, obs_gptq_order, hinv_sq"),
@@ -133,6 +133,81 @@ def test_bad_input_is_one_clear_line_and_leaves_no_run_folder(args, needle, tmp_
     assert last.startswith("error: ") and needle in last
     assert "Traceback" not in res.stderr
     assert not run_dir.exists()
+
+
+# every user-facing knob: (overrides, the start of the one-line message). In-process (train.py
+# prints any QATError as "error: <message>" with exit code 2: the CLI cases above prove that path).
+BAD_VALUES = [
+    (["salient_ratio=abc"], "salient_ratio='abc': must be a number >= 0 and < 1"),
+    (["salient_ratio=-0.1"], "salient_ratio=-0.1: must be a number >= 0 and < 1"),
+    (["seed=-1"], "seed=-1: must be an integer >= 0"),
+    (["quant_health_every=-1"], "quant_health_every=-1: must be an integer >= 0"),
+    (["method.salient_bits=1"], "salient_bits=1 is outside 2..16"),
+    (["method.salient_bits=abc"], "salient_bits='abc' is outside 2..16"),
+    (["method.group_size=7"], "method.group_size=7 does not divide model.layers.0.self_attn.q_proj's in_features=64"),
+    (["method.group_size=100000"], "method.group_size=100000 does not divide"),
+    (["method.group_size=-1"], "method.group_size=-1: must be an integer >= 0"),
+    (["method.group_size=48", "init.block_size=64"], "method.group_size=48 does not divide"),
+    (["method.salient_metric=random"], "unknown salient_metric 'random'; allowed: magnitude, hessian"),
+    (["method.ste_clip=-1"], "method.ste_clip=-1: must be a positive number or null"),
+    (["method=gptq", "method.bits=5"], "bits=5: allowed 2, 3, 4, 8"),
+    (["method=gptq", "method.group_size=7"], "method.group_size=7 does not divide"),
+    (["method=dyngroup", "method.window=0"], "method.window=0: must be an integer >= 1"),
+    (["method=dyngroup", "method.scope=column"], "unknown method.scope 'column'; allowed: matrix, row"),
+    (["method=dyngroup", "method.groups=abc"], "method.groups='abc': must be an integer >= 1"),
+    (["init.name=bogus"], "unknown init 'bogus'; allowed: rtn, gptq_hessian"),
+    (["init.n_samples=0"], "init.n_samples=0: must be an integer > 0"),
+    (["init.percdamp=0"], "init.percdamp=0: must be a number > 0 and <= 1"),
+    (["init.block_size=0"], "init.block_size=0: must be an integer > 0"),
+    (["init.seq_len=1"], "init.seq_len=1: must be an integer >= 2"),
+    (["optim.lr=-1"], "optim.lr=-1: must be a number > 0"),
+    (["optim.lr=abc"], "optim.lr='abc': must be a number > 0"),
+    (["optim.lr_fp=0"], "optim.lr_fp=0: must be a number > 0 (or null)"),
+    (["optim.weight_decay=-0.1"], "optim.weight_decay=-0.1: must be a number >= 0"),
+    (["optim.warmup_steps=-1"], "optim.warmup_steps=-1: must be an integer >= 0"),
+    (["optim.min_lr_ratio=2"], "optim.min_lr_ratio=2: must be a number >= 0 and <= 1"),
+    (["optim.betas=[0.9,1.5]"], "optim.betas=[0.9, 1.5]: must be two numbers in [0, 1)"),
+    (["optim.name=sgd"], "unknown optim.name 'sgd'; allowed: adamw, adamw8bit"),
+    (["trainer.max_steps=-5"], "trainer.max_steps=-5: must be an integer >= 0"),
+    (["trainer.accumulate_grad_batches=0"], "trainer.accumulate_grad_batches=0: must be an integer > 0"),
+    (["trainer.gradient_clip_val=-1"], "trainer.gradient_clip_val=-1: must be a number > 0 (or null)"),
+    (["data.seq_len=1"], "data.seq_len=1: must be an integer >= 2"),
+    (["data.batch_size=0"], "data.batch_size=0: must be an integer > 0"),
+    (["eval.max_windows=0"], "eval.max_windows=0: must be an integer > 0 (or null)"),
+    (["eval.seq_len=abc"], "eval.seq_len='abc': must be an integer > 0"),
+    (["checkpoint.every_n_steps=0"], "checkpoint.every_n_steps=0: must be an integer > 0"),
+    (["distill.alpha=2"], "distill.alpha=2: must be a number >= 0 and <= 1"),
+    (["distill.temperature=0"], "distill.temperature=0: must be a number > 0"),
+    (["reconstruct.lr=0"], "reconstruct.lr=0: must be a number > 0"),
+    (["reconstruct.n_samples=0"], "reconstruct.n_samples=0: must be an integer > 0"),
+    (["train.params=embedding"], "unknown train.params 'embedding'; allowed: quantized, quantized+norms, all"),
+]
+
+
+@pytest.mark.parametrize("overrides,message", [b for b in BAD_VALUES if b[1]])
+def test_every_bad_value_is_one_clear_error_before_the_run_folder(overrides, message, compose, tmp_path):
+    from qat.errors import QATError
+
+    run_dir = tmp_path / "run"
+    cfg = compose(TINY + [f"hydra.run.dir={run_dir}", "init=gptq_hessian", "init.cache=false"] + overrides)
+    with pytest.raises(QATError) as e:
+        run(cfg, run_dir)
+    assert str(e.value).startswith(message) and "\n" not in str(e.value)
+    assert not run_dir.exists()
+
+
+def test_divergence_stops_with_status_diverged_and_keeps_the_last_good_checkpoint(tmp_path):
+    run_dir = tmp_path / "run"
+    res = cli(["init=rtn", "optim.lr=1e6", "trainer.max_steps=30", "checkpoint.every_n_steps=1"], run_dir)
+    assert res.returncode == 3, res.stderr[-2000:]
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: training diverged at step ") and "Traceback" not in res.stderr
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["status"] == "diverged" and results["ppl"]["final"] is None
+    assert f"step {results['diverged']['step']}" in last
+    if (run_dir / "checkpoints" / "last.ckpt").exists():  # a checkpoint written before the bad step
+        state = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+        assert all(torch.isfinite(t).all() for t in state.values() if t.is_floating_point())
 
 
 def test_corrupt_checkpoint_is_a_clear_error_and_leaves_no_run_folder(tmp_path):

@@ -15,6 +15,22 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
+from qat.errors import QATError
+
+
+def check_ste_clip(clip: object) -> None:
+    if clip is not None and not (isinstance(clip, (int, float)) and not isinstance(clip, bool) and clip > 0):
+        raise QATError(f"method.ste_clip={clip!r}: must be a positive number or null")
+
+
+def check_group_size(group_size: int, name: str, in_features: int, gptq_block: int | None) -> None:
+    """Columns per scale group must divide the layer's inputs (and PB-GPTQ's block)."""
+    if group_size and in_features % group_size:
+        raise QATError(f"method.group_size={group_size} does not divide {name}'s in_features={in_features}; "
+                       "allowed: 0 (per row) or a divisor of every quantized layer's in_features")
+    if group_size and gptq_block and gptq_block % group_size:
+        raise QATError(f"method.group_size={group_size} does not divide init.block_size={gptq_block}")
+
 
 @dataclass
 class Method:
@@ -23,6 +39,10 @@ class Method:
 
     def validate(self) -> None:
         """Raise QATError on a bad setting."""
+
+    def check_layer(self, name: str, out_features: int, in_features: int, gptq_block: int | None) -> None:
+        """Raise QATError if this method cannot quantize a layer of this shape (checked for every
+        layer after the model loads, before any work; gptq_block: init=gptq_hessian's block)."""
 
     def init_state(self, weight: Tensor, hessian: Tensor | None = None) -> dict[str, Tensor]:
         """Buffers for QATLinear; key 'latent' (optional) replaces the trainable weight."""

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from qat.errors import QATError, check_choice
 from qat.kernels import ops
-from qat.methods.base import Method
+from qat.methods.base import Method, check_ste_clip
 from qat.ptq.gptq import GPTQResult, GroupedBinaryQuantizer
 from qat.quant.binarize import ste_sign
 from qat.quant.bits import tensor_bits
@@ -64,8 +64,7 @@ class DynamicGrouping(Method):
         check_choice("method.scope", self.scope, SCOPES)
         if not isinstance(self.lambda_reg, (int, float)) or self.lambda_reg < 0:
             raise QATError(f"method.lambda_reg={self.lambda_reg!r}: must be a number >= 0")
-        if self.ste_clip is not None and self.ste_clip <= 0:
-            raise QATError(f"method.ste_clip={self.ste_clip!r} must be positive or null")
+        check_ste_clip(self.ste_clip)
 
     # -- grouping --------------------------------------------------------------------------
     def grouping(self, weight: Tensor) -> Tensor:

@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from qat.errors import QATError
-from qat.methods.base import Method
+from qat.errors import QATError, check_int
+from qat.methods.base import Method, check_group_size
 from qat.ptq.gptq import GPTQResult, KBitQuantizer
 from qat.quant.bits import tensor_bits
 from qat.quant.kbit import fake_quant_kbit, kbit_codes, minmax_params, pack_codes, unpack_codes
@@ -31,10 +31,12 @@ class KBit(Method):
     def validate(self) -> None:
         if self.bits not in (2, 3, 4, 8):
             raise QATError(f"bits={self.bits!r}: allowed 2, 3, 4, 8")
-        if self.group_size < 0:
-            raise QATError(f"group_size={self.group_size!r} must be 0 (per row) or positive")
+        check_int("method.group_size", self.group_size, 0)
         if self.act_order and self.group_size:
             raise QATError("act_order=true with group_size>0 is not supported (groups would not be contiguous)")
+
+    def check_layer(self, name: str, out_features: int, in_features: int, gptq_block: int | None) -> None:
+        check_group_size(self.group_size, name, in_features, None)
 
     def _params(self, W: Tensor) -> tuple[Tensor, Tensor]:
         out_f, in_f = W.shape

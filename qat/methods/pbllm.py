@@ -19,9 +19,9 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from qat.errors import QATError, check_choice, check_range
+from qat.errors import QATError, check_choice, check_int, check_range
 from qat.kernels import ops
-from qat.methods.base import Method
+from qat.methods.base import Method, check_group_size, check_ste_clip
 from qat.ptq.gptq import GPTQResult, PartialBinaryQuantizer
 from qat.quant.binarize import binarize_ste, optimal_alpha, rescale_to_alpha
 from qat.quant.bits import tensor_bits
@@ -53,13 +53,14 @@ class PartialBinary(Method):
 
     def validate(self) -> None:
         check_range("salient_ratio", self.salient_ratio, 0.0, 1.0)
-        if not (2 <= int(self.salient_bits) <= 16):
+        if not (isinstance(self.salient_bits, int) and 2 <= self.salient_bits <= 16):
             raise QATError(f"salient_bits={self.salient_bits!r} is outside 2..16")
         check_choice("salient_metric", self.salient_metric, ["magnitude", "hessian"])
-        if self.group_size < 0:
-            raise QATError(f"group_size={self.group_size!r} must be 0 (per row) or positive")
-        if self.ste_clip is not None and self.ste_clip <= 0:
-            raise QATError(f"ste_clip={self.ste_clip!r} must be positive or null")
+        check_int("method.group_size", self.group_size, 0)
+        check_ste_clip(self.ste_clip)
+
+    def check_layer(self, name: str, out_features: int, in_features: int, gptq_block: int | None) -> None:
+        check_group_size(self.group_size, name, in_features, gptq_block)
 
     # -- training form ---------------------------------------------------------------------
     def salient_mask(self, weight: Tensor) -> Tensor:

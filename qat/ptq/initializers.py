@@ -49,11 +49,21 @@ def gptq_hessian_states(model: nn.Module, method: Method, init_cfg: dict, skip: 
     saliency = init_cfg.get("saliency", "hinv_sq")
     check_choice("init.saliency", saliency, SALIENCY_KINDS)
 
+    fallbacks: list[str] = []
+    data_free = data_free_method(method)
+
     def quantize(name: str, lin: nn.Linear, H: Tensor) -> dict[str, Tensor]:
         W, Hp = prepare_hessian(lin.weight.detach(), H)
-        U, _, _ = inverse_hessian_factor(Hp, percdamp)
-        quantizer = method.gptq_quantizer(W, saliency_denominator(U, saliency), block)
-        result = gptq(W, H, quantizer, block_size=block, percdamp=percdamp, act_order=act_order)
+        try:
+            U, _, _ = inverse_hessian_factor(Hp, percdamp)
+            quantizer = method.gptq_quantizer(W, saliency_denominator(U, saliency), block)
+            result = gptq(W, H, quantizer, block_size=block, percdamp=percdamp, act_order=act_order)
+        except torch.linalg.LinAlgError:
+            # numerically indefinite even after the damping retries: this layer gets the
+            # data-free seed instead of killing the run (recorded in calibration_errors.json)
+            log.warning("%s: Hessian not positive definite after damping retries; layer falls back to init=rtn", name)
+            fallbacks.append(name)
+            return data_free.init_state(lin.weight.detach().float())
         if result.retries:
             log.warning("%s: Cholesky needed percdamp=%g", name, result.damp)
         return method.state_from_gptq(result, quantizer)
@@ -62,8 +72,20 @@ def gptq_hessian_states(model: nn.Module, method: Method, init_cfg: dict, skip: 
         buffers = {k: v for k, v in state.items() if k != "latent"}
         return method.fake_quant(state["latent"], buffers)
 
-    return sequential_quantize(model, calib, skip, quantize, fake_quant,
-                               true_sequential=bool(init_cfg.get("true_sequential", True)))
+    states, errors = sequential_quantize(model, calib, skip, quantize, fake_quant,
+                                         true_sequential=bool(init_cfg.get("true_sequential", True)))
+    for row in errors:
+        if row["layer"] in fallbacks:
+            row["fallback"] = "rtn"
+    return states, errors
+
+
+def data_free_method(method: Method) -> Method:
+    """The method as the data-free seed can run it: Hessian saliency needs calibration, so
+    salient weights are chosen by magnitude there."""
+    if getattr(method, "salient_metric", None) == "hessian":
+        return dataclasses.replace(method, salient_metric="magnitude")
+    return method
 
 
 @torch.no_grad()
@@ -99,7 +121,7 @@ def initialize(model: nn.Module, method: Method, init: str, skip: list[str],
         # no Hessians for these: the data-free seed ranks salient weights by |w|
         log.warning("%d layers without calibration Hessians (init=%s): salient weights chosen by magnitude",
                     len(rest), init)
-        method = dataclasses.replace(method, salient_metric="magnitude")
+    method = data_free_method(method)
     for name, lin in tqdm(rest, desc=f"init={init}", leave=False):
         states[name] = method.init_state(lin.weight.detach().float())
     if init == "gptq_hessian" and use_cache:

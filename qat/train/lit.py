@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qat.errors import QATError, check_choice
+from qat.errors import QATError, TrainingDiverged, check_choice
 from qat.nn.qat_linear import QATLinear
 
 
@@ -55,9 +55,12 @@ def select_trainable(model: nn.Module, which: str) -> dict[str, int]:
     return counts
 
 
+OPTIMIZERS = ["adamw", "adamw8bit"]
+
+
 def build_optimizer(params: list[dict], cfg: dict) -> torch.optim.Optimizer:
     name = cfg.get("name", "adamw")
-    check_choice("optim.name", name, ["adamw", "adamw8bit"])
+    check_choice("optim.name", name, OPTIMIZERS)
     kw = dict(lr=float(cfg["lr"]), betas=tuple(cfg.get("betas", (0.9, 0.95))), eps=float(cfg.get("eps", 1e-8)))
     if name == "adamw8bit":
         try:
@@ -98,10 +101,21 @@ class LitQAT(L.LightningModule):
             kd = distill_loss(logits, t_logits, float(self.distill_cfg.get("temperature", 1.0)))
             loss = (1 - self.alpha) * ce + self.alpha * kd
             self.log("train/kd", kd)
+        if not torch.isfinite(loss):
+            raise TrainingDiverged(self.global_step, f"loss={float(loss.detach())}")
         self.log("train/ce", ce, prog_bar=True)
         self.log("train/loss", loss)
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
         return loss
+
+    def on_before_optimizer_step(self, optimizer):
+        # before clipping and the update: a non-finite gradient never reaches the weights
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if grads:
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+            if not torch.isfinite(norm):
+                raise TrainingDiverged(self.global_step, f"gradient norm={float(norm)}")
+            self.log("train/grad_norm", norm)
 
     def validation_step(self, batch, batch_idx):
         (tokens,) = batch

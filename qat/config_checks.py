@@ -1,0 +1,107 @@
+"""Every user-facing knob of a train config, checked before anything is loaded or written.
+
+One table: the dotted key, what it must be, and its range. A bad value gives one QATError that
+names the key, the value and what is allowed (train.py prints it on one line, exit code 2).
+Method parameters are checked by the method's own `validate`; the checks that need the
+model's shapes (group sizes that must divide in_features) by `Method.check_layer` after loading.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from qat.errors import QATError
+
+MISSING = object()
+
+
+@dataclass(frozen=True)
+class Knob:
+    key: str
+    kind: str                  # "int" | "number"
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False      # lo itself not allowed
+    hi_open: bool = False
+    nullable: bool = False
+
+    def allowed(self) -> str:
+        what = "an integer" if self.kind == "int" else "a number"
+        parts = []
+        if self.lo is not None:
+            parts.append(f"{'>' if self.lo_open else '>='} {self.lo:g}")
+        if self.hi is not None:
+            parts.append(f"{'<' if self.hi_open else '<='} {self.hi:g}")
+        text = f"{what} {' and '.join(parts)}".strip()
+        return text + (" (or null)" if self.nullable else "")
+
+    def check(self, value: Any) -> None:
+        if value is None and self.nullable:
+            return
+        is_int = isinstance(value, int) and not isinstance(value, bool)
+        ok = is_int if self.kind == "int" else (is_int or isinstance(value, float)) and math.isfinite(value)
+        if ok and self.lo is not None:
+            ok = value > self.lo if self.lo_open else value >= self.lo
+        if ok and self.hi is not None:
+            ok = value < self.hi if self.hi_open else value <= self.hi
+        if not ok:
+            raise QATError(f"{self.key}={value!r}: must be {self.allowed()}")
+
+
+def positive(key: str, kind: str = "int", nullable: bool = False) -> Knob:
+    return Knob(key, kind, 0, lo_open=True, nullable=nullable)
+
+
+def at_least(key: str, lo: float, kind: str = "int") -> Knob:
+    return Knob(key, kind, lo)
+
+
+KNOBS = [
+    Knob("salient_ratio", "number", 0, 1, hi_open=True),
+    at_least("seed", 0),
+    at_least("quant_health_every", 0),
+    at_least("trainer.max_steps", 0),
+    positive("trainer.accumulate_grad_batches"),
+    positive("trainer.val_check_interval", "number"),
+    positive("trainer.limit_val_batches", "number"),
+    Knob("trainer.gradient_clip_val", "number", 0, lo_open=True, nullable=True),
+    positive("optim.lr", "number"),
+    positive("optim.lr_fp", "number", nullable=True),
+    at_least("optim.weight_decay", 0, "number"),
+    positive("optim.eps", "number"),
+    at_least("optim.warmup_steps", 0),
+    Knob("optim.min_lr_ratio", "number", 0, 1),
+    Knob("data.seq_len", "int", 2),
+    positive("data.batch_size"),
+    positive("data.val_blocks"),
+    positive("data.test_chars"),
+    positive("data.val_chars"),
+    positive("eval.seq_len"),
+    positive("eval.max_windows", nullable=True),
+    positive("checkpoint.every_n_steps"),
+    Knob("distill.alpha", "number", 0, 1),
+    positive("distill.temperature", "number"),
+    positive("init.n_samples"),
+    Knob("init.seq_len", "int", 2),
+    positive("init.block_size"),
+    Knob("init.percdamp", "number", 0, 1, lo_open=True),
+    at_least("reconstruct.epochs", 0),
+    positive("reconstruct.lr", "number"),
+    positive("reconstruct.n_samples"),
+    Knob("reconstruct.seq_len", "int", 2),
+]
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Check every knob of the table present in `cfg` (presets may leave some out)."""
+    for knob in KNOBS:
+        value = OmegaConf.select(cfg, knob.key, default=MISSING)
+        if value is not MISSING:
+            knob.check(value)
+    betas = OmegaConf.select(cfg, "optim.betas", default=None)
+    if betas is not None:
+        if len(betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas):
+            raise QATError(f"optim.betas={list(betas)!r}: must be two numbers in [0, 1)")
