@@ -84,6 +84,42 @@ def test_resume_reaches_the_same_weights(compose, tmp_path):
     assert any(not torch.equal(step3[k], v) for k, v in full["state_dict"].items())  # it trained
 
 
+def test_resume_after_kill_9_is_bit_identical(tmp_path):
+    """A real subprocess killed (SIGKILL) mid-run, resumed from its last.ckpt with the same
+    command: the final weights equal those of an uninterrupted run, bit for bit."""
+    import signal
+    import time
+
+    args = ["method=pbllm_qat", "init=rtn", "trainer.max_steps=60", "checkpoint.every_n_steps=10",
+            "trainer.val_check_interval=1000", "eval.max_windows=2"]
+    full = cli(args, tmp_path / "full")
+    assert full.returncode == 0, full.stderr[-2000:]
+    run_dir = tmp_path / "killed"
+    env = dict(os.environ, WANDB_MODE="disabled")
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *TINY, f"hydra.run.dir={run_dir}", *args],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=ROOT)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if last.exists() and torch.load(last, weights_only=False)["global_step"] >= 20:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    step = torch.load(last, weights_only=False)["global_step"]
+    assert 20 <= step < 60, step  # killed mid-run, not after it
+    resumed = cli(args + [f"ckpt_path='{last}'"], run_dir)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a = torch.load(tmp_path / "full" / "checkpoints" / "last.ckpt", weights_only=False)
+    b = torch.load(last, weights_only=False)
+    assert a["global_step"] == b["global_step"] == 60
+    for k, v in a["state_dict"].items():
+        assert torch.equal(b["state_dict"][k], v), k
+    ra = json.loads((tmp_path / "full" / "results.json").read_text())
+    rb = json.loads((run_dir / "results.json").read_text())
+    assert ra["ppl"]["final"] == rb["ppl"]["final"]
+
+
 def test_export_reloads_without_training_code_and_matches(compose, tmp_path):
     from qat.export import load_export
     from qat.nn import PackedLinear

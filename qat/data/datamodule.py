@@ -86,14 +86,16 @@ class LMDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         """Resumable: batch i of the run is a function of (seed, i) alone, and a resumed run
-        starts at the batch after the restored global step."""
+        starts at the batch after the restored global step. The loader always has the whole
+        run's length: Lightning restores its batch counter and ends the epoch at len(loader);
+        a shorter loader would end it early and replay its start (measured: a resume from
+        step 10 of 30 diverged at step 21)."""
         batch = int(self.cfg["batch_size"])
         start = 0
         if self.trainer is not None:
             start = self.trainer.global_step * self.trainer.accumulate_grad_batches * batch
-        total = int(self.cfg.get("total_batches", 1)) * batch
-        data = StepIndexedBlocks(blocks(self.tokens["train"], self.seq_len), self.seed, start,
-                                 max(total - start, batch))
+        total = max(int(self.cfg.get("total_batches", 1)), 1) * batch
+        data = StepIndexedBlocks(blocks(self.tokens["train"], self.seq_len), self.seed, start, total)
         return DataLoader(data, batch_size=batch, shuffle=False)
 
     def val_dataloader(self) -> DataLoader:
