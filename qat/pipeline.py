@@ -18,6 +18,7 @@ import lightning as L
 import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from qat.config_checks import check_config
@@ -41,6 +42,11 @@ log = logging.getLogger(__name__)
 def method_from_cfg(cfg: DictConfig):
     params = OmegaConf.to_container(cfg.method, resolve=True)
     return build_method(params.pop("name"), **params)
+
+
+def rank_zero() -> bool:
+    """True in the process that writes the run's files (the only one outside DDP)."""
+    return rank_zero_only.rank == 0
 
 
 def validate(cfg: DictConfig) -> None:
@@ -128,7 +134,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         method.check_layer(name, lin.out_features, lin.in_features, gptq_block)
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(run_dir / "config.yaml", OmegaConf.to_yaml(run_config(cfg)).encode())
+    if rank_zero():  # under DDP every rank runs this script; one writes the run's files
+        atomic_write_bytes(run_dir / "config.yaml", OmegaConf.to_yaml(run_config(cfg)).encode())
     L.seed_everything(int(cfg.seed), workers=True)
     seconds = {"calibrate": 0.0, "reconstruct": 0.0, "train": 0.0, "eval": 0.0}
     data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
@@ -159,7 +166,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     states = initialize(model, method, init_cfg["name"], skip, calib, init_cfg, loaded.name,
                         use_cache=bool(init_cfg.get("cache", False)))
     errors = getattr(initialize, "last_errors", None) if calib is not None else None
-    if errors:
+    if errors and rank_zero():
         atomic_write_bytes(run_dir / "calibration_errors.json", json.dumps(errors, indent=1).encode())
     prepare(model, method, states)
     seconds["calibrate"] = time.time() - t0
@@ -171,7 +178,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         recon_calib = data.calibration(int(r.n_samples), int(r.seq_len))
         recon = reconstruct_blocks(model, fp_model, recon_calib, recon_epochs, float(r.lr), seed=int(cfg.seed),
                                    bf16=str(r.precision) == "bf16")
-        atomic_write_bytes(run_dir / "reconstruction.json", json.dumps(recon, indent=1).encode())
+        if rank_zero():
+            atomic_write_bytes(run_dir / "reconstruction.json", json.dumps(recon, indent=1).encode())
         seconds["reconstruct"] = time.time() - t0
     ppl_init, _ = ppl(model, "ppl init") if method.quantizes else (ppl_fp, eval_tokens)
     log.info("ppl ptq = %s, ppl init = %.3f", ppl_ptq, ppl_init)
@@ -193,13 +201,16 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             results = {"method": method.name, "init": cfg.init.name, "model": loaded.name,
                        "ppl": {"fp": ppl_fp, "init": ppl_init, "final": None}, "eval_tokens": eval_tokens,
                        "seconds": seconds, "status": "diverged", "diverged": {"step": e.step, "what": e.what}}
-            atomic_write_bytes(run_dir / "results.json", json.dumps(results, indent=1).encode())
+            if rank_zero():
+                atomic_write_bytes(run_dir / "results.json", json.dumps(results, indent=1).encode())
             raise
         seconds["train"] = time.time() - t0
         world = trainer.world_size
         train_tokens = (trainer.global_step * int(cfg.trainer.get("accumulate_grad_batches", 1))
                         * int(cfg.data.batch_size) * int(cfg.data.seq_len) * world)
         model = lit.model
+        if not trainer.is_global_zero:  # the other DDP ranks stop here: rank 0 evaluates and exports
+            return {"status": "ok", "rank": trainer.global_rank}
 
     model = convert(model.float())
     ppl_final, _ = ppl(model, "ppl final (packed)")

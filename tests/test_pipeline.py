@@ -120,6 +120,32 @@ def test_resume_after_kill_9_is_bit_identical(tmp_path):
     assert ra["ppl"]["final"] == rb["ppl"]["final"]
 
 
+def test_ddp_two_cpu_processes_match_one_process_and_resume(tmp_path):
+    """Lightning's DDP, 2 processes (gloo): 2 x batch 1 sees the same samples per step as one
+    process with batch 2, so it ends at the same perplexity; rank 0 alone writes the run's files;
+    a resume from a DDP checkpoint reaches the uninterrupted run's weights."""
+    common = ["init=rtn", "trainer.precision=32-true", "trainer.max_steps=6", "checkpoint.every_n_steps=3",
+              "checkpoint.keep_all=true", "trainer.val_check_interval=1000", "eval.max_windows=2"]
+    single = cli(common, tmp_path / "single")
+    assert single.returncode == 0, single.stderr[-2000:]
+    ddp = common + ["data.batch_size=1", "trainer.devices=2", "+trainer.strategy=ddp"]
+    two = cli(ddp, tmp_path / "ddp")
+    assert two.returncode == 0, two.stderr[-2000:]
+    assert two.stdout.count("ppl fp / init / final") == 1  # one results table: rank 0's
+    r1 = json.loads((tmp_path / "single" / "results.json").read_text())
+    r2 = json.loads((tmp_path / "ddp" / "results.json").read_text())
+    assert r2["train_tokens"] == r1["train_tokens"]
+    assert r2["ppl"]["final"] == pytest.approx(r1["ppl"]["final"], rel=1e-4)
+    assert r2["ppl"]["final"] != pytest.approx(r2["ppl"]["init"], rel=1e-4)  # it trained
+    ckpt = next((tmp_path / "ddp" / "checkpoints").glob("*step=3*.ckpt"))
+    resumed = cli(ddp + [f"ckpt_path='{ckpt}'"], tmp_path / "resumed")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a = torch.load(tmp_path / "ddp" / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    b = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    for k, v in a.items():
+        torch.testing.assert_close(b[k], v, rtol=0, atol=1e-6, msg=k)
+
+
 def test_export_reloads_without_training_code_and_matches(compose, tmp_path):
     from qat.export import load_export
     from qat.nn import PackedLinear

@@ -8,7 +8,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorDataset
 
 from qat.data.corpora import load_corpus
 from qat.errors import QATError
@@ -90,13 +90,19 @@ class LMDataModule(L.LightningDataModule):
         run's length: Lightning restores its batch counter and ends the epoch at len(loader);
         a shorter loader would end it early and replay its start (measured: a resume from
         step 10 of 30 diverged at step 21)."""
+        # under DDP the distributed sampler deals the samples out: rank r takes every world-th,
+        # so a step consumes batch·world samples and the loader spans the run for all ranks
         batch = int(self.cfg["batch_size"])
-        start = 0
+        start, world = 0, 1
         if self.trainer is not None:
-            start = self.trainer.global_step * self.trainer.accumulate_grad_batches * batch
-        total = max(int(self.cfg.get("total_batches", 1)), 1) * batch
+            world = self.trainer.world_size
+            start = self.trainer.global_step * self.trainer.accumulate_grad_batches * batch * world
+        total = max(int(self.cfg.get("total_batches", 1)), 1) * batch * world
         data = StepIndexedBlocks(blocks(self.tokens["train"], self.seq_len), self.seed, start, total)
-        return DataLoader(data, batch_size=batch, shuffle=False)
+        sampler = None
+        if world > 1:  # our own, unshuffled (Lightning's would reshuffle): step k is samples k·world·batch...
+            sampler = DistributedSampler(data, num_replicas=world, rank=self.trainer.global_rank, shuffle=False)
+        return DataLoader(data, batch_size=batch, shuffle=False, sampler=sampler)
 
     def val_dataloader(self) -> DataLoader:
         b = blocks(self.tokens["validation"], self.seq_len)[: int(self.cfg.get("val_blocks", 8))]
