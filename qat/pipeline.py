@@ -18,6 +18,7 @@ import lightning as L
 import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
@@ -84,6 +85,10 @@ def run_config(cfg: DictConfig) -> dict[str, Any]:
 
 def build_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
     t = OmegaConf.to_container(cfg.trainer, resolve=True)
+    if t.get("strategy") == "ddp":
+        # the methods' frozen buffers (salient masks and codes, group ids: ~2 bytes a weight) are
+        # equal on every rank; DDP's default would resend them all before every forward
+        t["strategy"] = DDPStrategy(broadcast_buffers=False)
     logger = instantiate(cfg.logger) if cfg.logger else False
     callbacks = [QuantHealth(every=int(cfg.quant_health_every))]
     if int(cfg.method.get("regroup_every", 0) or 0) > 0:
