@@ -10,7 +10,7 @@ from qat.models.load import tiny_llama
 from qat.nn import PackedLinear, bits_report, convert, prepare
 from qat.ptq.gptq import gptq
 from qat.ptq.initializers import initialize
-from qat.quant.grouping import dp_cuts, group_ids, group_scales, grouping_objective
+from qat.quant.grouping import dp_cuts, gather_scales, group_ids, group_scales, grouping_objective
 
 
 def starts_of(ids_sorted: torch.Tensor) -> list[int]:
@@ -185,3 +185,16 @@ def test_group_scales_of_empty_groups_are_zero():
     ids = torch.zeros(2, 8, dtype=torch.long)
     s = group_scales(w, ids, 3, "row")
     assert torch.equal(s[:, 1:], torch.zeros(2, 2))
+
+
+def test_tail_singletons_let_an_outlier_have_its_own_group():
+    """Greedy merging from windows of 64 sorted magnitudes buries one outlier in its window's mean
+    (the paper's WGM, tail=0); with the largest magnitudes starting as singletons it gets a group
+    of its own. (Lloyd steps off: on real heavy-tailed rows they do not always recover it.)"""
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(4, 512, generator=gen) * 0.02
+    w[:, 7] = 1.0
+    for tail, exact in ((0, False), (64, True)):
+        ids = group_ids(w, 4, "windowed", 64, 0.75, "row", 0, tail)
+        q = torch.where(w >= 0, 1.0, -1.0) * gather_scales(group_scales(w, ids, 4, "row"), ids)
+        assert torch.allclose(q[:, 7], w[:, 7]) == exact

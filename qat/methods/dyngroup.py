@@ -47,6 +47,7 @@ class DynamicGrouping(Method):
     groups: int = 4              # G: at most this many scales per matrix (or row)
     algorithm: str = "windowed"  # dp | greedy | windowed
     window: int = 64             # sorted magnitudes per initial window (windowed)
+    tail: int = 64               # the largest magnitudes per grouping that start as singletons (0: the paper's WGM)
     lambda_reg: float = 0.75     # the objective's lambda/|A| term (in units of w²)
     scope: str = "matrix"        # matrix | row
     refine_iters: int = 10       # Lloyd steps on the cut points after greedy merging
@@ -54,7 +55,7 @@ class DynamicGrouping(Method):
     ste_clip: float | None = None
 
     def validate(self) -> None:
-        for knob, value, lo in (("groups", self.groups, 1), ("window", self.window, 1),
+        for knob, value, lo in (("groups", self.groups, 1), ("window", self.window, 1), ("tail", self.tail, 0),
                                 ("refine_iters", self.refine_iters, 0), ("regroup_every", self.regroup_every, 0)):
             if isinstance(value, bool) or not isinstance(value, int) or value < lo:
                 raise QATError(f"method.{knob}={value!r}: must be an integer >= {lo}")
@@ -74,7 +75,7 @@ class DynamicGrouping(Method):
             raise QATError(f"method.algorithm=dp is exact but O(G·n²): {per_grouping} weights per "
                            f"grouping (scope={self.scope}) is above {DP_MAX_WEIGHTS}; use greedy or windowed")
         return group_ids(weight.float(), self.groups, self.algorithm, self.window, self.lambda_reg,
-                         self.scope, self.refine_iters)
+                         self.scope, self.refine_iters, self.tail)
 
     def scales(self, latent: Tensor, ids: Tensor) -> Tensor:
         """alpha_g from the latent weights, rounded to fp16 (what the packed layer stores) with a

@@ -127,7 +127,7 @@ def merge_segments(count: Tensor, total: Tensor, total_sq: Tensor, row: Tensor, 
 
 
 def group_ids(weight: Tensor, max_groups: int, algorithm: str = "windowed", window: int = 64,
-              lambda_reg: float = 0.75, scope: str = "matrix", refine_iters: int = 10) -> Tensor:
+              lambda_reg: float = 0.75, scope: str = "matrix", refine_iters: int = 10, tail: int = 0) -> Tensor:
     """Group index (int64, 0 = smallest magnitudes) of every weight of a 2-D `weight`.
 
     Groups are numbered per matrix (scope "matrix") or per row (scope "row"), ascending in
@@ -147,7 +147,8 @@ def group_ids(weight: Tensor, max_groups: int, algorithm: str = "windowed", wind
             cuts[r, : len(starts)] = torch.tensor(starts)
         cuts = cuts.to(weight.device)
     else:
-        cuts = greedy_cuts(sorted_mag, max_groups, 1 if algorithm == "greedy" else max(1, int(window)), lambda_reg)
+        width = 1 if algorithm == "greedy" else max(1, int(window))
+        cuts = greedy_cuts(sorted_mag, max_groups, width, lambda_reg, tail)
         cuts = refine_cuts(sorted_mag, cuts, lambda_reg, refine_iters)
     positions = torch.arange(n, device=weight.device).expand(n_rows, n)
     ids_sorted = torch.searchsorted(cuts[:, 1:max_groups].contiguous(), positions.contiguous(), right=True)
@@ -155,13 +156,20 @@ def group_ids(weight: Tensor, max_groups: int, algorithm: str = "windowed", wind
     return ids.reshape(weight.shape)
 
 
-def greedy_cuts(sorted_mag: Tensor, max_groups: int, width: int, lambda_reg: float) -> Tensor:
+def greedy_cuts(sorted_mag: Tensor, max_groups: int, width: int, lambda_reg: float, tail: int = 0) -> Tensor:
     """Greedy merging from windows of `width` sorted magnitudes (1: singletons), every row at
-    once. Returns each row's group starts [rows, G+1] (unused groups start at n; last = n)."""
+    once; the `tail` largest magnitudes of each row start as singletons, so that a few outliers
+    can end in a group of their own (a window of 64 would bury them in its mean). Returns each
+    row's group starts [rows, G+1] (unused groups start at n; last = n)."""
     n_rows, n = sorted_mag.shape
     dev = sorted_mag.device
-    per_row = (n + width - 1) // width
-    seg_local = torch.arange(n, device=dev) // width
+    tail = min(max(int(tail), 0), n) if width > 1 else 0
+    body = n - tail
+    # start position (within a row) of every initial segment: windows, then the tail's singletons
+    seg_start = torch.cat([torch.arange(0, body, width, device=dev), torch.arange(body, n, device=dev)])
+    per_row = seg_start.numel()
+    pos = torch.arange(n, device=dev)
+    seg_local = torch.where(pos < body, pos // width, (body + width - 1) // width + (pos - body))
     seg = (seg_local[None, :] + per_row * torch.arange(n_rows, device=dev)[:, None]).reshape(-1)
     a = sorted_mag.double().reshape(-1)
     n_seg = n_rows * per_row
@@ -172,14 +180,14 @@ def greedy_cuts(sorted_mag: Tensor, max_groups: int, width: int, lambda_reg: flo
     seg_row = torch.arange(n_seg, device=dev) // per_row
     owner = merge_segments(pool(torch.ones_like(a)), pool(a), pool(a * a), seg_row, max_groups, lambda_reg)
     n_merged = int(owner.max()) + 1
-    # each merged group starts at its first window; a row's first merged group is its group 0
+    # each merged group starts at its first segment; a row's first merged group is its group 0
     first_seg = torch.full((n_merged,), n_seg, dtype=torch.long, device=dev).scatter_reduce(
         0, owner, torch.arange(n_seg, device=dev), reduce="amin")
     group_row = seg_row[first_seg]
     row_first = torch.full((n_rows,), n_merged, dtype=torch.long, device=dev).scatter_reduce(
         0, group_row, torch.arange(n_merged, device=dev), reduce="amin")
     cuts = torch.full((n_rows, max_groups + 1), n, dtype=torch.long, device=dev)
-    cuts[group_row, torch.arange(n_merged, device=dev) - row_first[group_row]] = (first_seg % per_row) * width
+    cuts[group_row, torch.arange(n_merged, device=dev) - row_first[group_row]] = seg_start[first_seg % per_row]
     return cuts
 
 
