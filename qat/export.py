@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
+from typing import Any
 
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_model
@@ -20,8 +21,10 @@ from qat.nn.packed_linear import PackedLinear
 from qat.nn.qat_linear import set_submodule
 
 
-def save_export(model: nn.Module, out_dir: Path, model_name: str) -> Path:
-    """Write model.safetensors + config.json to a temp folder, then rename it to out_dir."""
+def save_export(model: nn.Module, out_dir: Path, model_name: str, tokenizer: Any = None) -> Path:
+    """Write model.safetensors + config.json (+ the tokenizer's files, when it has them) to a temp
+    folder, then rename it to out_dir. The config's quantization_config lists every packed
+    tensor's shape and dtype, so that transformers can build the layers before loading (qat/hf.py)."""
     out_dir = Path(out_dir)
     layers = {n: m for n, m in model.named_modules() if isinstance(m, PackedLinear)}
     methods = {type(m.method) for m in layers.values()}
@@ -31,7 +34,9 @@ def save_export(model: nn.Module, out_dir: Path, model_name: str) -> Path:
         assert len(methods) == 1, "one method per export"
         qcfg = {"quant_method": "qat", "method": method.name,
                 "params": dataclasses.asdict(method),
-                "layers": {n: [m.out_features, m.in_features] for n, m in layers.items()}}
+                "layers": {n: [m.out_features, m.in_features] for n, m in layers.items()},
+                "tensors": {n: {t: [list(v.shape), str(v.dtype).removeprefix("torch.")]
+                                for t, v in m.packed().items()} for n, m in layers.items()}}
     config = model.config.to_dict()
     if qcfg:
         config["quantization_config"] = qcfg
@@ -39,6 +44,8 @@ def save_export(model: nn.Module, out_dir: Path, model_name: str) -> Path:
     with atomic_dir(out_dir) as tmp:
         save_model(model, str(tmp / "model.safetensors"))
         (tmp / "config.json").write_text(json.dumps(config, indent=1, default=str))
+        if hasattr(tokenizer, "save_pretrained"):
+            tokenizer.save_pretrained(str(tmp))
     return out_dir
 
 
@@ -66,7 +73,7 @@ def load_export(export_dir: Path, device: str = "cpu") -> nn.Module:
         for name, (out_f, in_f) in qcfg["layers"].items():
             prefix = f"{name}."
             packed = {k[len(prefix):]: v for k, v in tensors.items()
-                      if k.startswith(prefix) and k[len(prefix):] != "bias"}
+                      if k.startswith(prefix) and k[len(prefix):] not in ("bias", "weight")}
             bias = tensors.get(f"{name}.bias")
             set_submodule(model, name, PackedLinear(in_f, out_f, method, packed, bias))
     tied = bool(getattr(config, "tie_word_embeddings", False))

@@ -221,7 +221,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     ppl_final, _ = ppl(model, "ppl final (packed)")
     bits = bits_report(model) or {"weight": 16.0, "storage": 16.0}
 
-    save_export(model, run_dir / "export", loaded.name)
+    save_export(model, run_dir / "export", loaded.name, loaded.tokenizer)
     seconds["total"] = time.time() - started
     results = {
         "method": method.name, "init": cfg.init.name, "model": loaded.name,

@@ -18,6 +18,9 @@ class PackedLinear(nn.Module):
         for name, t in packed.items():
             self.register_buffer(name, t)
         self.register_buffer("bias", bias)
+        # 0 elements under the plain weight's name: transformers without qat refuses the export
+        # loudly (size mismatch) instead of filling the layer with random weights (qat/hf.py)
+        self.register_buffer("weight", torch.empty(0, device=next(iter(packed.values())).device))
 
     def packed(self) -> dict[str, Tensor]:
         return {name: getattr(self, name) for name in self.packed_names}
