@@ -1,5 +1,6 @@
 """python eval.py run_dir=outputs/...   Reload a run's export/ (packed form, no training code)
-and measure its perplexity on the run's held-out test split; compare with results.json."""
+and measure its perplexity on the run's held-out test split; compare with results.json.
+`data=<option> ...` (e.g. data=text data.train=a.txt data.test=b.txt) measures it on other text."""
 from __future__ import annotations
 
 import json
@@ -26,16 +27,20 @@ def evaluate(cfg: DictConfig) -> dict:
     run_cfg = OmegaConf.load(run_cfg_path)
     model = load_export(run_dir / "export", device=cfg.device)
     tok = load_tokenizer(OmegaConf.to_container(run_cfg.model, resolve=True))
-    data = LMDataModule(OmegaConf.to_container(run_cfg.data, resolve=True), tok,
-                        getattr(tok, "name_or_path", "tokenizer"), seed=int(run_cfg.seed))
+    own_data = cfg.get("data") is None
+    data_cfg = OmegaConf.to_container(run_cfg.data if own_data else cfg.data, resolve=True)
+    if not own_data:
+        from qat.pipeline import check_data_files
+        check_data_files(data_cfg)
+    data = LMDataModule(data_cfg, tok, getattr(tok, "name_or_path", "tokenizer"), seed=int(run_cfg.seed))
     seq_len = int(cfg.eval.seq_len or run_cfg.eval.seq_len)
     windows = cfg.eval.max_windows if cfg.eval.max_windows is not None else run_cfg.eval.max_windows
     t0 = time.time()
     ppl, n = perplexity(model, data.test_tokens, seq_len, windows, desc="ppl (export, packed)")
-    out = {"run_dir": str(run_dir), "device": cfg.device, "ppl_packed_export": ppl, "eval_tokens": n,
-           "seconds": time.time() - t0}
+    out = {"run_dir": str(run_dir), "device": cfg.device, "data": data_cfg.get("name"),
+           "ppl_packed_export": ppl, "eval_tokens": n, "seconds": time.time() - t0}
     results = run_dir / "results.json"
-    if results.exists():
+    if results.exists() and own_data:
         out["ppl_final_recorded"] = json.loads(results.read_text())["ppl"]["final"]
     print(json.dumps(out, indent=1))
     return out

@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from qat.config_checks import check_config
 from qat.data import LMDataModule
+from qat.data.corpora import text_files
 from qat.errors import QATError, TrainingDiverged, check_choice
 from qat.eval import perplexity
 from qat.export import save_export
@@ -61,6 +62,17 @@ def validate(cfg: DictConfig) -> None:
     check_choice("reconstruct.precision", cfg.reconstruct.precision, ["fp32", "bf16"])
     if cfg.ckpt_path:
         check_checkpoint(str(cfg.ckpt_path))
+    check_data_files(OmegaConf.to_container(cfg.data, resolve=True))
+
+
+def check_data_files(data_cfg: dict) -> None:
+    """data=text: every named file exists and is non-empty text (before any work)."""
+    if data_cfg.get("source") == "text":
+        for split in ("train", "validation", "test"):
+            if data_cfg.get(split):
+                text_files(f"data.{split}", data_cfg[split])
+        if not data_cfg.get("train") or not data_cfg.get("test"):
+            raise QATError("data=text needs data.train and data.test (files or globs); data.validation is optional")
 
 
 def check_checkpoint(path: str) -> None:
@@ -221,7 +233,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     ppl_final, _ = ppl(model, "ppl final (packed)")
     bits = bits_report(model) or {"weight": 16.0, "storage": 16.0}
 
-    save_export(model, run_dir / "export", loaded.name, loaded.tokenizer)
+    write_export = method.quantizes if cfg.get("export") is None else bool(cfg.export)
+    if write_export:
+        save_export(model, run_dir / "export", loaded.name, loaded.tokenizer)
     seconds["total"] = time.time() - started
     results = {
         "method": method.name, "init": cfg.init.name, "model": loaded.name,

@@ -65,3 +65,63 @@ def test_perplexity_hand_cases():
     # bigram model: every next token is (t+1)%10 -> p = (V-1)/(2(V-1)) = 1/2 -> ppl 2
     ppl, _ = perplexity(BigramLM(10), tokens, seq_len=10, max_windows=3)
     assert ppl == pytest.approx(2.0, rel=1e-5)
+
+
+def write_texts(folder):
+    from qat.data.corpora import tiny_corpus
+
+    folder.mkdir(parents=True, exist_ok=True)
+    docs = [text for _, text in tiny_corpus(n_docs=12)]
+    for i, text in enumerate(docs[:8]):
+        (folder / f"train{i}.txt").write_text(text)
+    (folder / "test.txt").write_text("\n\n".join(docs[8:11]))
+    (folder / "other.txt").write_text(docs[11] + " Binary weights are one bit each.")
+    return folder
+
+
+def test_own_text_files_train_and_eval_on_other_text(compose, tmp_path):
+    """data=text: train and test from local files (globs); eval.py measures the export on any text."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from qat.pipeline import run
+
+    texts = write_texts(tmp_path / "texts")
+    run_dir = tmp_path / "run"
+    cfg = compose(["model=tiny", "data=text", f"data.train={texts}/train*.txt", f"data.test={texts}/test.txt",
+                   "data.seq_len=64", "data.val_chars=500", "logger=none", "init=rtn", "trainer.max_steps=2",
+                   "eval.seq_len=64", "eval.max_windows=4", f"hydra.run.dir={run_dir}"])
+    res = run(cfg, run_dir)
+    assert res["status"] == "ok" and res["eval_tokens"] > 0
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "eval.py", f"run_dir={run_dir}", "data=text",
+                          f"data.train={texts}/train0.txt", f"data.test={texts}/other.txt", "data.seq_len=64",
+                          "eval.max_windows=2"], capture_output=True, text=True, cwd=root,
+                         env=dict(os.environ, WANDB_MODE="disabled"))
+    assert out.returncode == 0, out.stderr[-2000:]
+    report = json.loads(out.stdout[out.stdout.index("{"):])
+    assert report["data"] == "text" and report["ppl_packed_export"] != res["ppl"]["final"]
+    assert "ppl_final_recorded" not in report  # another text: nothing to compare with
+
+
+@pytest.mark.parametrize("kind,needle", [("missing", "no such file"), ("empty", "is empty"),
+                                         ("binary", "looks binary")])
+def test_bad_text_files_are_one_clear_error_before_the_run_folder(kind, needle, compose, tmp_path):
+    from qat.errors import QATError
+    from qat.pipeline import run
+
+    texts = write_texts(tmp_path / "texts")
+    bad = texts / f"{kind}.txt"
+    if kind == "empty":
+        bad.write_text("")
+    elif kind == "binary":
+        bad.write_bytes(b"\x00\x01\x02" * 100)
+    run_dir = tmp_path / "run"
+    cfg = compose(["model=tiny", "data=text", f"data.train={texts}/train*.txt", f"data.test={bad}",
+                   "logger=none", "init=rtn", f"hydra.run.dir={run_dir}"])
+    with pytest.raises(QATError, match=needle) as e:
+        run(cfg, run_dir)
+    assert str(e.value).startswith("data.test=")
+    assert not run_dir.exists()

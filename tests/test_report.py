@@ -1,0 +1,23 @@
+"""qat.eval.report over run folders, sweep (multirun) folders and diverged runs."""
+import json
+
+from qat.eval.report import load_results, markdown_table
+
+
+def test_report_reads_a_multirun_folder_and_skips_other_files(tmp_path):
+    sweep = tmp_path / "multirun" / "2026-11-24" / "10-00-00"
+    ok = {"method": "pbllm_qat", "init": "rtn", "salient_ratio": 0.1, "ppl": {"fp": 24.1, "init": 900.0, "final": 150.0},
+          "bits": {"weight": 1.77, "storage": 2.92}, "train_tokens": 512,
+          "seconds": {"calibrate": 1, "reconstruct": 0, "train": 2, "eval": 3, "total": 6}, "status": "ok"}
+    diverged = {"method": "pbllm_qat", "init": "rtn", "ppl": {"fp": 24.1, "init": 900.0, "final": None},
+                "seconds": {"calibrate": 1, "reconstruct": 0, "train": 2, "eval": 3, "total": 6},
+                "status": "diverged", "diverged": {"step": 3, "what": "loss=nan"}}
+    for name, r in (("0-pbllm_qat", ok), ("1-pbllm_qat", diverged)):
+        (sweep / name).mkdir(parents=True)
+        (sweep / name / "results.json").write_text(json.dumps(r))
+    (sweep / "multirun.yaml").write_text("hydra: {}\n")
+    rows = load_results([str(tmp_path / "multirun"), str(sweep / "multirun.yaml")])
+    assert [r["status"] for r in rows] == ["ok", "diverged"]
+    table = markdown_table(rows)
+    assert "| 150.0 |" in table and "| diverged |" in table
+    assert "2026-11-24/10-00-00/0-pbllm_qat" in table
