@@ -16,6 +16,8 @@ from typing import Any
 
 import lightning as L
 import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.strategies import DDPStrategy
@@ -95,13 +97,36 @@ def run_config(cfg: DictConfig) -> dict[str, Any]:
     return OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True)
 
 
+def wandb_run_fields(cfg: DictConfig) -> dict[str, Any]:
+    """A W&B run's name (method, init and the command line's overrides), its group (the sweep, in
+    a Hydra multirun) and tags (method, init, salient ratio / groups / bits where the method has them)."""
+    method = OmegaConf.to_container(cfg.method, resolve=True)
+    overrides, group = "", None
+    if HydraConfig.initialized():
+        hc = HydraConfig.get()
+        overrides = hc.job.override_dirname
+        if hc.mode == RunMode.MULTIRUN:
+            group = Path(hc.sweep.dir).name
+    name = "-".join(x for x in (method["name"], cfg.init.name, overrides) if x)
+    tags = [method["name"], f"init={cfg.init.name}"]
+    tags += [f"{k}={method[k]}" for k in ("salient_ratio", "groups", "bits", "scope") if k in method]
+    return {"name": name[:128], "group": group, "tags": tags}
+
+
+def build_logger(cfg: DictConfig) -> Any:
+    if not cfg.logger:
+        return False
+    extra = wandb_run_fields(cfg) if str(cfg.logger.get("_target_", "")).endswith("WandbLogger") else {}
+    return instantiate(cfg.logger, **extra)
+
+
 def build_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
     t = OmegaConf.to_container(cfg.trainer, resolve=True)
     if t.get("strategy") == "ddp":
         # the methods' frozen buffers (salient masks and codes, group ids: ~2 bytes a weight) are
         # equal on every rank; DDP's default would resend them all before every forward
         t["strategy"] = DDPStrategy(broadcast_buffers=False)
-    logger = instantiate(cfg.logger) if cfg.logger else False
+    logger = build_logger(cfg)
     callbacks = [QuantHealth(every=int(cfg.quant_health_every))]
     if int(cfg.method.get("regroup_every", 0) or 0) > 0:
         callbacks.append(Regroup(int(cfg.method.regroup_every)))
@@ -247,19 +272,20 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     }
     atomic_write_bytes(run_dir / "results.json", json.dumps(results, indent=1).encode())
     print_table(results)
-    log_results(cfg, results, errors, trainer.logger if trainer is not None else None)
+    log_results(cfg, results, errors, trainer.logger if trainer is not None else None,
+                run_dir / "export" if write_export else None)
     return results
 
 
 def log_results(cfg: DictConfig, results: dict[str, Any], calibration_errors: list[dict] | None = None,
-                logger: Any = None) -> None:
+                logger: Any = None, export_dir: Path | None = None) -> None:
     """The summary to the configured logger (W&B offline by default) as run summary metrics, and
     the per-layer GPTQ reconstruction errors as a table where the logger keeps tables (W&B).
     `logger`: the training run's logger, so that the summary joins that run; built from the config
     when there was no training."""
     if not cfg.logger:
         return
-    logger = logger if logger is not None else instantiate(cfg.logger)
+    logger = logger if logger is not None else build_logger(cfg)
     flat = {f"ppl/{k}": v for k, v in results["ppl"].items()}
     flat.update({f"bits/{k}": v for k, v in results["bits"].items()})
     flat.update({"train_tokens": results["train_tokens"]})
@@ -268,6 +294,13 @@ def log_results(cfg: DictConfig, results: dict[str, Any], calibration_errors: li
     if calibration_errors and hasattr(logger, "log_table"):
         logger.log_table("calibration/rel_output_error", columns=["layer", "rel_output_error"],
                          data=[[e["layer"], e["rel_output_error"]] for e in calibration_errors])
+    if export_dir is not None and cfg.get("log_export_artifact", True) and hasattr(logger.experiment, "log_artifact"):
+        import wandb  # the packed export as a model artifact (log_export_artifact=false for large models)
+
+        meta = {"method": results["method"], "bits": results["bits"], "ppl": results["ppl"]}
+        artifact = wandb.Artifact(f"export-{logger.experiment.id}", type="model", metadata=meta)
+        artifact.add_dir(str(export_dir))
+        logger.experiment.log_artifact(artifact)
     logger.finalize("success")
     if hasattr(logger, "experiment") and hasattr(logger.experiment, "finish"):
         logger.experiment.finish()

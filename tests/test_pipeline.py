@@ -378,3 +378,23 @@ def test_export_size_matches_storage_bits_and_eval_cli(method, compose, tmp_path
     bad = subprocess.run([sys.executable, str(ROOT / "eval.py"), f"run_dir={tmp_path / 'nope'}"],
                          capture_output=True, text=True, env=env, cwd=ROOT)
     assert bad.returncode == 2 and "is not a run folder" in bad.stderr.strip().splitlines()[-1]
+
+
+def test_wandb_run_is_named_tagged_and_gets_the_export_artifact(compose, tmp_path, monkeypatch):
+    """W&B offline: the run's name and tags come from the method and init; the export is logged
+    as a model artifact."""
+    from qat.pipeline import wandb_run_fields
+
+    cfg = compose(["method=dyngroup", "method.groups=4", "init=rtn"])
+    fields = wandb_run_fields(cfg)
+    assert fields["name"].startswith("dyngroup-rtn") and "groups=4" in fields["tags"] and fields["group"] is None
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    res, _ = run_cfg(compose, tmp_path, ["logger=wandb", f"logger.save_dir={tmp_path}", "method=rtn_binary", "init=rtn",
+                                         "trainer.max_steps=2"])
+    assert res["status"] == "ok"
+    (run,) = (tmp_path / "wandb").glob("offline-run-*")
+    import re
+
+    data = b"".join(f.read_bytes() for f in run.glob("*.wandb"))  # the offline run's record stream
+    assert b"rtn_binary-rtn" in data  # the run's name
+    assert re.search(rb"export-[a-z0-9]{6,}", data)  # the export artifact, named after the run id
