@@ -4,7 +4,7 @@ PIP     := .venv/bin/pip
 STAMP   := .venv/.setup-stamp
 ARGS    ?=
 
-.PHONY: help setup train test test-gpu lint bench sass clean
+.PHONY: help setup train test test-gpu lint bench sass report clean
 
 help: ## this list
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -27,6 +27,9 @@ test: setup ## set up, run the tests (CPU; GPU tests skip without a GPU)
 
 test-gpu: ## the kernel tests on a GPU machine (torch only)
 	python3 -m pytest -q tests/test_kernels.py
+
+report: setup ## markdown table + Pareto plot (PNG) of run folders: make report RUNS="outputs/x multirun/y" [PLOT=pareto.png]
+	$(PY) -m qat.eval.report $(RUNS) --plot $(or $(PLOT),pareto.png)
 
 lint: setup ## ruff
 	$(PY) -m ruff check qat tests train.py eval.py benchmarks

@@ -42,6 +42,18 @@ def evaluate(cfg: DictConfig) -> dict:
     results = run_dir / "results.json"
     if results.exists() and own_data:
         out["ppl_final_recorded"] = json.loads(results.read_text())["ppl"]["final"]
+    if cfg.lm_eval.tasks:
+        from qat.eval.harness import run_lm_eval
+
+        le = cfg.lm_eval
+        out["lm_eval"] = run_lm_eval(model, tok, list(le.tasks), le.include_path, le.limit, le.num_fewshot,
+                                     int(le.batch_size), cfg.device)
+        if results.exists():  # the accuracies join the run's results
+            from qat.fetch import atomic_write_bytes
+
+            recorded = json.loads(results.read_text())
+            recorded["lm_eval"] = out["lm_eval"]
+            atomic_write_bytes(results, json.dumps(recorded, indent=1).encode())
     print(json.dumps(out, indent=1))
     return out
 

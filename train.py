@@ -13,12 +13,14 @@ from qat.errors import QATError, TrainingDiverged
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
-def main(cfg: DictConfig) -> dict:
+def main(cfg: DictConfig) -> float:
+    """Returns the objective of a sweep (Hydra's Optuna sweeper minimizes it): the last validation
+    perplexity of training, never the test split's; NaN when the run did not validate."""
     from qat.pipeline import run
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
-        return run(cfg, run_dir)
+        return float(run(cfg, run_dir).get("ppl", {}).get("val_last", float("nan")))
     except QATError as e:
         # no half-written run folder: a failed run leaves nothing behind
         shutil.rmtree(run_dir, ignore_errors=True)

@@ -254,6 +254,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         if not trainer.is_global_zero:  # the other DDP ranks stop here: rank 0 evaluates and exports
             return {"status": "ok", "rank": trainer.global_rank}
 
+    # the last validation perplexity of training (fake-quant): the sweeps' objective, not the test split
+    val = trainer.callback_metrics.get("val/ppl") if trainer is not None else None
+    ppl_val = float(val) if val is not None else None
     model = convert(model.float())
     ppl_final, _ = ppl(model, "ppl final (packed)")
     bits = bits_report(model) or {"weight": 16.0, "storage": 16.0}
@@ -265,7 +268,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     results = {
         "method": method.name, "init": cfg.init.name, "model": loaded.name,
         "salient_ratio": getattr(method, "salient_ratio", None),
-        "ppl": {"fp": ppl_fp, "init": ppl_init, "final": ppl_final, **({"ptq": ppl_ptq} if ppl_ptq else {})},
+        "ppl": {"fp": ppl_fp, "init": ppl_init, "final": ppl_final, **({"ptq": ppl_ptq} if ppl_ptq else {}),
+                **({"val_last": ppl_val} if ppl_val is not None else {})},
         "eval_tokens": eval_tokens,
         "bits": {"weight": bits["weight"], "storage": bits["storage"]},
         "train_tokens": train_tokens, "seconds": seconds, "status": "ok",

@@ -15,7 +15,7 @@ def test_every_yaml_composes(compose, group, option):
 
     resolved = OmegaConf.to_container(cfg, resolve=False)
     assert resolved["method"]["name"]
-    if group == "experiment":
+    if group in ("experiment", "hparams_search"):
         assert cfg.trainer.max_steps > 0
 
 
@@ -40,3 +40,13 @@ def test_gpu_headline_preset_scales_the_cpu_recipe(compose):
     assert gpu.trainer.accelerator == "gpu" and gpu.trainer.precision == "bf16-mixed"
     tokens = lambda c: c.trainer.max_steps * c.data.batch_size * c.data.seq_len
     assert tokens(gpu) > 20 * tokens(cpu)
+
+
+def test_sweep_presets_sweep_what_they_say(compose):
+    grid = compose(["experiment=grid_pbllm"])
+    assert grid.hydra.mode.name == "MULTIRUN" and grid.method.name == "pbllm_qat"
+    assert grid.hydra.sweeper.params.salient_ratio == "0.05,0.1,0.2,0.3"
+    optuna = compose(["hparams_search=qat_optuna"])
+    assert "optuna" in optuna.hydra.sweeper._target_.lower() and optuna.hydra.sweeper.direction == "minimize"
+    assert set(optuna.hydra.sweeper.params) == {"optim.lr", "method.ste_clip", "distill.temperature"}
+    assert optuna.trainer.val_check_interval == optuna.trainer.max_steps  # the objective is measured

@@ -26,7 +26,7 @@ def test_end_to_end_tiny_writes_results_and_export(compose, tmp_path):
     assert on_disk == json.loads(json.dumps(res))
     for key in ("method", "init", "model", "salient_ratio", "eval_tokens", "train_tokens", "status"):
         assert key in on_disk
-    assert set(on_disk["ppl"]) == {"fp", "init", "final"} and set(on_disk["bits"]) == {"weight", "storage"}
+    assert set(on_disk["ppl"]) == {"fp", "init", "final", "val_last"} and set(on_disk["bits"]) == {"weight", "storage"}
     assert on_disk["train_tokens"] == 6 * 2 * 64
     assert on_disk["bits"]["storage"] > on_disk["bits"]["weight"] > 1
     assert (tmp_path / "export" / "model.safetensors").exists()
@@ -398,3 +398,18 @@ def test_wandb_run_is_named_tagged_and_gets_the_export_artifact(compose, tmp_pat
     data = b"".join(f.read_bytes() for f in run.glob("*.wandb"))  # the offline run's record stream
     assert b"rtn_binary-rtn" in data  # the run's name
     assert re.search(rb"export-[a-z0-9]{6,}", data)  # the export artifact, named after the run id
+
+
+def test_optuna_sweep_minimizes_the_validation_perplexity_train_py_returns(tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    sweep = tmp_path / "sweep"
+    env = dict(os.environ, WANDB_MODE="disabled")
+    res = subprocess.run([sys.executable, str(ROOT / "train.py"), "hparams_search=qat_optuna", *TINY, "init=rtn",
+                          "trainer.max_steps=2", "hydra.sweeper.n_trials=2", f"hydra.sweep.dir={sweep}"],
+                         capture_output=True, text=True, env=env, cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-3000:]
+    best = (sweep / "optimization_results.yaml").read_text()
+    assert "best_value" in best and "optim.lr" in best
+    runs = sorted(sweep.glob("*/results.json"))
+    values = [json.loads(r.read_text())["ppl"]["val_last"] for r in runs]
+    assert len(values) == 2 and f"best_value: {min(values)}" in best

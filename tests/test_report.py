@@ -21,3 +21,17 @@ def test_report_reads_a_multirun_folder_and_skips_other_files(tmp_path):
     table = markdown_table(rows)
     assert "| 150.0 |" in table and "| diverged |" in table
     assert "2026-11-24/10-00-00/0-pbllm_qat" in table
+
+
+def test_pareto_front_and_plot(tmp_path):
+    import pytest
+
+    from qat.eval.report import pareto_front, plot_pareto
+
+    assert pareto_front([(3.0, 40.0), (1.0, 900.0), (2.9, 125.0), (3.1, 35.0), (2.0, 950.0)]) == [
+        (1.0, 900.0), (2.9, 125.0), (3.0, 40.0), (3.1, 35.0)]
+    pytest.importorskip("matplotlib")
+    rows = [{"run": f"r{i}", "method": m, "status": "ok", "ppl": {"fp": 24.1, "final": p}, "bits": {"storage": b}}
+            for i, (m, b, p) in enumerate([("pbllm_qat", 2.9, 125.0), ("dyngroup", 3.1, 35.0), ("gptq", 3.3, 189.0)])]
+    plot_pareto(rows, str(tmp_path / "pareto.png"))
+    assert (tmp_path / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

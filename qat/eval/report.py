@@ -1,6 +1,8 @@
-"""A markdown table of runs from their results.json files.
+"""A markdown table of runs from their results.json files, and the perplexity-vs-storage-bits
+Pareto plot (`--plot out.png`, needs matplotlib: pip install -e '.[notebooks]').
 
-  python -m qat.eval.report outputs/sweep/* outputs/ptq/* multirun/2026-11-24
+  python -m qat.eval.report outputs/sweep/* outputs/ptq/* multirun/2026-11-24 [--plot pareto.png]
+  make report RUNS="outputs/ablation multirun/2026-11-24" [PLOT=pareto.png]
 """
 from __future__ import annotations
 
@@ -49,5 +51,53 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The (bits, ppl) points no other point beats on both: fewer or equal bits and lower ppl."""
+    front, best = [], float("inf")
+    for bits, ppl in sorted(points):
+        if ppl < best:
+            front.append((bits, ppl))
+            best = ppl
+    return front
+
+
+def plot_pareto(rows: list[dict], path: str) -> None:
+    """Final perplexity (log) against storage bits per weight, one labelled point per run, the
+    Pareto front as a line, fp as a dashed level."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise SystemExit("--plot needs matplotlib: pip install -e '.[notebooks]'") from None
+    done = [r for r in rows if r.get("status", "ok") == "ok" and r.get("bits") and r["ppl"].get("final")]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for method in sorted({r["method"] for r in done}):
+        pts = [(r["bits"]["storage"], r["ppl"]["final"], r["run"]) for r in done if r["method"] == method]
+        ax.scatter([p[0] for p in pts], [p[1] for p in pts], label=method)
+        for b, p, name in pts:
+            ax.annotate(name, (b, p), fontsize=6, alpha=0.7)
+    front = pareto_front([(r["bits"]["storage"], r["ppl"]["final"]) for r in done])
+    ax.plot([b for b, _ in front], [p for _, p in front], "k--", lw=0.8, label="Pareto front")
+    if done:
+        ax.axhline(done[0]["ppl"]["fp"], color="grey", ls=":", label="fp")
+    ax.set_xlabel("storage bits per quantized weight (packed tensors)")
+    ax.set_ylabel("test perplexity (log)")
+    ax.set_yscale("log")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 if __name__ == "__main__":
-    print(markdown_table(load_results(sys.argv[1:])))
+    args = sys.argv[1:]
+    plot = None
+    if "--plot" in args:
+        i = args.index("--plot")
+        plot = args[i + 1]
+        args = args[:i] + args[i + 2:]
+    rows = load_results(args)
+    print(markdown_table(rows))
+    if plot:
+        plot_pareto(rows, plot)
+        print(f"wrote {plot}", file=sys.stderr)

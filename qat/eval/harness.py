@@ -1,0 +1,37 @@
+"""Zero-shot accuracy with lm-evaluation-harness, through its own HFLM wrapper, on any model this
+project builds (packed export, fake-quant or fp). Hub tasks download their datasets (network);
+a task of local files (lm-eval's `include_path` + a yaml with `dataset_path: json`) runs offline.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from qat.errors import QATError
+
+
+def run_lm_eval(model: nn.Module, tokenizer: Any, tasks: list[str], include_path: str | None = None,
+                limit: int | None = None, num_fewshot: int | None = None, batch_size: int = 1,
+                device: str = "cpu") -> dict[str, dict[str, float]]:
+    """{task: {metric: value}} for every task (and group) lm-eval reports."""
+    try:
+        import lm_eval
+        from lm_eval.models.huggingface import HFLM
+        from lm_eval.tasks import TaskManager
+    except ImportError:
+        raise QATError("lm_eval.tasks needs lm-evaluation-harness: pip install -e '.[eval]'") from None
+    if not hasattr(tokenizer, "save_pretrained"):  # the tiny model's ByteTokenizer
+        from qat.models.tokenizer import hf_byte_tokenizer
+
+        tokenizer = hf_byte_tokenizer()
+    manager = TaskManager(include_path=include_path)
+    unknown = [t for t in tasks if t not in manager.all_tasks]
+    if unknown:
+        raise QATError(f"lm_eval.tasks: unknown task(s) {unknown}; see `lm_eval --tasks list`, or give "
+                       "lm_eval.include_path=<folder of task yamls>")
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
+    out = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, limit=limit,
+                                  num_fewshot=num_fewshot)
+    return {task: {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and k != "alias"}
+            for task, metrics in out["results"].items()}

@@ -1,0 +1,46 @@
+"""lm-evaluation-harness on an export, offline: a local multiple-choice task of json lines."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("lm_eval")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def local_task(folder: Path) -> Path:
+    """A 6-question multiple-choice task whose right answer repeats the question's last word."""
+    folder.mkdir(parents=True)
+    docs = [{"question": f"the word is {w}. again:", "choices": [f" {w}", " zebra", " qqqq"], "answer": 0}
+            for w in ("river", "city", "music", "water", "light", "king")]
+    (folder / "data.jsonl").write_text("\n".join(json.dumps(d) for d in docs))
+    (folder / "qat_tiny_choice.yaml").write_text(
+        "task: qat_tiny_choice\n"
+        "dataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {folder / 'data.jsonl'}\n"
+        "test_split: test\n"
+        "output_type: multiple_choice\n"
+        'doc_to_text: "{{question}}"\n'
+        'doc_to_choice: "{{choices}}"\n'
+        'doc_to_target: "{{answer}}"\n'
+        "metric_list:\n  - metric: acc\n")
+    return folder
+
+
+def test_eval_cli_runs_lm_eval_on_the_packed_export_and_records_it(compose, tmp_path):
+    from qat.pipeline import run
+
+    run_dir = tmp_path / "run"
+    cfg = compose(["model=tiny", "data=tiny", "logger=none", "eval.max_windows=2", "eval.seq_len=64",
+                   "init=rtn", "trainer.max_steps=0", f"hydra.run.dir={run_dir}"])
+    run(cfg, run_dir)
+    tasks = local_task(tmp_path / "tasks")
+    out = subprocess.run([sys.executable, "eval.py", f"run_dir={run_dir}", "lm_eval.tasks=[qat_tiny_choice]",
+                          f"lm_eval.include_path={tasks}"], capture_output=True, text=True, cwd=ROOT,
+                         env=dict(os.environ, WANDB_MODE="disabled", HF_DATASETS_OFFLINE="1"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    acc = json.loads((run_dir / "results.json").read_text())["lm_eval"]["qat_tiny_choice"]
+    assert 0.0 <= acc["acc,none"] <= 1.0 and "acc_stderr,none" in acc
