@@ -20,7 +20,10 @@ def main(cfg: DictConfig) -> float:
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
-        return float(run(cfg, run_dir).get("ppl", {}).get("val_last", float("nan")))
+        results = run(cfg, run_dir)
+        if results.get("status") == "plan":  # plan=true: nothing ran, nothing is kept
+            shutil.rmtree(run_dir, ignore_errors=True)
+        return float(results.get("ppl", {}).get("val_last", float("nan")))
     except QATError as e:
         # no half-written run folder: a failed run leaves nothing behind
         shutil.rmtree(run_dir, ignore_errors=True)

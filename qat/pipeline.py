@@ -167,6 +167,12 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """One run: returns the results dict it also writes to run_dir/results.json."""
     validate(cfg)
     method = method_from_cfg(cfg)
+    if cfg.get("plan"):
+        from qat.plan import plan_memory, print_plan
+
+        plan = plan_memory(cfg)
+        print_plan(plan)
+        return {"status": "plan", "plan": plan}
     started = time.time()
     loaded = load_model(OmegaConf.to_container(cfg.model, resolve=True))
     model = loaded.model

@@ -413,3 +413,22 @@ def test_optuna_sweep_minimizes_the_validation_perplexity_train_py_returns(tmp_p
     runs = sorted(sweep.glob("*/results.json"))
     values = [json.loads(r.read_text())["ppl"]["val_last"] for r in runs]
     assert len(values) == 2 and f"best_value: {min(values)}" in best
+
+
+def test_memory_plan_prints_per_device_parts_and_leaves_no_run_folder(compose, tmp_path):
+    from qat.plan import plan_memory
+
+    base = ["model=tiny", "data=tiny", "trainer.devices=4"]
+    ddp = plan_memory(compose(base + ["+trainer.strategy=ddp"]))
+    fsdp = plan_memory(compose(base + ["+trainer.strategy=fsdp"]))
+    none = plan_memory(compose(base + ["+trainer.strategy=ddp", "distill=none"]))
+    n = ddp["quantized_weights"]
+    assert ddp["per_device_gib"]["latent weights (fp32, trained)"] * 2**30 == 4 * n
+    assert ddp["per_device_gib"]["frozen method buffers"] * 2**30 == 2 * n  # mask + code per weight
+    assert fsdp["per_device_gib"]["optimizer state"] == ddp["per_device_gib"]["optimizer state"] / 4
+    assert fsdp["total_per_device_gib"] < ddp["total_per_device_gib"]
+    assert none["per_device_gib"]["teacher (frozen fp copy)"] == 0 < ddp["per_device_gib"]["teacher (frozen fp copy)"]
+    run_dir = tmp_path / "run"
+    res = cli(["plan=true"], run_dir)
+    assert res.returncode == 0 and "total per device" in res.stdout
+    assert not run_dir.exists()
