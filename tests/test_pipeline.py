@@ -176,7 +176,7 @@ def cli(args, tmp_path):
 
 
 @pytest.mark.parametrize("args,needle", [
-    (["method.name=bogus"], "unknown method 'bogus'; allowed: dyngroup, fp16, gptq, pbllm_qat, rtn_binary"),
+    (["method.name=bogus"], "unknown method 'bogus'; allowed: dyngroup, fp16, gptq, pbllm_qat, rtn_binary, w11a14"),
     (["salient_ratio=1.5"], "salient_ratio=1.5: must be a number >= 0 and < 1"),
     (["model=hf", "model.name_or_path=/no/such/model"], "model.name_or_path='/no/such/model': no such folder"),
     (["eval.seq_len=0"], "eval.seq_len=0: must be an integer > 0"),
@@ -352,7 +352,8 @@ def test_ptq_cache_is_keyed_on_the_weights_not_the_name(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("method", [["method=pbllm_qat", "salient_ratio=0.1"],
-                                    ["method=dyngroup", "method.groups=4", "init=rtn"]])
+                                    ["method=dyngroup", "method.groups=4", "init=rtn"],
+                                    ["method=w11a14", "init=rtn"]])
 def test_export_size_matches_storage_bits_and_eval_cli(method, compose, tmp_path):
     from safetensors import safe_open
 

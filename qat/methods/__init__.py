@@ -1,19 +1,29 @@
-"""Method registry: name -> config dataclass. Adding a method = one file here + one yaml."""
+"""Method registry: name -> config dataclass. Adding a method = one file in this package (a
+Method subclass with its own `name`) + one yaml in conf/method/: every module here is imported
+and every named subclass registered; no list to edit."""
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from typing import Any
 
 from qat.errors import QATError, check_choice
 from qat.methods.base import Method
-from qat.methods.dyngroup import DynamicGrouping
-from qat.methods.fp16 import FP16
-from qat.methods.kbit import KBit
-from qat.methods.pbllm import PartialBinary, RTNBinary
+from qat.quant.activations import ACT_BITS
 
-REGISTRY: dict[str, type[Method]] = {cls.name: cls for cls in (FP16, RTNBinary, PartialBinary, KBit, DynamicGrouping)}
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
+
+
+def _subclasses(cls: type) -> list[type]:
+    return [c for sub in cls.__subclasses__() for c in (sub, *_subclasses(sub))]
+
+
+REGISTRY: dict[str, type[Method]] = {cls.name: cls for cls in _subclasses(Method) if cls.name != "base"}
 
 
 def register(cls: type[Method]) -> type[Method]:
+    """For a method defined outside this package (a user's own module)."""
     REGISTRY[cls.name] = cls
     return cls
 
@@ -27,6 +37,7 @@ def build_method(name: str, **params: Any) -> Method:
     except TypeError as e:
         raise QATError(f"bad parameters for method {name!r}: {e}") from None
     method.validate()
+    check_choice("method.act_bits", method.act_bits, list(ACT_BITS))
     return method
 
 

@@ -1,6 +1,7 @@
 """What a quantization method supplies to the generic QATLinear / PackedLinear.
 
-A method is a small config object with four functions:
+A method is a small config object with four functions (and `act_bits`: its inputs' precision,
+which QATLinear fake-quantizes with a learnable clipping factor and PackedLinear quantizes for real):
   init_state(weight, hessian)   -> buffers for the training form (the PTQ "rtn" seed)
   fake_quant(latent, buffers)   -> the weight the training form multiplies with (STE inside)
   pack(latent, buffers)         -> the tensors the inference form stores
@@ -10,7 +11,7 @@ QATLinear and PackedLinear never look at a method's name.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -36,9 +37,26 @@ def check_group_size(group_size: int, name: str, in_features: int, gptq_block: i
 class Method:
     name: ClassVar[str] = "base"
     quantizes: ClassVar[bool] = True  # False: the layer stays an nn.Linear (the fp reference)
+    # True: packed_linear quantizes its input itself (e.g. INT4 bit planes); else PackedLinear
+    # hands it the fake-quantized activation
+    packs_activations: ClassVar[bool] = False
+    act_bits: int = 16  # inputs per token asymmetric INT-k (4 or 8; 16: not quantized), any method
 
     def validate(self) -> None:
         """Raise QATError on a bad setting."""
+
+    # -- GPTQ hooks (init=gptq_hessian): a method that sets supports_gptq implements both --------
+    supports_gptq: ClassVar[bool] = False
+
+    def gptq_quantizer(self, weight: Tensor, denominator: Tensor, block_size: int = 128,
+                       hdiag: Tensor | None = None) -> Any:
+        """The column quantizer GPTQ runs with (qat.ptq.gptq.Quantizer). `denominator`: the Hessian
+        saliency's d_j; `hdiag`: diag(H), for methods that weight by it."""
+        raise NotImplementedError
+
+    def state_from_gptq(self, result: Any, quantizer: Any) -> dict[str, Tensor]:
+        """The QATLinear state whose fake_quant is GPTQ's output (result.quantized) exactly."""
+        raise NotImplementedError
 
     def check_layer(self, name: str, out_features: int, in_features: int, gptq_block: int | None) -> None:
         """Raise QATError if this method cannot quantize a layer of this shape (checked for every

@@ -44,6 +44,7 @@ def id_planes(n_groups: int) -> int:
 @dataclass
 class DynamicGrouping(Method):
     name: ClassVar[str] = "dyngroup"
+    supports_gptq: ClassVar[bool] = True
     groups: int = 4              # G: at most this many scales per matrix (or row)
     algorithm: str = "windowed"  # dp | greedy | windowed
     window: int = 64             # sorted magnitudes per initial window (windowed)
@@ -96,7 +97,8 @@ class DynamicGrouping(Method):
         return ste_sign(latent, self.ste_clip) * gather_scales(self.scales(latent, ids), ids)
 
     # -- GPTQ (init=gptq_hessian) ----------------------------------------------------------------
-    def gptq_quantizer(self, weight: Tensor, denominator: Tensor, block_size: int = 128) -> GroupedBinaryQuantizer:
+    def gptq_quantizer(self, weight: Tensor, denominator: Tensor, block_size: int = 128,
+                       hdiag: Tensor | None = None) -> GroupedBinaryQuantizer:
         """Levels fixed up front from the data-free grouping of the initial weights."""
         ids = self.grouping(weight)
         levels = group_scales(weight.float(), ids, self.groups, self.scope).to(torch.float16).float()

@@ -24,6 +24,7 @@ from qat.quant.kbit import fake_quant_kbit, kbit_codes, minmax_params, pack_code
 @dataclass
 class KBit(Method):
     name: ClassVar[str] = "gptq"
+    supports_gptq: ClassVar[bool] = True
     bits: int = 4
     group_size: int = 0   # 0: per row
     act_order: bool = False
@@ -50,7 +51,8 @@ class KBit(Method):
         s, z = self._params(weight)
         return {"latent": weight.detach().clone(), "scale": s, "zero": z}
 
-    def gptq_quantizer(self, weight: Tensor, denominator: Tensor, block_size: int = 128) -> KBitQuantizer:
+    def gptq_quantizer(self, weight: Tensor, denominator: Tensor, block_size: int = 128,
+                       hdiag: Tensor | None = None) -> KBitQuantizer:
         return KBitQuantizer(weight.float(), self.bits, self.group_size)
 
     def state_from_gptq(self, result: GPTQResult, quantizer: KBitQuantizer) -> dict[str, Tensor]:

@@ -45,6 +45,7 @@ def salient_position_bits(out_f: int, in_f: int, nnz: int) -> dict[int, int]:
 @dataclass
 class PartialBinary(Method):
     name: ClassVar[str] = "pbllm_qat"
+    supports_gptq: ClassVar[bool] = True
     salient_ratio: float = 0.1
     salient_bits: int = 8
     salient_metric: str = "magnitude"
@@ -85,7 +86,8 @@ class PartialBinary(Method):
         return {"latent": weight.detach().clone(), **self.salient_buffers(weight, mask)}
 
     # -- PB-GPTQ (init=gptq_hessian) -----------------------------------------------------------
-    def gptq_quantizer(self, weight: Tensor, denominator: Tensor, block_size: int = 128) -> PartialBinaryQuantizer:
+    def gptq_quantizer(self, weight: Tensor, denominator: Tensor, block_size: int = 128,
+                       hdiag: Tensor | None = None) -> PartialBinaryQuantizer:
         """Quantizes with the parameters this method stores (see PartialBinaryQuantizer)."""
         return PartialBinaryQuantizer(weight, self.salient_ratio, self.salient_bits,
                                       denominator if self.salient_metric == "hessian" else None,

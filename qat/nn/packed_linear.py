@@ -6,6 +6,7 @@ from torch import Tensor, nn
 
 from qat.methods.base import Method
 from qat.nn.qat_linear import QATLinear, set_submodule
+from qat.quant.activations import fake_quant_act
 from qat.quant.bits import tensor_bits
 
 
@@ -26,6 +27,8 @@ class PackedLinear(nn.Module):
         return {name: getattr(self, name) for name in self.packed_names}
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.method.act_bits < 16 and not self.method.packs_activations:
+            x = fake_quant_act(x, self.method.act_bits, self.act_clip)  # real per-token INT-k values
         y = self.method.packed_linear(x, self.packed(), self.in_features)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
@@ -44,6 +47,8 @@ def convert(model: nn.Module) -> nn.Module:
     for name, m in list(model.named_modules()):
         if isinstance(m, QATLinear):
             packed = m.method.pack(m.weight.detach(), m.quant_buffers())
+            if m.method.act_bits < 16:
+                packed["act_clip"] = torch.sigmoid(m.act_clip.detach()).float().reshape(1)
             bias = None if m.bias is None else m.bias.detach().clone()
             set_submodule(model, name, PackedLinear(m.in_features, m.out_features, m.method, packed, bias))
     return model

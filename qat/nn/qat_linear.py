@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from qat.methods.base import Method
+from qat.quant.activations import ACT_CLIP_INIT, fake_quant_act
 
 
 class QATLinear(nn.Module):
@@ -21,6 +22,8 @@ class QATLinear(nn.Module):
         self.buffer_names = [k for k in state if k != "latent"]
         for name in self.buffer_names:
             self.register_buffer(name, state[name])
+        if method.act_bits < 16:  # the inputs' clipping factor, sigmoid(act_clip), trained in QAT
+            self.act_clip = nn.Parameter(torch.tensor(ACT_CLIP_INIT, device=state["latent"].device))
 
     def quant_buffers(self) -> dict[str, Tensor]:
         return {name: getattr(self, name) for name in self.buffer_names}
@@ -29,6 +32,8 @@ class QATLinear(nn.Module):
         return self.method.fake_quant(self.weight, self.quant_buffers())
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.method.act_bits < 16:
+            x = fake_quant_act(x, self.method.act_bits, torch.sigmoid(self.act_clip))
         w = self.quantized_weight()
         return F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 

@@ -24,6 +24,7 @@ from qat.methods.base import Method
 from qat.nn.qat_linear import quantizable_linears
 from qat.ptq.calibrate import sequential_quantize
 from qat.ptq.gptq import SALIENCY_KINDS, gptq, inverse_hessian_factor, prepare_hessian, saliency_denominator
+from qat.quant.activations import ACT_CLIP_INIT, fake_quant_act
 
 log = logging.getLogger(__name__)
 INITIALIZERS = ["rtn", "gptq_hessian"]
@@ -52,7 +53,7 @@ def _cache_key(model: nn.Module, method: Method, init_cfg: dict, skip: list[str]
 
 def gptq_hessian_states(model: nn.Module, method: Method, init_cfg: dict, skip: list[str],
                         calib: Tensor) -> tuple[dict, list[dict]]:
-    if not hasattr(method, "gptq_quantizer"):
+    if not method.supports_gptq:
         raise QATError(f"init=gptq_hessian is not available for method={method.name!r}")
     block, percdamp = int(init_cfg.get("block_size", 128)), float(init_cfg.get("percdamp", 0.01))
     act_order = bool(getattr(method, "act_order", False) or init_cfg.get("act_order", False))
@@ -69,7 +70,7 @@ def gptq_hessian_states(model: nn.Module, method: Method, init_cfg: dict, skip: 
         W, Hp = prepare_hessian(lin.weight.detach(), H)
         try:
             U, _, _ = inverse_hessian_factor(Hp, percdamp)
-            quantizer = method.gptq_quantizer(W, saliency_denominator(U, saliency), block)
+            quantizer = method.gptq_quantizer(W, saliency_denominator(U, saliency), block, hdiag=torch.diag(Hp))
             result = gptq(W, H, quantizer, block_size=block, percdamp=percdamp, act_order=act_order)
         except torch.linalg.LinAlgError:
             # numerically indefinite even after the damping retries: this layer gets the
@@ -85,8 +86,20 @@ def gptq_hessian_states(model: nn.Module, method: Method, init_cfg: dict, skip: 
         buffers = {k: v for k, v in state.items() if k != "latent"}
         return method.fake_quant(state["latent"], buffers)
 
-    states, errors = sequential_quantize(model, calib, skip, quantize, fake_quant,
-                                         true_sequential=bool(init_cfg.get("true_sequential", True)))
+    # a method that quantizes its inputs sees them quantized here too: the Hessians are those of
+    # the INT-k activations, and later layers run on them (the clip at its QAT starting value)
+    hooks = []
+    if method.act_bits < 16:
+        clip = torch.sigmoid(torch.tensor(ACT_CLIP_INIT))
+        hooks = [lin.register_forward_pre_hook(
+                 lambda _m, args: (fake_quant_act(args[0], method.act_bits, clip), *args[1:]))
+                 for _, lin in quantizable_linears(model, skip)]
+    try:
+        states, errors = sequential_quantize(model, calib, skip, quantize, fake_quant,
+                                             true_sequential=bool(init_cfg.get("true_sequential", True)))
+    finally:
+        for h in hooks:
+            h.remove()
     for row in errors:
         if row["layer"] in fallbacks:
             row["fallback"] = "rtn"

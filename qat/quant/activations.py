@@ -1,4 +1,9 @@
-"""A(1×4): per-token INT4 activations decomposed into 4 binary planes (methods.md §6)."""
+"""Activation quantization: per-token asymmetric k-bit (A4 = INT4), and A(1×4), INT4 activations
+decomposed into 4 binary planes (methods.md §6).
+
+The clipping factor c in (0, 1] (a learnable logit per layer, c = sigmoid(logit), OmniQuant-style)
+shrinks each token's [min, max] range before the grid is laid on it: x ≈ s·(q − z).
+"""
 from __future__ import annotations
 
 import torch
@@ -6,16 +11,38 @@ from torch import Tensor
 
 from qat.quant.packing import pack_bits
 
+ACT_BITS = (4, 8, 16)       # 16: activations stay as they are
+ACT_CLIP_INIT = 4.0         # logit of the clipping factor at the start: sigmoid(4) = 0.982
 
-def int4_per_token(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """x ≈ s·(q − z), q in [0, 15], per row of x [M, K]. Returns (q int, s [M], z [M])."""
+
+def round_ste(x: Tensor) -> Tensor:
+    return x + (torch.round(x) - x).detach()
+
+
+def quantize_act_per_token(x: Tensor, bits: int, clip: Tensor | float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
+    """Per row of x [..., K]: x ≈ s·(q − z), q in [0, 2^bits − 1] (returned as float through the
+    rounding STE, so that s and the clip get gradients). Returns (q, s [..., 1], z [..., 1])."""
+    qmax = 2**bits - 1
     xf = x.float()
-    lo = xf.amin(dim=1).clamp(max=0.0)
-    hi = xf.amax(dim=1).clamp(min=0.0)
-    s = ((hi - lo) / 15).clamp_min(1e-8)
-    z = torch.round(-lo / s).clamp(0, 15)
-    q = torch.clamp(torch.round(xf / s[:, None]) + z[:, None], 0, 15).to(torch.int32)
+    lo = xf.amin(dim=-1, keepdim=True).clamp(max=0.0) * clip
+    hi = xf.amax(dim=-1, keepdim=True).clamp(min=0.0) * clip
+    s = ((hi - lo) / qmax).clamp_min(1e-8)
+    z = torch.clamp(round_ste(-lo / s), 0, qmax)
+    q = torch.clamp(round_ste(xf / s) + z, 0, qmax)
     return q, s, z
+
+
+def fake_quant_act(x: Tensor, bits: int, clip: Tensor | float = 1.0) -> Tensor:
+    """s·(q − z) in x's dtype: the activation the quantized layer really multiplies with."""
+    q, s, z = quantize_act_per_token(x, bits, clip)
+    return ((q - z) * s).to(x.dtype)
+
+
+def int4_per_token(x: Tensor, clip: Tensor | float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
+    """x ≈ s·(q − z), q in [0, 15], per row of x [M, K]. Returns (q int32, s [M], z [M])."""
+    with torch.no_grad():
+        q, s, z = quantize_act_per_token(x, 4, clip)
+    return q.to(torch.int32), s[..., 0], z[..., 0]
 
 
 def bit_planes(q: Tensor) -> Tensor:

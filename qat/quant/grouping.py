@@ -254,3 +254,30 @@ def group_scales(weight: Tensor, ids: Tensor, n_groups: int, scope: str = "matri
 def gather_scales(scales: Tensor, ids: Tensor) -> Tensor:
     """[rows or 1, G] scales looked up by per-weight group ids [out, in] -> [out, in]."""
     return torch.gather(scales.expand(ids.shape[0], -1), 1, ids)
+
+
+def two_level_em(mag: Tensor, weight: Tensor | None = None, iters: int = 10) -> tuple[Tensor, Tensor, list[Tensor]]:
+    """W(1+1)'s weight code (methods.md §6): per row of `mag` = |w| [rows, n], two levels
+    alpha_0 <= alpha_1 and a bit per weight, minimising sum_j h_j·(|w_j| − alpha_{g_j})² with
+    h = `weight` [n] (the calibration Hessian's diagonal; None: 1). Lloyd/EM: assign each weight to
+    the nearer level, set each level to the h-weighted mean of its members; the objective never
+    increases. Returns (bits bool [rows, n], levels [rows, 2], objective per iteration [rows])."""
+    m = mag.double()
+    h = torch.ones(m.shape[1], dtype=m.dtype, device=m.device) if weight is None else weight.double().clamp_min(0)
+    h = h.expand_as(m)
+    mean = (h * m).sum(1) / h.sum(1).clamp_min(1e-30)
+    levels = torch.stack([0.5 * mean, 1.5 * mean], dim=1)
+    history = []
+    for _ in range(max(int(iters), 1)):
+        bits = m > levels.mean(dim=1, keepdim=True)
+        for k, member in enumerate((~bits, bits)):
+            wsum = (h * member).sum(1)
+            new = (h * m * member).sum(1) / wsum.clamp_min(1e-30)
+            levels[:, k] = torch.where(wsum > 0, new, levels[:, k])  # an empty group keeps its level
+        fitted = torch.where(bits, levels[:, 1:], levels[:, :1])
+        history.append((h * (m - fitted) ** 2).sum(1))
+    # one group left (all weights equal, or all on one side): it is group 0
+    empty_low = ~(~bits).any(dim=1)
+    bits = bits & ~empty_low[:, None]
+    levels[:, 0] = torch.where(empty_low, levels[:, 1], levels[:, 0])
+    return bits, levels.to(mag.dtype), history

@@ -1,0 +1,105 @@
+"""W(1+1)A(1×4) and activation quantization for every method."""
+import pytest
+import torch
+
+from qat.errors import QATError
+from qat.methods import build_method
+from qat.models.load import tiny_llama
+from qat.nn import PackedLinear, QATLinear, convert, prepare
+from qat.ptq.gptq import gptq
+from qat.ptq.initializers import initialize
+from qat.quant.grouping import two_level_em
+
+
+def test_em_never_increases_its_weighted_objective():
+    gen = torch.Generator().manual_seed(0)
+    mag = torch.randn(16, 300, generator=gen).abs()
+    h = torch.rand(300, generator=gen) * 3
+    for weight in (None, h):
+        bits, levels, history = two_level_em(mag, weight, iters=15)
+        for before, after in zip(history, history[1:]):
+            assert bool((after <= before * (1 + 1e-12)).all())
+        assert bool((levels[:, 0] <= levels[:, 1]).all())
+        assert history[-1].sum() < history[0].sum()
+
+
+def test_one_group_is_rtn_binary():
+    w = torch.randn(8, 64)
+    method = build_method("w11a14", groups=1, act_bits=16)
+    state = method.init_state(w)
+    rtn = build_method("rtn_binary")
+    buffers = {k: v for k, v in rtn.init_state(w).items() if k != "latent"}
+    assert torch.equal(method.fake_quant(state["latent"], {"group_ids": state["group_ids"]}), rtn.fake_quant(w, buffers))
+
+
+@pytest.mark.parametrize("params", [
+    dict(name="w11a14"),                               # W(1+1)A(1x4): the bit-serial path
+    dict(name="w11a14", groups=1),
+    dict(name="w11a14", act_bits=8),
+    dict(name="w11a14", act_bits=16),
+    dict(name="pbllm_qat", salient_ratio=0.1, act_bits=4),  # any method with INT4 inputs
+    dict(name="gptq", bits=2, group_size=32, act_bits=4),
+])
+def test_packed_model_equals_fake_quant_model(params):
+    method = build_method(**params)
+    model = tiny_llama({})
+    x = torch.randint(0, 257, (2, 40))
+    prepare(model, method, initialize(model, method, "rtn", ["lm_head"]))
+    layers = [m for m in model.modules() if isinstance(m, QATLinear)]
+    if method.act_bits < 16:
+        assert all(hasattr(m, "act_clip") and m.act_clip.requires_grad for m in layers)
+    with torch.no_grad():
+        fake = model(x).logits
+        convert(model)
+        packed = model(x).logits
+    assert any(isinstance(m, PackedLinear) for m in model.modules())
+    torch.testing.assert_close(packed, fake, rtol=1e-4, atol=1e-4)
+
+
+def test_activation_quantization_is_real_and_its_clip_trains():
+    torch.manual_seed(0)
+    method = build_method("pbllm_qat", salient_ratio=0.1, act_bits=4)
+    lin = torch.nn.Linear(64, 16)
+    q = QATLinear(64, 16, method, method.init_state(lin.weight.detach()), lin.bias.detach().clone())
+    fp = QATLinear(64, 16, build_method("pbllm_qat", salient_ratio=0.1),
+                   build_method("pbllm_qat", salient_ratio=0.1).init_state(lin.weight.detach()), lin.bias.detach().clone())
+    x = torch.randn(5, 64)
+    assert not torch.allclose(q(x), fp(x))  # INT4 inputs change the output
+    q(x).pow(2).sum().backward()
+    assert q.act_clip.grad is not None and q.act_clip.grad != 0
+
+
+def test_gptq_hand_over_is_exact_and_hessian_weighting_is_used():
+    torch.manual_seed(0)
+    W = torch.randn(32, 256) * 0.02
+    X = torch.randn(512, 256) * torch.linspace(0.1, 3, 256)
+    H = 2 * X.t() @ X / X.shape[0]
+    method = build_method("w11a14")
+    quantizer = method.gptq_quantizer(W, torch.ones(256), 64, hdiag=torch.diag(H))
+    result = gptq(W, H, quantizer, block_size=64)
+    state = method.state_from_gptq(result, quantizer)
+    assert torch.equal(method.fake_quant(state["latent"], {"group_ids": state["group_ids"]}), result.quantized)
+    unweighted = method.gptq_quantizer(W, torch.ones(256), 64, hdiag=None)
+    assert not torch.equal(quantizer.levels, unweighted.levels)
+
+
+def test_calibration_sees_the_quantized_activations():
+    calib = torch.randint(0, 257, (4, 32))
+    states = {}
+    for bits in (4, 16):
+        method = build_method("pbllm_qat", salient_ratio=0.1, salient_metric="hessian", act_bits=bits)
+        states[bits] = initialize(tiny_llama({}), method, "gptq_hessian", ["lm_head"], calib, {"true_sequential": False})
+    name = "model.layers.1.mlp.down_proj"
+    assert not torch.equal(states[4][name]["latent"], states[16][name]["latent"])
+
+
+@pytest.mark.parametrize("params,needle", [
+    (dict(groups=3), "method.groups=3: W(1+1) has 1 or 2 scales per row"),
+    (dict(em_iters=-1), "method.em_iters=-1: must be an integer >= 0"),
+    (dict(act_bits=5), "unknown method.act_bits 5; allowed: 4, 8, 16"),
+    (dict(scope="matrix"), "unknown method.scope 'matrix'; allowed: row"),
+])
+def test_bad_settings_are_clear_errors(params, needle):
+    with pytest.raises(QATError) as e:
+        build_method("w11a14", **params)
+    assert needle in str(e.value)
