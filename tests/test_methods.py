@@ -25,6 +25,12 @@ def layer(method, out_f=8, in_f=64, seed=0):
     dict(name="dyngroup", groups=2, scope="row"),
     dict(name="dyngroup", groups=5, algorithm="greedy"),     # not a power of two: 3 id planes
     dict(name="dyngroup", groups=16, window=8),
+    dict(name="w11a14"),                                     # W(1+1)A(1x4): the bit-serial path
+    dict(name="w11a14", groups=1),
+    dict(name="w11a14", act_bits=8),
+    dict(name="w11a14", act_bits=16),
+    dict(name="pbllm_qat", salient_ratio=0.1, act_bits=4),   # any method with INT4 inputs
+    dict(name="gptq", bits=2, group_size=32, act_bits=4),
 ])
 def test_packed_model_equals_fake_quant_model(params):
     method = build_method(**params)
@@ -36,7 +42,7 @@ def test_packed_model_equals_fake_quant_model(params):
         convert(model)
         packed = model(x).logits
     assert any(isinstance(m, PackedLinear) for m in model.modules())
-    torch.testing.assert_close(packed, fake, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(packed, fake, rtol=1e-4, atol=1e-4)  # (INT4 bit planes: fp32 sums in another order)
 
 
 def test_salient_values_frozen_through_optimizer_steps_with_weight_decay():

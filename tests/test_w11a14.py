@@ -5,7 +5,7 @@ import torch
 from qat.errors import QATError
 from qat.methods import build_method
 from qat.models.load import tiny_llama
-from qat.nn import PackedLinear, QATLinear, convert, prepare
+from qat.nn import QATLinear
 from qat.ptq.gptq import gptq
 from qat.ptq.initializers import initialize
 from qat.quant.grouping import two_level_em
@@ -30,30 +30,6 @@ def test_one_group_is_rtn_binary():
     rtn = build_method("rtn_binary")
     buffers = {k: v for k, v in rtn.init_state(w).items() if k != "latent"}
     assert torch.equal(method.fake_quant(state["latent"], {"group_ids": state["group_ids"]}), rtn.fake_quant(w, buffers))
-
-
-@pytest.mark.parametrize("params", [
-    dict(name="w11a14"),                               # W(1+1)A(1x4): the bit-serial path
-    dict(name="w11a14", groups=1),
-    dict(name="w11a14", act_bits=8),
-    dict(name="w11a14", act_bits=16),
-    dict(name="pbllm_qat", salient_ratio=0.1, act_bits=4),  # any method with INT4 inputs
-    dict(name="gptq", bits=2, group_size=32, act_bits=4),
-])
-def test_packed_model_equals_fake_quant_model(params):
-    method = build_method(**params)
-    model = tiny_llama({})
-    x = torch.randint(0, 257, (2, 40))
-    prepare(model, method, initialize(model, method, "rtn", ["lm_head"]))
-    layers = [m for m in model.modules() if isinstance(m, QATLinear)]
-    if method.act_bits < 16:
-        assert all(hasattr(m, "act_clip") and m.act_clip.requires_grad for m in layers)
-    with torch.no_grad():
-        fake = model(x).logits
-        convert(model)
-        packed = model(x).logits
-    assert any(isinstance(m, PackedLinear) for m in model.modules())
-    torch.testing.assert_close(packed, fake, rtol=1e-4, atol=1e-4)
 
 
 def test_activation_quantization_is_real_and_its_clip_trains():
