@@ -37,6 +37,7 @@ from qat.nn import bits_report, convert, prepare, quantizable_linears
 from qat.ptq.gptq import SALIENCY_KINDS
 from qat.ptq.initializers import INITIALIZERS, initialize
 from qat.ptq.reconstruct import reconstruct_blocks
+from qat.ptq.smooth import smooth_model
 from qat.train import AtomicModelCheckpoint, LitQAT, QuantHealth, Regroup
 from qat.train.lit import OPTIMIZERS, TRAINABLE, select_trainable
 
@@ -211,8 +212,17 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     calib = None
     if init_cfg.get("needs_calibration", False):
         calib = data.calibration(int(init_cfg["n_samples"]), int(init_cfg["seq_len"]))
+    input_scales: dict = {}
+    if method.smooth and method.quantizes:  # before the PTQ seed: it quantizes the smoothed weights
+        smooth_calib = calib if calib is not None else data.calibration(
+            int(init_cfg.get("n_samples", 32)), int(init_cfg.get("seq_len", 512)))
+        input_scales, smooth_rows = smooth_model(model, smooth_calib, method, skip)
+        if rank_zero():
+            atomic_write_bytes(run_dir / "smoothing.json", json.dumps(smooth_rows, indent=1).encode())
     states = initialize(model, method, init_cfg["name"], skip, calib, init_cfg, loaded.name,
                         use_cache=bool(init_cfg.get("cache", False)))
+    for name, scale in input_scales.items():  # no norm before these linears: they keep the factor
+        states[name]["input_scale"] = scale
     errors = getattr(initialize, "last_errors", None) if calib is not None else None
     if errors and rank_zero():
         atomic_write_bytes(run_dir / "calibration_errors.json", json.dumps(errors, indent=1).encode())

@@ -26,6 +26,18 @@ def test_headline_overrides(compose):
     assert cfg.trainer.max_steps == 3 and cfg.eval.max_windows == 2 and cfg.seed == 7
 
 
+@pytest.mark.parametrize("method", sorted(y.stem for y in (CONF / "method").glob("*.yaml")))
+def test_every_method_takes_the_activation_and_smoothing_knobs(compose, method):
+    """The README's `method=<any> method.act_bits=4 method.smooth=true` composes and builds."""
+    from qat.pipeline import method_from_cfg
+
+    cfg = compose([f"method={method}", "method.act_bits=4", "method.smooth=true",
+                   "method.smooth_alphas=[0.25,0.5]"])
+    built = method_from_cfg(cfg)
+    assert built.act_bits == 4 and built.smooth is True and built.smooth_alphas == (0.25, 0.5)
+    assert built.quantizes  # fp16 with INT4 inputs is W16A4: its layers are wrapped too
+
+
 def test_experiment_preset_is_the_paper_setting(compose):
     cfg = compose(["experiment=pbllm_llama2_7b"])
     assert cfg.optim.lr == 2e-5 and cfg.optim.weight_decay == 0 and cfg.optim.name == "adamw8bit"

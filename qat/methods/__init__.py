@@ -7,7 +7,7 @@ import importlib
 import pkgutil
 from typing import Any
 
-from qat.errors import QATError, check_choice
+from qat.errors import QATError, check_choice, is_number
 from qat.methods.base import Method
 from qat.quant.activations import ACT_BITS
 
@@ -38,7 +38,18 @@ def build_method(name: str, **params: Any) -> Method:
         raise QATError(f"bad parameters for method {name!r}: {e}") from None
     method.validate()
     check_choice("method.act_bits", method.act_bits, list(ACT_BITS))
+    check_smoothing(method)
     return method
+
+
+def check_smoothing(method: Method) -> None:
+    if not isinstance(method.smooth, bool):
+        raise QATError(f"method.smooth={method.smooth!r}: must be true or false")
+    alphas = method.smooth_alphas
+    if (not isinstance(alphas, (list, tuple)) or not alphas
+            or not all(is_number(a) and 0 <= a <= 1 for a in alphas)):
+        raise QATError(f"method.smooth_alphas={alphas!r}: must be a non-empty list of numbers in [0, 1]")
+    method.smooth_alphas = tuple(float(a) for a in alphas)
 
 
 __all__ = ["REGISTRY", "Method", "QATError", "build_method", "register"]

@@ -41,12 +41,16 @@ class Method:
     # hands it the fake-quantized activation
     packs_activations: ClassVar[bool] = False
     act_bits: int = 16  # inputs per token asymmetric INT-k (4 or 8; 16: not quantized), any method
+    smooth: bool = False  # per-input-channel factors moved from the inputs into the weights (qat.ptq.smooth)
+    smooth_alphas: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)  # strengths searched
 
     def validate(self) -> None:
         """Raise QATError on a bad setting."""
 
     # -- GPTQ hooks (init=gptq_hessian): a method that sets supports_gptq implements both --------
     supports_gptq: ClassVar[bool] = False
+    # True: the state does not depend on data (fp16 weights), so every init gives the data-free one
+    data_free_only: ClassVar[bool] = False
 
     def gptq_quantizer(self, weight: Tensor, denominator: Tensor, block_size: int = 128,
                        hdiag: Tensor | None = None) -> Any:

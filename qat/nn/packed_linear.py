@@ -27,6 +27,8 @@ class PackedLinear(nn.Module):
         return {name: getattr(self, name) for name in self.packed_names}
 
     def forward(self, x: Tensor) -> Tensor:
+        if "input_scale" in self.packed_names:  # smoothing's per-channel factor (fp16)
+            x = x / self.input_scale.to(x.dtype)
         if self.method.act_bits < 16 and not self.method.packs_activations:
             x = fake_quant_act(x, self.method.act_bits, self.act_clip)  # real per-token INT-k values
         y = self.method.packed_linear(x, self.packed(), self.in_features)
@@ -49,6 +51,8 @@ def convert(model: nn.Module) -> nn.Module:
             packed = m.method.pack(m.weight.detach(), m.quant_buffers())
             if m.method.act_bits < 16:
                 packed["act_clip"] = torch.sigmoid(m.act_clip.detach()).float().reshape(1)
+            if m.input_scale is not None:
+                packed["input_scale"] = m.input_scale.half()
             bias = None if m.bias is None else m.bias.detach().clone()
             set_submodule(model, name, PackedLinear(m.in_features, m.out_features, m.method, packed, bias))
     return model

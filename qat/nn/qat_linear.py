@@ -11,7 +11,9 @@ from qat.quant.activations import ACT_CLIP_INIT, fake_quant_act
 
 class QATLinear(nn.Module):
     """`weight` is the latent full-precision parameter the STE trains; the method's state
-    (salient mask, frozen salient codes, ...) lives in buffers: no gradient, no weight decay."""
+    (salient mask, frozen salient codes, ...) lives in buffers: no gradient, no weight decay.
+    `input_scale` (optional, from smoothing where no norm could absorb it): inputs are divided
+    by it per channel before they are quantized."""
 
     def __init__(self, in_features: int, out_features: int, method: Method,
                  state: dict[str, Tensor], bias: Tensor | None = None):
@@ -19,7 +21,8 @@ class QATLinear(nn.Module):
         self.in_features, self.out_features, self.method = in_features, out_features, method
         self.weight = nn.Parameter(state["latent"])
         self.bias = nn.Parameter(bias) if bias is not None else None
-        self.buffer_names = [k for k in state if k != "latent"]
+        self.buffer_names = [k for k in state if k not in ("latent", "input_scale")]
+        self.register_buffer("input_scale", state.get("input_scale"))
         for name in self.buffer_names:
             self.register_buffer(name, state[name])
         if method.act_bits < 16:  # the inputs' clipping factor, sigmoid(act_clip), trained in QAT
@@ -32,6 +35,8 @@ class QATLinear(nn.Module):
         return self.method.fake_quant(self.weight, self.quant_buffers())
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.input_scale is not None:
+            x = x / self.input_scale.to(x.dtype)
         if self.method.act_bits < 16:
             x = fake_quant_act(x, self.method.act_bits, torch.sigmoid(self.act_clip))
         w = self.quantized_weight()

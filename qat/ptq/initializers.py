@@ -124,6 +124,8 @@ def initialize(model: nn.Module, method: Method, init: str, skip: list[str],
     if not method.quantizes:
         return {}
     init_cfg = init_cfg or {}
+    if method.data_free_only:
+        init = "rtn"
     layers = quantizable_linears(model, skip)
     states: dict[str, dict[str, Tensor]] = {}
     if init == "gptq_hessian":

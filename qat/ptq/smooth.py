@@ -1,0 +1,149 @@
+"""Smoothing (methods.md §6, SmoothQuant-style): per-input-channel factors s moved from a linear's
+inputs into its weights, y = (x / s)·(W·s)ᵀ, so that outlier channels no longer stretch every
+token's INT-k grid. The fp output is unchanged; only the quantized one differs.
+
+For each group of linears that read the same input, s_j = max|x_j|^a / max|W_:j|^(1-a), with the
+migration strength a searched on calibration tokens: the candidate with the lowest measured output
+error of the *quantized* layers (the method's data-free weights, its INT-k inputs) wins, and
+"no smoothing" is always a candidate. Where a norm feeds the group (Llama: input_layernorm ->
+q/k/v, post_attention_layernorm -> gate/up) 1/s is folded into the norm's weight (and bias); else
+(o_proj, down_proj) the linear keeps s as an explicit per-channel `input_scale` (fp16, counted in
+its storage bits). The loop is the calibration engine's: one decoder layer at a time.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from qat.errors import QATError
+from qat.methods.base import Method
+from qat.ptq.calibrate import capture_layer0_inputs, decoder_layers, run_layer
+from qat.quant.activations import ACT_CLIP_INIT, fake_quant_act
+
+log = logging.getLogger(__name__)
+
+_LLAMA = [("input_layernorm", ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]),
+          (None, ["self_attn.o_proj"]),
+          ("post_attention_layernorm", ["mlp.gate_proj", "mlp.up_proj"]),
+          (None, ["mlp.down_proj"])]
+# per architecture: (the norm that feeds the group, or None, [the linears that read its output])
+SMOOTH_GROUPS: dict[str, list[tuple[str | None, list[str]]]] = {
+    "llama": _LLAMA, "mistral": _LLAMA, "qwen2": _LLAMA, "qwen3": _LLAMA,
+    "opt": [("self_attn_layer_norm", ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]),
+            (None, ["self_attn.out_proj"]), ("final_layer_norm", ["fc1"]), (None, ["fc2"])],
+}
+
+
+def smoothing_factors(act_absmax: Tensor, weight_absmax: Tensor, strength: float) -> Tensor:
+    """s_j = max|x_j|^a / max|W_:j|^(1-a), rounded to fp16 (what the packed layer stores)."""
+    s = act_absmax.clamp_min(1e-5).pow(strength) / weight_absmax.clamp_min(1e-5).pow(1 - strength)
+    return s.clamp(1e-4, 1e4).half().float()
+
+
+def quantized_output_error(x: Tensor, weights: list[Tensor], s: Tensor | None,
+                           quantize_weight: Callable[[Tensor], Tensor], act_bits: int) -> float:
+    """Σ ||x Wᵀ − Q(x/s) Q(W·s)ᵀ||² / Σ ||x Wᵀ||² over the linears that read x (s None: no smoothing)."""
+    xs = x if s is None else x / s
+    if act_bits < 16:
+        xs = fake_quant_act(xs, act_bits, torch.sigmoid(torch.tensor(ACT_CLIP_INIT)))
+    num = den = 0.0
+    for w in weights:
+        ref = x @ w.t()
+        out = xs @ quantize_weight(w if s is None else w * s).t()
+        num += float((out - ref).pow(2).sum())
+        den += float(ref.pow(2).sum())
+    return num / max(den, 1e-12)
+
+
+def best_smoothing(x: Tensor, act_absmax: Tensor, weights: list[Tensor], strengths: list[float],
+                   quantize_weight: Callable[[Tensor], Tensor], act_bits: int) -> tuple[float | None, Tensor | None, dict]:
+    """(strength, s) with the lowest quantized output error; (None, None) when not smoothing wins."""
+    weight_absmax = torch.stack([w.abs().amax(dim=0) for w in weights]).amax(dim=0)
+    errors = {"none": quantized_output_error(x, weights, None, quantize_weight, act_bits)}
+    best, best_s, best_err = None, None, errors["none"]
+    for a in strengths:
+        s = smoothing_factors(act_absmax, weight_absmax, a)
+        errors[f"{a:g}"] = err = quantized_output_error(x, weights, s, quantize_weight, act_bits)
+        if err < best_err:
+            best, best_s, best_err = a, s, err
+    return best, best_s, errors
+
+
+class _InputStats:
+    """Per-channel max |x| over every token, and up to `keep` of the tokens (strided) for the search."""
+
+    def __init__(self, keep_per_sample: int):
+        self.absmax: Tensor | None = None
+        self.rows: list[Tensor] = []
+        self.keep = keep_per_sample
+
+    def add(self, x: Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).float()
+        m = x.abs().amax(dim=0)
+        self.absmax = m if self.absmax is None else torch.maximum(self.absmax, m)
+        self.rows.append(x[:: max(1, x.shape[0] // self.keep)][: self.keep])
+
+
+@torch.no_grad()
+def smooth_model(model: nn.Module, calib: Tensor, method: Method, skip: list[str],
+                 max_tokens: int = 2048) -> tuple[dict[str, Tensor], list[dict]]:
+    """Smooth `model` in place (method.smooth_alphas searched per group). Returns the explicit
+    input scales by linear name (hooked on those nn.Linears so the model stays fp-equivalent until
+    QATLinear takes them over) and one row per group: the chosen strength and the errors tried."""
+    model_type = getattr(model.config, "model_type", "")
+    if model_type not in SMOOTH_GROUPS:
+        raise QATError(f"method.smooth=true: no smoothing groups for model_type={model_type!r}; "
+                       f"known: {', '.join(sorted(SMOOTH_GROUPS))}")
+
+    def quantize_weight(w: Tensor) -> Tensor:
+        from qat.ptq.initializers import data_free_method  # the seed the search can run without data
+        m = data_free_method(method)
+        state = m.init_state(w)
+        return m.fake_quant(state.pop("latent", w), state).float()
+
+    prefix, layers = decoder_layers(model)
+    inputs, kwargs = capture_layer0_inputs(model, layers, calib)
+    keep = max(1, max_tokens // max(1, len(inputs)))
+    explicit: dict[str, Tensor] = {}
+    rows: list[dict] = []
+    for li, layer in enumerate(tqdm(layers, desc="smooth layers", leave=False)):
+        groups = [(norm, [n for n in names if not any(s in f"{prefix}.{li}.{n}" for s in skip)])
+                  for norm, names in SMOOTH_GROUPS[model_type]]
+        groups = [(norm, names) for norm, names in groups if names]
+        stats = {names[0]: _InputStats(keep) for _, names in groups}
+        hooks = [layer.get_submodule(n).register_forward_hook(lambda _m, inp, _o, st=st: st.add(inp[0]))
+                 for n, st in stats.items()]
+        try:
+            for x in inputs:
+                run_layer(layer, x, kwargs)
+        finally:
+            for h in hooks:
+                h.remove()
+        for norm_name, names in groups:
+            st = stats[names[0]]
+            linears = [layer.get_submodule(n) for n in names]
+            a, s, errors = best_smoothing(torch.cat(st.rows), st.absmax, [lin.weight.float() for lin in linears],
+                                          list(method.smooth_alphas), quantize_weight, method.act_bits)
+            rows.append({"layer": f"{prefix}.{li}", "linears": names, "strength": a, "errors": errors})
+            if s is None:
+                continue
+            for lin in linears:
+                lin.weight.mul_(s.to(lin.weight.dtype))
+            if norm_name is not None:
+                norm = layer.get_submodule(norm_name)
+                norm.weight.div_(s.to(norm.weight.dtype))
+                if getattr(norm, "bias", None) is not None:
+                    norm.bias.div_(s.to(norm.bias.dtype))
+            else:
+                name = f"{prefix}.{li}.{names[0]}"
+                explicit[name] = s
+                linears[0].register_forward_pre_hook(lambda _m, args, s=s: (args[0] / s.to(args[0].dtype), *args[1:]))
+        inputs = [run_layer(layer, x, kwargs) for x in inputs]
+    chosen = [r["strength"] for r in rows]
+    log.info("smoothing: %d of %d groups smoothed; strengths %s", sum(a is not None for a in chosen), len(chosen),
+             sorted({a for a in chosen if a is not None}))
+    return explicit, rows

@@ -1,0 +1,85 @@
+"""Smoothing: factors moved from the inputs into the weights, searched on the quantized error."""
+import pytest
+import torch
+
+from qat.errors import QATError
+from qat.methods import build_method
+from qat.models.load import tiny_llama
+from qat.nn import PackedLinear, QATLinear, convert, prepare
+from qat.ptq.initializers import initialize
+from qat.ptq.smooth import best_smoothing, smooth_model
+
+
+def outlier_model():
+    """The tiny Llama with a few outlier input channels in every linear group, as real LLMs have
+    (the fp function is kept: what is scaled up before a linear is scaled down inside it)."""
+    model = tiny_llama({})
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for norm in (layer.input_layernorm, layer.post_attention_layernorm):
+                norm.weight[[3, 17]] *= 40
+            layer.self_attn.v_proj.weight[[5, 9]] *= 40
+            layer.mlp.up_proj.weight[[2, 30]] *= 40
+    return model.eval()
+
+
+def quantizer(method):
+    def quantize(w):
+        state = method.init_state(w)
+        return method.fake_quant(state.pop("latent"), state)
+    return quantize
+
+
+def test_search_picks_a_strength_that_lowers_the_quantized_output_error():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 64, generator=gen)
+    x[:, [1, 7]] *= 50  # outlier channels stretch every token's INT4 grid
+    w = torch.randn(32, 64, generator=gen) * 0.05
+    method = build_method("w11a14")
+    strength, s, errors = best_smoothing(x, x.abs().amax(0), [w], [0.25, 0.5, 0.75], quantizer(method), 4)
+    assert strength is not None and s.shape == (64,)
+    assert errors[f"{strength:g}"] == min(errors.values()) < errors["none"]
+    # without outliers and without quantized inputs there may be nothing to win: "none" stays allowed
+    _, _, plain = best_smoothing(x[:, 8:], x[:, 8:].abs().amax(0), [w[:, 8:]], [0.5], quantizer(method), 16)
+    assert "none" in plain
+
+
+def test_smoothing_keeps_the_fp_model_and_packed_equals_fake_quant():
+    model = outlier_model()
+    calib = torch.randint(0, 257, (4, 32))
+    ids = torch.randint(0, 257, (2, 24))
+    with torch.no_grad():
+        before = model(ids).logits
+    method = build_method("w11a14", smooth=True)
+    norm_before = model.model.layers[0].input_layernorm.weight.clone()
+    explicit, rows = smooth_model(model, calib, method, ["lm_head"])
+    with torch.no_grad():
+        after = model(ids).logits
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)  # the fp function is unchanged
+    assert any(r["strength"] is not None for r in rows)
+    assert not torch.equal(model.model.layers[0].input_layernorm.weight, norm_before)  # folded into the norm
+    assert explicit and all(n.endswith(("o_proj", "down_proj")) for n in explicit)
+
+    states = initialize(model, method, "rtn", ["lm_head"])
+    for name, s in explicit.items():
+        states[name]["input_scale"] = s
+    prepare(model, method, states)
+    layer = model.get_submodule(next(iter(explicit)))
+    assert isinstance(layer, QATLinear) and layer.input_scale is not None
+    with torch.no_grad():
+        fake = model(ids).logits
+        convert(model)
+        packed = model(ids).logits
+    assert isinstance(model.get_submodule(next(iter(explicit))), PackedLinear)
+    torch.testing.assert_close(packed, fake, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("params,needle", [
+    (dict(smooth="yes"), "method.smooth='yes': must be true or false"),
+    (dict(smooth_alphas=[0.5, 1.5]), "method.smooth_alphas=[0.5, 1.5]: must be a non-empty list of numbers in [0, 1]"),
+    (dict(smooth_alphas=[]), "method.smooth_alphas=[]: must be a non-empty list"),
+])
+def test_bad_smoothing_settings_are_clear_errors(params, needle):
+    with pytest.raises(QATError) as e:
+        build_method("gptq", bits=2, **params)
+    assert needle in str(e.value)
