@@ -60,7 +60,8 @@ def quantized_output_error(x: Tensor, weights: list[Tensor], s: Tensor | None,
 
 
 def best_smoothing(x: Tensor, act_absmax: Tensor, weights: list[Tensor], strengths: list[float],
-                   quantize_weight: Callable[[Tensor], Tensor], act_bits: int) -> tuple[float | None, Tensor | None, dict]:
+                   quantize_weight: Callable[[Tensor], Tensor],
+                   act_bits: int) -> tuple[float | None, Tensor | None, dict]:
     """(strength, s) with the lowest quantized output error; (None, None) when not smoothing wins."""
     weight_absmax = torch.stack([w.abs().amax(dim=0) for w in weights]).amax(dim=0)
     errors = {"none": quantized_output_error(x, weights, None, quantize_weight, act_bits)}
