@@ -117,7 +117,7 @@ def test_alpha_gets_gradients_through_the_ste():
 
 @pytest.mark.parametrize("groups,planes", [(1, 0), (2, 1), (4, 2), (5, 3), (32, 5)])
 def test_storage_counts_the_group_ids_and_the_paper_count_leaves_them_out(groups, planes):
-    method = build_method("dyngroup", groups=groups)
+    method = build_method("dyngroup", groups=groups, scope="matrix")  # the paper's count: G scales per matrix
     model = tiny_llama({})
     prepare(model, method, initialize(model, method, "rtn", ["lm_head"]))
     convert(model)
@@ -166,7 +166,7 @@ def test_bad_settings_are_clear_errors(params, needle):
 
 
 def test_dp_on_a_whole_matrix_is_refused_with_a_clear_error():
-    method = build_method("dyngroup", algorithm="dp")
+    method = build_method("dyngroup", algorithm="dp", scope="matrix")
     with pytest.raises(QATError, match="algorithm=dp is exact but O"):
         method.init_state(torch.randn(128, 128))
 

@@ -21,16 +21,17 @@ def layer(method, out_f=8, in_f=64, seed=0):
     dict(name="pbllm_qat", salient_ratio=0.1),
     dict(name="pbllm_qat", salient_ratio=0.02, group_size=32),   # CSR positions
     dict(name="pbllm_qat", salient_ratio=0.3, salient_bits=12),  # wide codes
-    dict(name="dyngroup", groups=1),
+    dict(name="dyngroup", groups=1, scope="matrix"),
     dict(name="dyngroup", groups=2, scope="row"),
     dict(name="dyngroup", groups=5, algorithm="greedy"),     # not a power of two: 3 id planes
-    dict(name="dyngroup", groups=16, window=8),
+    dict(name="dyngroup", groups=16, window=8, scope="matrix"),
     dict(name="w11a14"),                                     # W(1+1)A(1x4): the bit-serial path
     dict(name="w11a14", groups=1),
     dict(name="w11a14", act_bits=8),
     dict(name="w11a14", act_bits=16),
     dict(name="pbllm_qat", salient_ratio=0.1, act_bits=4),   # any method with INT4 inputs
     dict(name="gptq", bits=2, group_size=32, act_bits=4),
+    dict(name="fp16", act_bits=4),                           # W16A4: the activation error alone
 ])
 def test_packed_model_equals_fake_quant_model(params):
     method = build_method(**params)

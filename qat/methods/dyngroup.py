@@ -50,7 +50,7 @@ class DynamicGrouping(Method):
     window: int = 64             # sorted magnitudes per initial window (windowed)
     tail: int = 64               # the largest magnitudes per grouping that start as singletons (0: the paper's WGM)
     lambda_reg: float = 0.75     # the objective's lambda/|A| term (in units of w²)
-    scope: str = "matrix"        # matrix | row
+    scope: str = "row"           # row | matrix (the paper's code)
     refine_iters: int = 10       # Lloyd steps on the cut points after greedy merging
     regroup_every: int = 0       # QAT: re-group the latent weights every N steps (0: never)
     ste_clip: float | None = None
