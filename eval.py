@@ -54,6 +54,10 @@ def evaluate(cfg: DictConfig) -> dict:
             recorded = json.loads(results.read_text())
             recorded["lm_eval"] = out["lm_eval"]
             atomic_write_bytes(results, json.dumps(recorded, indent=1).encode())
+            if recorded.get("wandb"):  # ... and the W&B run that trained the model
+                from qat.eval.harness import log_to_training_run
+
+                log_to_training_run(recorded["wandb"], out["lm_eval"])
     print(json.dumps(out, indent=1))
     return out
 

@@ -292,19 +292,22 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     }
     atomic_write_bytes(run_dir / "results.json", json.dumps(results, indent=1).encode())
     print_table(results)
-    log_results(cfg, results, errors, trainer.logger if trainer is not None else None,
-                run_dir / "export" if write_export else None)
+    wandb_run = log_results(cfg, results, errors, trainer.logger if trainer is not None else None,
+                            run_dir / "export" if write_export else None)
+    if wandb_run:  # so that eval.py's later accuracies join the same W&B run
+        results["wandb"] = wandb_run
+        atomic_write_bytes(run_dir / "results.json", json.dumps(results, indent=1).encode())
     return results
 
 
 def log_results(cfg: DictConfig, results: dict[str, Any], calibration_errors: list[dict] | None = None,
-                logger: Any = None, export_dir: Path | None = None) -> None:
+                logger: Any = None, export_dir: Path | None = None) -> dict[str, Any] | None:
     """The summary to the configured logger (W&B offline by default) as run summary metrics, and
     the per-layer GPTQ reconstruction errors as a table where the logger keeps tables (W&B).
     `logger`: the training run's logger, so that the summary joins that run; built from the config
-    when there was no training."""
+    when there was no training. Returns the W&B run's id, project and folder (None: not W&B)."""
     if not cfg.logger:
-        return
+        return None
     logger = logger if logger is not None else build_logger(cfg)
     flat = {f"ppl/{k}": v for k, v in results["ppl"].items()}
     flat.update({f"bits/{k}": v for k, v in results["bits"].items()})
@@ -322,5 +325,12 @@ def log_results(cfg: DictConfig, results: dict[str, Any], calibration_errors: li
         artifact.add_dir(str(export_dir))
         logger.experiment.log_artifact(artifact)
     logger.finalize("success")
+    identity = None
     if hasattr(logger, "experiment") and hasattr(logger.experiment, "finish"):
-        logger.experiment.finish()
+        exp = logger.experiment
+        if not getattr(exp, "disabled", False):  # WANDB_MODE=disabled: a no-op run, nothing to join
+            save_dir = OmegaConf.select(cfg, "logger.save_dir", default=None, throw_on_resolution_failure=False)
+            identity = {"id": exp.id, "project": exp.project, "dir": str(save_dir or Path(exp.dir).parents[2]),
+                        "offline": bool(cfg.logger.get("offline", True))}
+        exp.finish()
+    return identity

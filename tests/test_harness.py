@@ -30,17 +30,23 @@ def local_task(folder: Path) -> Path:
     return folder
 
 
-def test_eval_cli_runs_lm_eval_on_the_packed_export_and_records_it(compose, tmp_path):
+def test_eval_cli_runs_lm_eval_on_the_packed_export_and_records_it(compose, tmp_path, monkeypatch):
+    """The accuracies join the run's results.json and the W&B run that trained the model."""
     from qat.pipeline import run
 
     run_dir = tmp_path / "run"
-    cfg = compose(["model=tiny", "data=tiny", "logger=none", "eval.max_windows=2", "eval.seq_len=64",
-                   "init=rtn", "trainer.max_steps=0", f"hydra.run.dir={run_dir}"])
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    cfg = compose(["model=tiny", "data=tiny", "logger=wandb", f"logger.save_dir={run_dir}", "eval.max_windows=2",
+                   "eval.seq_len=64", "init=rtn", "trainer.max_steps=0", f"hydra.run.dir={run_dir}"])
     run(cfg, run_dir)
+    run_id = json.loads((run_dir / "results.json").read_text())["wandb"]["id"]
     tasks = local_task(tmp_path / "tasks")
     out = subprocess.run([sys.executable, "eval.py", f"run_dir={run_dir}", "lm_eval.tasks=[qat_tiny_choice]",
                           f"lm_eval.include_path={tasks}"], capture_output=True, text=True, cwd=ROOT,
-                         env=dict(os.environ, WANDB_MODE="disabled", HF_DATASETS_OFFLINE="1"))
+                         env=dict(os.environ, WANDB_MODE="offline", HF_DATASETS_OFFLINE="1"))
     assert out.returncode == 0, out.stderr[-3000:]
     acc = json.loads((run_dir / "results.json").read_text())["lm_eval"]["qat_tiny_choice"]
     assert 0.0 <= acc["acc,none"] <= 1.0 and "acc_stderr,none" in acc
+    records = sorted((run_dir / "wandb").glob(f"offline-run-*-{run_id}"))
+    assert len(records) == 2  # the training run, then the evaluation resuming the same id
+    assert b"lm_eval/qat_tiny_choice/acc/none" in b"".join(f.read_bytes() for f in records[1].glob("*.wandb"))

@@ -35,3 +35,17 @@ def run_lm_eval(model: nn.Module, tokenizer: Any, tasks: list[str], include_path
                                   num_fewshot=num_fewshot)
     return {task: {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and k != "alias"}
             for task, metrics in out["results"].items()}
+
+
+def log_to_training_run(wandb_run: dict[str, Any], accuracies: dict[str, dict[str, float]]) -> None:
+    """Add the accuracies to the W&B run that trained the model (resumed by its id; offline runs
+    become a second record of the same id, which `wandb sync` merges)."""
+    import wandb
+
+    flat = {f"lm_eval/{task}/{metric.replace(',', '/')}": value for task, metrics in accuracies.items()
+            for metric, value in metrics.items() if isinstance(value, (int, float))}
+    run = wandb.init(project=wandb_run["project"], id=wandb_run["id"], dir=wandb_run["dir"], resume="allow",
+                     mode="offline" if wandb_run.get("offline", True) else None)
+    run.log(flat)
+    run.summary.update(flat)
+    run.finish()
