@@ -27,6 +27,8 @@ def layer(method, out_f=8, in_f=64, seed=0):
     dict(name="dyngroup", groups=16, window=8, scope="matrix"),
     dict(name="w11a14"),                                     # W(1+1)A(1x4): the bit-serial path
     dict(name="w11a14", groups=1),
+    dict(name="w11a14", block=32),                           # two scales per row-block
+    dict(name="w11a14", block=32, act_bits=16),
     dict(name="w11a14", act_bits=8),
     dict(name="w11a14", act_bits=16),
     dict(name="pbllm_qat", salient_ratio=0.1, act_bits=4),   # any method with INT4 inputs

@@ -354,7 +354,7 @@ def test_ptq_cache_is_keyed_on_the_weights_not_the_name(tmp_path, monkeypatch):
 @pytest.mark.parametrize("method", [["method=pbllm_qat", "salient_ratio=0.1"],
                                     ["method=dyngroup", "method.groups=4", "init=rtn"],
                                     ["method=w11a14", "init=rtn"],
-                                    ["method=w11a14", "init=rtn", "method.smooth=true"],
+                                    ["method=w11a14", "init=rtn", "method.smooth=true", "method.block=32"],
                                     ["method=fp16", "method.act_bits=4"]])
 def test_export_size_matches_storage_bits_and_eval_cli(method, compose, tmp_path):
     from safetensors import safe_open

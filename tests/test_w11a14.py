@@ -45,18 +45,34 @@ def test_activation_quantization_is_real_and_its_clip_trains():
     assert q.act_clip.grad is not None and q.act_clip.grad != 0
 
 
-def test_gptq_hand_over_is_exact_and_hessian_weighting_is_used():
+@pytest.mark.parametrize("block", [0, 64])
+def test_gptq_hand_over_is_exact_and_hessian_weighting_is_used(block):
     torch.manual_seed(0)
     W = torch.randn(32, 256) * 0.02
     X = torch.randn(512, 256) * torch.linspace(0.1, 3, 256)
     H = 2 * X.t() @ X / X.shape[0]
-    method = build_method("w11a14")
+    method = build_method("w11a14", block=block)
     quantizer = method.gptq_quantizer(W, torch.ones(256), 64, hdiag=torch.diag(H))
     result = gptq(W, H, quantizer, block_size=64)
     state = method.state_from_gptq(result, quantizer)
     assert torch.equal(method.fake_quant(state["latent"], {"group_ids": state["group_ids"]}), result.quantized)
     unweighted = method.gptq_quantizer(W, torch.ones(256), 64, hdiag=None)
     assert not torch.equal(quantizer.levels, unweighted.levels)
+
+
+def test_row_blocks_have_their_own_two_scales():
+    torch.manual_seed(0)
+    w = torch.randn(8, 128) * torch.linspace(0.1, 4, 128)  # blocks of very different magnitude
+    whole, blocks = build_method("w11a14", act_bits=16), build_method("w11a14", block=32, act_bits=16)
+    ids = blocks.init_state(w)["group_ids"].long()
+    assert ids.max() == 7 and torch.equal(ids // 2, (torch.arange(128) // 32).expand(8, -1))
+    scales = blocks.scales(w, ids)
+    assert scales.shape == (8, 8)
+    members = ids[0] == 5  # row 0, block 2, upper level: the mean |w| of its members
+    assert scales[0, 5].item() == pytest.approx(w[0, members].abs().mean().item(), rel=1e-3)
+    err = {name: (m.fake_quant(w, {"group_ids": m.init_state(w)["group_ids"]}) - w).pow(2).sum().item()
+           for name, m in (("whole", whole), ("blocks", blocks))}
+    assert err["blocks"] < err["whole"]
 
 
 def test_calibration_sees_the_quantized_activations():
@@ -74,8 +90,17 @@ def test_calibration_sees_the_quantized_activations():
     (dict(em_iters=-1), "method.em_iters=-1: must be an integer >= 0"),
     (dict(act_bits=5), "unknown method.act_bits 5; allowed: 4, 8, 16"),
     (dict(scope="matrix"), "unknown method.scope 'matrix'; allowed: row"),
+    (dict(block=48), "method.block=48: must be 0 (whole rows) or a positive multiple of 32"),
 ])
 def test_bad_settings_are_clear_errors(params, needle):
     with pytest.raises(QATError) as e:
         build_method("w11a14", **params)
     assert needle in str(e.value)
+
+
+def test_a_block_that_does_not_divide_a_layer_is_a_clear_error():
+    method = build_method("w11a14", block=64)
+    with pytest.raises(QATError, match="method.block=64 does not divide layers.0.mlp.down_proj's in_features=96"):
+        method.check_layer("layers.0.mlp.down_proj", 8, 96, None)
+    with pytest.raises(QATError, match="would need 512 scales per row"):
+        build_method("w11a14", block=32).check_layer("big", 8, 8192, None)

@@ -78,10 +78,14 @@ class DynamicGrouping(Method):
         return group_ids(weight.float(), self.groups, self.algorithm, self.window, self.lambda_reg,
                          self.scope, self.refine_iters, self.tail)
 
+    def scale_slots(self, in_features: int) -> int:
+        """Scales per grouping (matrix or row): G here; W(1+1) with row-blocks has G per block."""
+        return self.groups
+
     def scales(self, latent: Tensor, ids: Tensor) -> Tensor:
         """alpha_g from the latent weights, rounded to fp16 (what the packed layer stores) with a
         straight-through gradient. [1 or rows, G]."""
-        alpha = group_scales(latent, ids, self.groups, self.scope)
+        alpha = group_scales(latent, ids, self.scale_slots(latent.shape[1]), self.scope)
         return alpha + (alpha.to(torch.float16).to(alpha.dtype) - alpha).detach()
 
     def regroup(self, latent: Tensor) -> Tensor:
@@ -109,7 +113,7 @@ class DynamicGrouping(Method):
         """Group ids as GPTQ assigned them; a latent weight with the compensated weights' signs,
         each group's magnitudes rescaled so that alpha_g recomputed from it is GPTQ's level."""
         ids, Wc, levels = quantizer.ids, result.compensated, quantizer.levels
-        current = group_scales(Wc, ids, self.groups, self.scope)
+        current = group_scales(Wc, ids, self.scale_slots(Wc.shape[1]), self.scope)
         factor = torch.where(current > 0, levels / current.clamp_min(torch.finfo(Wc.dtype).tiny),
                              torch.zeros_like(levels))
         latent = Wc * gather_scales(factor, ids)
@@ -137,5 +141,6 @@ class DynamicGrouping(Method):
 
     @torch.no_grad()
     def health(self, latent: Tensor, buffers: dict[str, Tensor]) -> dict[str, Tensor]:
-        alpha = group_scales(latent.float(), buffers["group_ids"].long(), self.groups, self.scope)
+        alpha = group_scales(latent.float(), buffers["group_ids"].long(), self.scale_slots(latent.shape[1]),
+                             self.scope)
         return {"alpha_mean": alpha.mean(), "alpha_max": alpha.max()}

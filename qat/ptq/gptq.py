@@ -199,20 +199,27 @@ class GroupedBinaryQuantizer(Quantizer):
     """Dynamic grouping inside GPTQ (methods.md §5; none of the published code does this): the
     levels alpha_g (fp16 values, [1 or rows, G], ascending over the first `n_filled` groups of
     each grouping) are fixed up front; each weight goes, when GPTQ reaches its column, to the
-    level nearest its compensated |w|, and becomes sign(w)·alpha_g. `ids` records the choice."""
+    level nearest its compensated |w|, and becomes sign(w)·alpha_g. `ids` records the choice.
+    `block` > 0 (W(1+1) per row-block): each block of `block` columns has its own Gb levels,
+    levels [rows, blocks·Gb] and n_filled [rows, blocks]; ids then run across blocks (b·Gb + g)."""
 
-    def __init__(self, levels: Tensor, n_filled: Tensor, shape: torch.Size):
+    def __init__(self, levels: Tensor, n_filled: Tensor, shape: torch.Size, block: int = 0):
         self.levels = levels
-        n_groups = levels.shape[1]
+        self.block = block or shape[1]
+        n_blocks = shape[1] // self.block
+        self.per_block = levels.shape[1] // n_blocks
+        self.block_levels = levels.reshape(levels.shape[0], n_blocks, self.per_block)
         # cut j lies between levels j and j+1; none above the last filled group
-        mids = (levels[:, :-1] + levels[:, 1:]) / 2
-        live = torch.arange(n_groups - 1, device=levels.device)[None, :] < (n_filled[:, None] - 1)
-        self.cuts = torch.where(live, mids, torch.full_like(mids, float("inf"))).contiguous()
+        mids = (self.block_levels[..., :-1] + self.block_levels[..., 1:]) / 2
+        filled = n_filled.reshape(levels.shape[0], n_blocks, 1)
+        live = torch.arange(self.per_block - 1, device=levels.device)[None, None, :] < (filled - 1)
+        self.cuts = torch.where(live, mids, torch.full_like(mids, float("inf")))
         self.ids = torch.zeros(shape, dtype=torch.long, device=levels.device)
 
     def column(self, w: Tensor, pos: int, col: int) -> Tensor:
-        cuts = self.cuts.expand(w.shape[0], -1).contiguous()
+        b = col // self.block
+        cuts = self.cuts[:, b].expand(w.shape[0], -1).contiguous()
         g = torch.searchsorted(cuts, w.abs()[:, None].contiguous(), right=True)
-        self.ids[:, col] = g[:, 0]
-        alpha = torch.gather(self.levels.expand(w.shape[0], -1), 1, g)[:, 0]
+        self.ids[:, col] = g[:, 0] + b * self.per_block
+        alpha = torch.gather(self.block_levels[:, b].expand(w.shape[0], -1), 1, g)[:, 0]
         return torch.where(w >= 0, alpha, -alpha)
