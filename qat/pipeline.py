@@ -40,6 +40,7 @@ from qat.ptq.reconstruct import reconstruct_blocks
 from qat.ptq.smooth import smooth_model
 from qat.train import AtomicModelCheckpoint, LitQAT, QuantHealth, Regroup
 from qat.train.lit import OPTIMIZERS, TRAINABLE, select_trainable
+from qat.train.sharding import fsdp_strategy, full_state_dict, is_sharded
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +124,9 @@ def build_logger(cfg: DictConfig) -> Any:
 
 def build_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
     t = OmegaConf.to_container(cfg.trainer, resolve=True)
-    if t.get("strategy") == "ddp":
+    if t.get("strategy") == "fsdp":  # torch FSDP2 through Lightning's ModelParallelStrategy (CPU or GPU)
+        t["strategy"] = fsdp_strategy(t.get("devices", 1), int(t.get("num_nodes", 1)))
+    elif t.get("strategy") == "ddp":
         # the methods' frozen buffers (salient masks and codes, group ids: ~2 bytes a weight) are
         # equal on every rank; DDP's default would resend them all before every forward
         t["strategy"] = DDPStrategy(broadcast_buffers=False)
@@ -267,6 +270,12 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         train_tokens = (trainer.global_step * int(cfg.trainer.get("accumulate_grad_batches", 1))
                         * int(cfg.data.batch_size) * int(cfg.data.seq_len) * world)
         model = lit.model
+        if is_sharded(model):  # FSDP: every rank sends its shards, rank 0 loads them into a whole model
+            weights = full_state_dict(model)
+            if trainer.is_global_zero:
+                model = prepare(load_model(OmegaConf.to_container(cfg.model, resolve=True)).model, method,
+                                {n: {k: v.clone() for k, v in s.items()} for n, s in states.items()})
+                model.load_state_dict(weights)
         if not trainer.is_global_zero:  # the other DDP ranks stop here: rank 0 evaluates and exports
             return {"status": "ok", "rank": trainer.global_rank}
 

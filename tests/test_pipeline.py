@@ -121,17 +121,22 @@ def test_resume_after_kill_9_is_bit_identical(tmp_path):
     assert ra["ppl"]["final"] == rb["ppl"]["final"]
 
 
-def test_ddp_two_cpu_processes_match_one_process_and_resume(tmp_path):
-    """Lightning's DDP, 2 processes (gloo): 2 x batch 1 sees the same samples per step as one
-    process with batch 2, so it ends at the same perplexity; rank 0 alone writes the run's files;
-    a resume from a DDP checkpoint reaches the uninterrupted run's weights."""
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_cpu_processes_match_one_process_and_resume(strategy, tmp_path):
+    """Lightning's DDP, and FSDP2 (ModelParallelStrategy + fully_shard), 2 processes (gloo):
+    2 x batch 1 sees the same samples per step as one process with batch 2, so it ends at the
+    same perplexity; rank 0 alone writes the run's files (under FSDP from the gathered shards);
+    a resume from the strategy's checkpoint reaches the uninterrupted run's weights."""
     common = ["init=rtn", "trainer.precision=32-true", "trainer.max_steps=6", "checkpoint.every_n_steps=3",
-              "checkpoint.keep_all=true", "trainer.val_check_interval=1000", "eval.max_windows=2"]
+              "checkpoint.keep_all=true", "trainer.val_check_interval=1000", "eval.max_windows=2",
+              "quant_health_every=2"]  # the health callback reads whole weights from the shards
     single = cli(common, tmp_path / "single")
     assert single.returncode == 0, single.stderr[-2000:]
-    ddp = common + ["data.batch_size=1", "trainer.devices=2", "+trainer.strategy=ddp"]
+    ddp = common + ["data.batch_size=1", "trainer.devices=2", f"+trainer.strategy={strategy}"]
     two = cli(ddp, tmp_path / "ddp")
     assert two.returncode == 0, two.stderr[-2000:]
+    if strategy == "fsdp":
+        assert "FSDPLlamaForCausalLM" in two.stdout  # Lightning's summary: the model is fully_shard-ed
     assert two.stdout.count("ppl fp / init / final") == 1  # one results table: rank 0's
     r1 = json.loads((tmp_path / "single" / "results.json").read_text())
     r2 = json.loads((tmp_path / "ddp" / "results.json").read_text())

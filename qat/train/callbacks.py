@@ -10,6 +10,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from qat.nn.qat_linear import QATLinear
 from qat.quant.packing import pack_bits, unpack_bits
+from qat.train.sharding import full
 
 
 class QuantHealth(L.Callback):
@@ -21,7 +22,7 @@ class QuantHealth(L.Callback):
         self.last_signs: dict[str, torch.Tensor] = {}
 
     def _snapshot(self, module) -> dict[str, torch.Tensor]:
-        return {n: pack_bits(m.weight.detach() >= 0) for n, m in module.named_modules()
+        return {n: pack_bits(full(m.weight.detach()) >= 0) for n, m in module.named_modules()
                 if isinstance(m, QATLinear)}
 
     def on_train_start(self, trainer, pl_module):
@@ -41,7 +42,7 @@ class QuantHealth(L.Callback):
             flipped = unpack_bits(changed, keep.shape[1])
             flips += int((flipped & keep).sum())
             total += int(keep.sum())
-            for k, v in m.method.health(m.weight, m.quant_buffers()).items():
+            for k, v in m.method.health(full(m.weight), m.quant_buffers()).items():
                 stats.setdefault(k, []).append(float(v))
         self.last_signs = now
         metrics = {"quant/sign_flip_rate": flips / max(total, 1)}
@@ -77,4 +78,4 @@ class Regroup(L.Callback):
             return
         for m in pl_module.model.modules():
             if isinstance(m, QATLinear) and hasattr(m.method, "regroup"):
-                m.group_ids.copy_(m.method.regroup(m.weight))
+                m.group_ids.copy_(m.method.regroup(full(m.weight)))

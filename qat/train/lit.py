@@ -10,6 +10,7 @@ from torch import nn
 
 from qat.errors import QATError, TrainingDiverged, check_choice
 from qat.nn.qat_linear import QATLinear
+from qat.train.sharding import full, shard_model
 
 
 def lm_loss(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -86,6 +87,13 @@ class LitQAT(L.LightningModule):
         if teacher is not None:
             teacher.eval().requires_grad_(False)
 
+    def configure_model(self) -> None:
+        """trainer.strategy=fsdp: shard the model across the data-parallel ranks (FSDP2)."""
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        if self._trainer is not None and isinstance(self.trainer.strategy, ModelParallelStrategy):
+            shard_model(self.model, self.device_mesh["data_parallel"])
+
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.model(tokens).logits
 
@@ -112,7 +120,8 @@ class LitQAT(L.LightningModule):
         # before clipping and the update: a non-finite gradient never reaches the weights
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         if grads:
-            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+            # (under FSDP a gradient is a shard: full() sums the shards' norms over the ranks)
+            norm = torch.linalg.vector_norm(torch.stack([full(torch.linalg.vector_norm(g.float())) for g in grads]))
             if not torch.isfinite(norm):
                 raise TrainingDiverged(self.global_step, f"gradient norm={float(norm)}")
             self.log("train/grad_norm", norm)
