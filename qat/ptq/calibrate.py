@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -70,6 +71,17 @@ def run_layer(layer: nn.Module, x: Tensor, kwargs: dict) -> Tensor:
     return out[0] if isinstance(out, tuple) else out
 
 
+def feed_inputs(layer: nn.Module, sinks: dict[nn.Module, Any], inputs: list[Tensor], kwargs: dict) -> None:
+    """Run `layer` on every input; each module in `sinks` hands its input to `sink.add`."""
+    hooks = [m.register_forward_hook(lambda _m, inp, _out, sink=sink: sink.add(inp[0])) for m, sink in sinks.items()]
+    try:
+        for x in inputs:
+            run_layer(layer, x, kwargs)
+    finally:
+        for h in hooks:
+            h.remove()
+
+
 class HessianAccumulator:
     """Running H = 2/N·Σ xᵀx in fp32 over every token a linear sees."""
 
@@ -113,14 +125,7 @@ def sequential_quantize(model: nn.Module, calib: Tensor, skip: list[str], quanti
             names = [n for n in group if not any(s in f"{prefix}.{li}.{n}" for s in skip)]
             linears = {n: layer.get_submodule(n) for n in names}
             acc = {n: HessianAccumulator(m.in_features, m.weight.device) for n, m in linears.items()}
-            hooks = [m.register_forward_hook(lambda _m, inp, _out, a=acc[n]: a.add(inp[0]))
-                     for n, m in linears.items()]
-            try:
-                for x in inputs:
-                    run_layer(layer, x, kwargs)
-            finally:
-                for h in hooks:
-                    h.remove()
+            feed_inputs(layer, {m: acc[n] for n, m in linears.items()}, inputs, kwargs)
             for n, lin in linears.items():
                 full = f"{prefix}.{li}.{n}"
                 H, W = acc[n].H, lin.weight.float()

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from qat.errors import QATError
 from qat.methods.base import Method
-from qat.ptq.calibrate import capture_layer0_inputs, decoder_layers, run_layer
+from qat.ptq.calibrate import capture_layer0_inputs, decoder_layers, feed_inputs, run_layer
 from qat.quant.activations import ACT_CLIP_INIT, fake_quant_act
 
 log = logging.getLogger(__name__)
@@ -116,14 +116,7 @@ def smooth_model(model: nn.Module, calib: Tensor, method: Method, skip: list[str
                   for norm, names in SMOOTH_GROUPS[model_type]]
         groups = [(norm, names) for norm, names in groups if names]
         stats = {names[0]: _InputStats(keep) for _, names in groups}
-        hooks = [layer.get_submodule(n).register_forward_hook(lambda _m, inp, _o, st=st: st.add(inp[0]))
-                 for n, st in stats.items()]
-        try:
-            for x in inputs:
-                run_layer(layer, x, kwargs)
-        finally:
-            for h in hooks:
-                h.remove()
+        feed_inputs(layer, {layer.get_submodule(n): st for n, st in stats.items()}, inputs, kwargs)
         for norm_name, names in groups:
             st = stats[names[0]]
             linears = [layer.get_submodule(n) for n in names]
