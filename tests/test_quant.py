@@ -64,12 +64,19 @@ def test_kbit_quantization_hand_case():
     deq = dequantize_kbit_rows(codes, scale, zero)
     assert deq[mask].tolist() == pytest.approx([1.0, 3.0, -1.0], abs=0.7)
     assert codes[0, 0] == 0  # not salient: no code
-    # 8 bits: error below half a step
-    w8 = torch.randn(4, 100)
-    m8 = torch.ones_like(w8, dtype=torch.bool)
-    c8, s8, z8 = quantize_kbit_rows(w8, m8, 8)
-    assert ((dequantize_kbit_rows(c8, s8, z8) - w8).abs() <= s8[:, None] * 0.5 + 1e-6).all()
-    assert math.isfinite(float(s8.sum()))
+    # 8 bits: error below half a step inside the grid's range; at the row's extremes the zero
+    # point's rounding (half a step) and the fp16 scale (qmax·2^-11 steps) can leave the value
+    # just outside, where clamping costs at most that much more
+    for seed in range(20):
+        w8 = torch.randn(4, 100, generator=torch.Generator().manual_seed(seed))
+        m8 = torch.ones_like(w8, dtype=torch.bool)
+        c8, s8, z8 = quantize_kbit_rows(w8, m8, 8)
+        err = (dequantize_kbit_rows(c8, s8, z8) - w8).abs()
+        lo, hi = (0 - z8[:, None]) * s8[:, None], (255 - z8[:, None]) * s8[:, None]
+        inside = (w8 >= lo) & (w8 <= hi)
+        assert (err[inside] <= (s8[:, None] * 0.5 + 1e-6).expand_as(err)[inside]).all()
+        assert (err <= s8[:, None] * (0.5 + 255 / 2048) + 1e-6).all()
+        assert math.isfinite(float(s8.sum()))
 
 
 @pytest.mark.parametrize("row", [[0.5, 0.7, 1.0], [-0.5, -0.7, -1.0], [0.3]])
