@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from qat.config_checks import check_config
 from qat.data import LMDataModule
-from qat.data.corpora import text_files
+from qat.data.corpora import text_split_files
 from qat.errors import QATError, TrainingDiverged, check_choice
 from qat.eval import perplexity
 from qat.export import save_export
@@ -72,11 +72,7 @@ def validate(cfg: DictConfig) -> None:
 def check_data_files(data_cfg: dict) -> None:
     """data=text: every named file exists and is non-empty text (before any work)."""
     if data_cfg.get("source") == "text":
-        for split in ("train", "validation", "test"):
-            if data_cfg.get(split):
-                text_files(f"data.{split}", data_cfg[split])
-        if not data_cfg.get("train") or not data_cfg.get("test"):
-            raise QATError("data=text needs data.train and data.test (files or globs); data.validation is optional")
+        text_split_files(data_cfg)
 
 
 def check_checkpoint(path: str) -> None:
@@ -273,8 +269,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         if is_sharded(model):  # FSDP: every rank sends its shards, rank 0 loads them into a whole model
             weights = full_state_dict(model)
             if trainer.is_global_zero:
-                model = prepare(load_model(OmegaConf.to_container(cfg.model, resolve=True)).model, method,
-                                {n: {k: v.clone() for k, v in s.items()} for n, s in states.items()})
+                model = prepare(load_model(OmegaConf.to_container(cfg.model, resolve=True)).model, method, states)
                 model.load_state_dict(weights)
         if not trainer.is_global_zero:  # the other DDP ranks stop here: rank 0 evaluates and exports
             return {"status": "ok", "rank": trainer.global_rank}

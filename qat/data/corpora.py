@@ -75,6 +75,15 @@ def text_files(what: str, pattern: str) -> list[str]:
     return files
 
 
+def text_split_files(cfg: dict) -> dict[str, list[str]]:
+    """data=text: the files of each named split (data.train and data.test required)."""
+    files = {split: text_files(f"data.{split}", cfg[split]) for split in ("train", "validation", "test")
+             if cfg.get(split)}
+    if "train" not in files or "test" not in files:
+        raise QATError("data=text needs data.train and data.test (files or globs); data.validation is optional")
+    return files
+
+
 def text_files_corpus(cfg: dict) -> dict[str, list[str]]:
     """data=text: one document per file, read by the `datasets` text builder. Without
     data.validation, the last data.val_chars characters of the training text are held out for it."""
@@ -82,10 +91,7 @@ def text_files_corpus(cfg: dict) -> dict[str, list[str]]:
         import datasets
     except ImportError:
         raise QATError("data=text needs the 'datasets' package") from None
-    files = {split: text_files(f"data.{split}", cfg[split]) for split in ("train", "validation", "test")
-             if cfg.get(split)}
-    if "train" not in files or "test" not in files:
-        raise QATError("data=text needs data.train and data.test (files or globs); data.validation is optional")
+    files = text_split_files(cfg)
     ds = datasets.load_dataset("text", data_files=files, sample_by="document")
     splits = {split: [t for t in ds[split]["text"] if t.strip()] for split in files}
     if "validation" not in splits:

@@ -24,7 +24,7 @@ from qat.methods.base import Method
 from qat.nn.qat_linear import quantizable_linears
 from qat.ptq.calibrate import sequential_quantize
 from qat.ptq.gptq import SALIENCY_KINDS, gptq, inverse_hessian_factor, prepare_hessian, saliency_denominator
-from qat.quant.activations import ACT_CLIP_INIT, fake_quant_act
+from qat.quant.activations import ACT_CLIP_START, fake_quant_act
 
 log = logging.getLogger(__name__)
 INITIALIZERS = ["rtn", "gptq_hessian"]
@@ -90,9 +90,8 @@ def gptq_hessian_states(model: nn.Module, method: Method, init_cfg: dict, skip: 
     # the INT-k activations, and later layers run on them (the clip at its QAT starting value)
     hooks = []
     if method.act_bits < 16:
-        clip = torch.sigmoid(torch.tensor(ACT_CLIP_INIT))
         hooks = [lin.register_forward_pre_hook(
-                 lambda _m, args: (fake_quant_act(args[0], method.act_bits, clip), *args[1:]))
+                 lambda _m, args: (fake_quant_act(args[0], method.act_bits, ACT_CLIP_START), *args[1:]))
                  for _, lin in quantizable_linears(model, skip)]
     try:
         states, errors = sequential_quantize(model, calib, skip, quantize, fake_quant,

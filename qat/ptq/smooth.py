@@ -22,7 +22,8 @@ from tqdm.auto import tqdm
 from qat.errors import QATError
 from qat.methods.base import Method
 from qat.ptq.calibrate import capture_layer0_inputs, decoder_layers, feed_inputs, run_layer
-from qat.quant.activations import ACT_CLIP_INIT, fake_quant_act
+from qat.ptq.initializers import data_free_method
+from qat.quant.activations import ACT_CLIP_START, fake_quant_act
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ def quantized_output_error(x: Tensor, weights: list[Tensor], s: Tensor | None,
     """Σ ||x Wᵀ − Q(x/s) Q(W·s)ᵀ||² / Σ ||x Wᵀ||² over the linears that read x (s None: no smoothing)."""
     xs = x if s is None else x / s
     if act_bits < 16:
-        xs = fake_quant_act(xs, act_bits, torch.sigmoid(torch.tensor(ACT_CLIP_INIT)))
+        xs = fake_quant_act(xs, act_bits, ACT_CLIP_START)
     num = den = 0.0
     for w in weights:
         ref = x @ w.t()
@@ -100,11 +101,11 @@ def smooth_model(model: nn.Module, calib: Tensor, method: Method, skip: list[str
         raise QATError(f"method.smooth=true: no smoothing groups for model_type={model_type!r}; "
                        f"known: {', '.join(sorted(SMOOTH_GROUPS))}")
 
+    seed_method = data_free_method(method)  # the seed the search can run without data
+
     def quantize_weight(w: Tensor) -> Tensor:
-        from qat.ptq.initializers import data_free_method  # the seed the search can run without data
-        m = data_free_method(method)
-        state = m.init_state(w)
-        return m.fake_quant(state.pop("latent", w), state).float()
+        state = seed_method.init_state(w)
+        return seed_method.fake_quant(state.pop("latent", w), state).float()
 
     prefix, layers = decoder_layers(model)
     inputs, kwargs = capture_layer0_inputs(model, layers, calib)

@@ -13,6 +13,7 @@ from qat.quant.packing import pack_bits
 
 ACT_BITS = (4, 8, 16)       # 16: activations stay as they are
 ACT_CLIP_INIT = 4.0         # logit of the clipping factor at the start: sigmoid(4) = 0.982
+ACT_CLIP_START = torch.sigmoid(torch.tensor(ACT_CLIP_INIT))  # the factor itself (calibration, smoothing)
 
 
 def round_ste(x: Tensor) -> Tensor:
