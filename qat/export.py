@@ -10,21 +10,74 @@ import json
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_model
-from torch import nn
+from safetensors.torch import save_file
+from torch import Tensor, nn
 
 from qat.errors import QATError
 from qat.fetch import atomic_dir
 from qat.methods import build_method
+from qat.nn.embedding import EMBEDDING_FORMATS, QuantEmbedding, QuantHead, rebuild_embeddings
 from qat.nn.packed_linear import PackedLinear
 from qat.nn.qat_linear import set_submodule
+from qat.quant.bits import tensor_bits
+
+PACKED_MODULES = (PackedLinear, QuantEmbedding, QuantHead)
 
 
-def save_export(model: nn.Module, out_dir: Path, model_name: str, tokenizer: Any = None) -> Path:
+def unquantized_dtype(embedding_format: str) -> torch.dtype:
+    """How the export stores every floating tensor of 2+ dims that no method quantized (the
+    embedding at fp16, skipped linears, an untied head): fp32 only for quantize.embedding=fp32."""
+    return torch.float32 if embedding_format == "fp32" else torch.float16
+
+
+def _packed_prefixes(model: nn.Module) -> tuple[str, ...]:
+    return tuple(f"{n}." for n, m in model.named_modules() if isinstance(m, PACKED_MODULES))
+
+
+@torch.no_grad()
+def round_unquantized(model: nn.Module, embedding_format: str) -> None:
+    """Round, in place, the tensors the export stores in fp16 to fp16 values (kept in their dtype),
+    so that the model evaluated is the model stored."""
+    dtype = unquantized_dtype(embedding_format)
+    packed = _packed_prefixes(model)
+    for name, p in model.named_parameters():
+        if p.dim() >= 2 and p.is_floating_point() and not name.startswith(packed):
+            p.copy_(p.to(dtype).to(p.dtype))
+
+
+def export_tensors(model: nn.Module, embedding_format: str = "fp32") -> dict[str, Tensor]:
+    """The tensors the export stores, by name: every parameter and persistent buffer once (a tied
+    matrix under one name), packed tensors as they are, the other floating tensors of 2+ dims in
+    `unquantized_dtype`, 1-dim ones (norms, biases) in fp32."""
+    dtype = unquantized_dtype(embedding_format)
+    packed = _packed_prefixes(model)
+    out: dict[str, Tensor] = {}
+    seen: set[int] = set()
+    for name, t in model.state_dict(keep_vars=False).items():
+        if t.numel() and t.data_ptr() in seen:
+            continue  # tied: stored once (load_export and transformers tie it back)
+        if t.numel():
+            seen.add(t.data_ptr())
+        t = t.detach()
+        if not name.startswith(packed) and t.is_floating_point():
+            t = t.to(dtype) if t.dim() >= 2 else t.float()
+        out[name] = t.contiguous()
+    return out
+
+
+def model_bits(tensors: dict[str, Tensor], n_parameters: int) -> float:
+    """bits.model: every bit of the export's tensors over every parameter of the fp model."""
+    return tensor_bits(tensors.values()) / n_parameters
+
+
+def save_export(model: nn.Module, out_dir: Path, model_name: str, tokenizer: Any = None,
+                embedding: dict | None = None) -> Path:
     """Write model.safetensors + config.json (+ the tokenizer's files, when it has them) to a temp
     folder, then rename it to out_dir. The config's quantization_config lists every packed
-    tensor's shape and dtype, so that transformers can build the layers before loading (qat/hf.py)."""
+    tensor's shape and dtype, so that transformers can build the layers before loading (qat/hf.py).
+    `embedding`: convert_embeddings' record (the embedding / head format; None: fp32, as they are)."""
     out_dir = Path(out_dir)
     layers = {n: m for n, m in model.named_modules() if isinstance(m, PackedLinear)}
     methods = {type(m.method) for m in layers.values()}
@@ -37,12 +90,15 @@ def save_export(model: nn.Module, out_dir: Path, model_name: str, tokenizer: Any
                 "layers": {n: [m.out_features, m.in_features] for n, m in layers.items()},
                 "tensors": {n: {t: [list(v.shape), str(v.dtype).removeprefix("torch.")]
                                 for t, v in m.packed().items()} for n, m in layers.items()}}
+    embedding = embedding or {"format": "fp32"}
+    if qcfg and embedding["format"] != "fp32":
+        qcfg["embedding"] = embedding
     config = model.config.to_dict()
     if qcfg:
         config["quantization_config"] = qcfg
     config["qat_model_name"] = model_name
     with atomic_dir(out_dir) as tmp:
-        save_model(model, str(tmp / "model.safetensors"))
+        save_file(export_tensors(model, embedding["format"]), str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config, indent=1, default=str))
         if hasattr(tokenizer, "save_pretrained"):
             tokenizer.save_pretrained(str(tmp))
@@ -68,6 +124,8 @@ def load_export(export_dir: Path, device: str = "cpu") -> nn.Module:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (OSError, ValueError, json.JSONDecodeError, SafetensorError) as e:  # truncated or garbled files
         raise QATError(f"export {export_dir} is corrupt: {str(e).splitlines()[0]}") from None
+    if qcfg and qcfg.get("embedding"):
+        rebuild_embeddings(model, qcfg["embedding"], config.vocab_size, config.hidden_size)
     if qcfg:
         method = build_method(qcfg["method"], **qcfg["params"])
         for name, (out_f, in_f) in qcfg["layers"].items():
@@ -77,7 +135,8 @@ def load_export(export_dir: Path, device: str = "cpu") -> nn.Module:
             bias = tensors.get(f"{name}.bias")
             set_submodule(model, name, PackedLinear(in_f, out_f, method, packed, bias))
     tied = bool(getattr(config, "tie_word_embeddings", False))
-    if tied:  # safetensors stores a tied matrix once, under either name
+    emb_format = ((qcfg or {}).get("embedding") or {}).get("format", "fp32")
+    if tied and EMBEDDING_FORMATS[emb_format] >= 16:  # a quantized tied head reads the embedding's tensors  # safetensors stores a tied matrix once, under either name
         emb = next(n for n, m in model.named_modules() if m is model.get_input_embeddings()) + ".weight"
         head = next(n for n, m in model.named_modules() if m is model.get_output_embeddings()) + ".weight"
         shared = tensors.get(emb, tensors.get(head))
@@ -88,4 +147,20 @@ def load_export(export_dir: Path, device: str = "cpu") -> nn.Module:
         raise QATError(f"export {export_dir} has tensors the model does not: {unexpected[:3]}")
     if missing:
         raise QATError(f"export {export_dir} lacks tensors: {missing[:3]}")
+    fp32_unquantized(model)
     return model.to(device).eval()
+
+
+def fp32_unquantized(model: nn.Module) -> None:
+    """The export stores unquantized matrices in fp16; compute with them in fp32 (exact: the model
+    was evaluated with the fp16 values), keeping tied parameters tied."""
+    done: dict[int, nn.Parameter] = {}
+    for m in model.modules():
+        if isinstance(m, PACKED_MODULES):
+            continue
+        for name, p in list(m._parameters.items()):
+            if p is not None and p.dtype in (torch.float16, torch.bfloat16):
+                key = p.data_ptr()  # tied names may hold two Parameters over one tensor
+                if key not in done:
+                    done[key] = nn.Parameter(p.detach().float(), requires_grad=p.requires_grad)
+                m._parameters[name] = done[key]

@@ -22,13 +22,16 @@ QUANT_METHOD = "qat"
 
 @register_quantization_config(QUANT_METHOD)
 class QatConfig(QuantizationConfigMixin):
-    def __init__(self, method: str, params: dict, layers: dict, tensors: dict | None = None, **kwargs: Any):
+    def __init__(self, method: str, params: dict, layers: dict, tensors: dict | None = None,
+                 embedding: dict | None = None, **kwargs: Any):
         self.quant_method = QUANT_METHOD
         self.method, self.params, self.layers, self.tensors = method, params, layers, tensors or {}
+        self.embedding = embedding
 
     def to_dict(self) -> dict[str, Any]:
         return {"quant_method": QUANT_METHOD, "method": self.method, "params": self.params,
-                "layers": self.layers, "tensors": self.tensors}
+                "layers": self.layers, "tensors": self.tensors,
+                **({"embedding": self.embedding} if self.embedding else {})}
 
 
 @register_quantizer(QUANT_METHOD)
@@ -44,6 +47,13 @@ class QatHfQuantizer(HfQuantizer):
         if not cfg.tensors:
             raise ValueError("this qat export predates transformers loading (no tensor shapes in its "
                              "quantization_config): load it with qat.export.load_export")
+        if cfg.embedding:  # int8 / int4 embedding and head (qat.nn.embedding)
+            from qat.nn.embedding import rebuild_embeddings
+
+            emb = model.get_input_embeddings()
+            rebuild_embeddings(model, cfg.embedding, emb.num_embeddings, emb.embedding_dim, emb.weight.device)
+            if cfg.embedding.get("head"):  # the QuantHead reads the embedding's tensors: nothing to tie
+                model.all_tied_weights_keys = {}
         method = build_method(cfg.method, **cfg.params)
         for name, (out_f, in_f) in cfg.layers.items():
             old = model.get_submodule(name)
@@ -54,6 +64,9 @@ class QatHfQuantizer(HfQuantizer):
             set_submodule(model, name, PackedLinear(in_f, out_f, method, packed, bias))
 
     def _process_model_after_weight_loading(self, model: torch.nn.Module, **kwargs: Any) -> torch.nn.Module:
+        from qat.export import fp32_unquantized
+
+        fp32_unquantized(model)  # matrices stored in fp16 compute in fp32, as they were evaluated
         return model.eval()
 
     def update_dtype(self, dtype: torch.dtype) -> torch.dtype:

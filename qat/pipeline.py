@@ -29,11 +29,12 @@ from qat.data import LMDataModule
 from qat.data.corpora import text_split_files
 from qat.errors import QATError, TrainingDiverged, check_choice
 from qat.eval import perplexity
-from qat.export import save_export
+from qat.export import export_tensors, model_bits, round_unquantized, save_export
 from qat.fetch import atomic_write_bytes
 from qat.methods import build_method
 from qat.models import load_model
 from qat.nn import bits_report, convert, prepare, quantizable_linears
+from qat.nn.embedding import check_embedding_format, convert_embeddings, snap_embeddings
 from qat.ptq.gptq import SALIENCY_KINDS
 from qat.ptq.initializers import INITIALIZERS, initialize
 from qat.ptq.reconstruct import reconstruct_blocks
@@ -64,6 +65,11 @@ def validate(cfg: DictConfig) -> None:
     if cfg.init.name == "gptq_hessian":
         check_choice("init.saliency", cfg.init.get("saliency", "hinv_sq"), SALIENCY_KINDS)
     check_choice("reconstruct.precision", cfg.reconstruct.precision, ["fp32", "bf16"])
+    emb_bits = check_embedding_format(cfg.quantize.get("embedding", "fp32"))
+    if emb_bits < 16 and cfg.train.params == "all":
+        raise QATError(f"train.params=all trains the embedding, which quantize.embedding={cfg.quantize.embedding} "
+                       "keeps frozen on its grid; use train.params=quantized | quantized+norms, or "
+                       "quantize.embedding=fp16 | fp32")
     if cfg.ckpt_path:
         check_checkpoint(str(cfg.ckpt_path))
     check_data_files(OmegaConf.to_container(cfg.data, resolve=True))
@@ -151,7 +157,7 @@ def print_table(results: dict[str, Any]) -> str:
         ("salient_ratio", results["salient_ratio"]),
         ("ppl fp / init / final", f"{fmt(p['fp'])} / {fmt(p['init'])} / {fmt(p['final'])}"),
         ("eval tokens", results["eval_tokens"]),
-        ("bits weight / storage", f"{fmt(b['weight'])} / {fmt(b['storage'])}"),
+        ("bits weight / storage / model", f"{fmt(b['weight'])} / {fmt(b['storage'])} / {fmt(b.get('model'))}"),
         ("train tokens", results["train_tokens"]),
         ("seconds calibrate / reconstruct / train / eval / total",
          " / ".join(f"{v:.0f}" for v in results["seconds"].values())),
@@ -176,7 +182,10 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     started = time.time()
     loaded = load_model(OmegaConf.to_container(cfg.model, resolve=True))
     model = loaded.model
+    n_params = sum(p.numel() for p in model.parameters())  # tied matrices once
     skip = list(cfg.quantize.skip)
+    # the unquantized fp reference (method=fp16) keeps its weights as they are; its export is fp16
+    emb_fmt = str(cfg.quantize.get("embedding", "fp32")) if method.quantizes else "fp16"
     gptq_block = int(cfg.init.get("block_size", 128)) if cfg.init.name == "gptq_hessian" else None
     for name, lin in quantizable_linears(model, skip):  # shape checks: before the run folder exists
         method.check_layer(name, lin.out_features, lin.in_features, gptq_block)
@@ -226,6 +235,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     if errors and rank_zero():
         atomic_write_bytes(run_dir / "calibration_errors.json", json.dumps(errors, indent=1).encode())
     prepare(model, method, states)
+    if method.quantizes:
+        snap_embeddings(model, emb_fmt)  # the values the export stores: fake-quant == packed
     seconds["calibrate"] = time.time() - t0
     ppl_ptq = None
     if recon_epochs > 0:
@@ -278,12 +289,16 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     val = trainer.callback_metrics.get("val/ppl") if trainer is not None else None
     ppl_val = float(val) if val is not None else None
     model = convert(model.float())
+    emb_record = convert_embeddings(model, emb_fmt)
+    if method.quantizes:
+        round_unquantized(model, emb_fmt)  # stored in fp16 by the export: evaluate what is stored
     ppl_final, _ = ppl(model, "ppl final (packed)")
     bits = bits_report(model) or {"weight": 16.0, "storage": 16.0}
+    bits["model"] = model_bits(export_tensors(model, emb_fmt), n_params)
 
     write_export = method.quantizes if cfg.get("export") is None else bool(cfg.export)
     if write_export:
-        save_export(model, run_dir / "export", loaded.name, loaded.tokenizer)
+        save_export(model, run_dir / "export", loaded.name, loaded.tokenizer, embedding=emb_record)
     seconds["total"] = time.time() - started
     results = {
         "method": method.name, "init": cfg.init.name, "model": loaded.name,
@@ -291,7 +306,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         "ppl": {"fp": ppl_fp, "init": ppl_init, "final": ppl_final, **({"ptq": ppl_ptq} if ppl_ptq else {}),
                 **({"val_last": ppl_val} if ppl_val is not None else {})},
         "eval_tokens": eval_tokens,
-        "bits": {"weight": bits["weight"], "storage": bits["storage"]},
+        "bits": {"weight": bits["weight"], "storage": bits["storage"], "model": bits["model"]},
+        "embedding": emb_fmt, "parameters": n_params,
         "train_tokens": train_tokens, "seconds": seconds, "status": "ok",
     }
     atomic_write_bytes(run_dir / "results.json", json.dumps(results, indent=1).encode())

@@ -55,3 +55,31 @@ def test_the_export_holds_the_tokenizer(tmp_path):
     save_export(packed_tiny("rtn_binary"), tmp_path / "export", "tiny", tokenizer)
     again = AutoTokenizer.from_pretrained(tmp_path / "export")
     assert again("binary weights")["input_ids"] == tokenizer("binary weights")["input_ids"] == [1, 2]
+
+
+@pytest.mark.parametrize("fmt", ["fp16", "int8", "int4"])
+def test_quantized_embedding_export_loads_with_the_same_logits(fmt, tmp_path):
+    """quantize.embedding: the tied embedding and head in int8 / int4 rows (or fp16), stored once;
+    load_export and transformers rebuild the same model as the one evaluated in memory."""
+    from transformers import AutoModelForCausalLM
+
+    from qat.export import round_unquantized
+    from qat.nn.embedding import QuantEmbedding, QuantHead, convert_embeddings
+
+    model = packed_tiny("pbllm_qat", salient_ratio=0.1)
+    record = convert_embeddings(model, fmt)
+    round_unquantized(model, fmt)
+    save_export(model, tmp_path / "export", "tiny", embedding=record)
+    x = torch.randint(0, 257, (2, 24))
+    with torch.no_grad():
+        want = model(x).logits
+        ours = load_export(tmp_path / "export")
+        through_hf = AutoModelForCausalLM.from_pretrained(tmp_path / "export")
+        assert torch.equal(ours(x).logits, want) and torch.equal(through_hf(x).logits, want)
+    for m in (ours, through_hf):
+        if fmt == "fp16":
+            assert m.get_input_embeddings().weight.dtype == torch.float32
+            assert m.get_input_embeddings().weight is m.get_output_embeddings().weight
+        else:
+            assert isinstance(m.get_input_embeddings(), QuantEmbedding)
+            assert isinstance(m.lm_head, QuantHead) and m.lm_head.tied_to is m.get_input_embeddings()

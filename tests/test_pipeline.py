@@ -26,7 +26,7 @@ def test_end_to_end_tiny_writes_results_and_export(compose, tmp_path):
     assert on_disk == json.loads(json.dumps(res))
     for key in ("method", "init", "model", "salient_ratio", "eval_tokens", "train_tokens", "status"):
         assert key in on_disk
-    assert set(on_disk["ppl"]) == {"fp", "init", "final", "val_last"} and set(on_disk["bits"]) == {"weight", "storage"}
+    assert set(on_disk["ppl"]) == {"fp", "init", "final", "val_last"} and set(on_disk["bits"]) == {"weight", "storage", "model"}
     assert on_disk["train_tokens"] == 6 * 2 * 64
     assert on_disk["bits"]["storage"] > on_disk["bits"]["weight"] > 1
     assert (tmp_path / "export" / "model.safetensors").exists()
@@ -368,15 +368,21 @@ def test_export_size_matches_storage_bits_and_eval_cli(method, compose, tmp_path
     path = tmp_path / "export" / "model.safetensors"
     with safe_open(str(path), framework="pt") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}
-    unquantized = sum(t.numel() * t.element_size() for k, t in tensors.items()
-                      if k.endswith(("embed_tokens.weight", "lm_head.weight", "norm.weight", ".bias")))
     from qat.models.load import tiny_llama
     from qat.nn import quantizable_linears
 
-    n = sum(m.in_features * m.out_features for _, m in quantizable_linears(tiny_llama({}), ["lm_head"]))
-    expected = res["bits"]["storage"] * n / 8 + unquantized
+    fp = tiny_llama({})
+    layers = [name for name, _ in quantizable_linears(fp, ["lm_head"])]
+    n = sum(fp.get_submodule(name).weight.numel() for name in layers)
+    nbytes = lambda keys: sum(tensors[k].numel() * tensors[k].element_size() for k in keys)
+    in_layers = [k for k in tensors if k.rpartition(".")[0] in layers and not k.endswith(".bias")]
+    assert abs(nbytes(in_layers) - res["bits"]["storage"] * n / 8) / nbytes(in_layers) < 0.02
+    # bits.model: every byte of the file's tensors over the fp model's parameters (tied ones once)
     header = 8 + int.from_bytes(path.read_bytes()[:8], "little")  # safetensors' JSON index
-    assert abs(path.stat().st_size - header - expected) / expected < 0.02
+    assert path.stat().st_size - header == nbytes(tensors) == pytest.approx(
+        res["bits"]["model"] * sum(p.numel() for p in fp.parameters()) / 8)
+    assert tensors["model.embed_tokens.codes"].dtype == torch.int8  # quantize.embedding=int8, the default
+    assert "lm_head.codes" not in tensors  # the tied head reads the embedding's codes
     env = dict(os.environ, WANDB_MODE="disabled")
     out = subprocess.run([sys.executable, str(ROOT / "eval.py"), f"run_dir={tmp_path}"], capture_output=True,
                          text=True, env=env, cwd=ROOT)

@@ -138,3 +138,16 @@ def _grouped_binary_gemm_cuda(x, signs, group_planes, scales, in_features):
         w = ext.grouped_binary_dequant(signs, planes, sc)  # sign·alpha is exact in fp16
         y = x2.to(torch.float16) @ w[:, :in_features].t()
     return y.to(x.dtype).reshape(*lead, signs.shape[0])
+
+
+@torch.library.custom_op("qat::int_row_gemm", mutates_args=())
+def int_row_gemm(x: Tensor, codes: Tensor, scale: Tensor, bits: int, in_features: int) -> Tensor:
+    """y = x · Wᵀ, W = codes · scale[row] (int8, or int4 nibbles): the quantized LM head."""
+    lead = x.shape[:-1]
+    y = reference.int_row_gemm(x.reshape(-1, in_features), codes, scale, bits)
+    return y.reshape(*lead, codes.shape[0])
+
+
+@int_row_gemm.register_fake
+def _(x, codes, scale, bits, in_features):
+    return x.new_empty(*x.shape[:-1], codes.shape[0])

@@ -73,3 +73,17 @@ def grouped_binary_gemm(x: Tensor, signs: Tensor, group_planes: Tensor, scales: 
                         in_features: int) -> Tensor:
     w = grouped_binary_weight(signs, group_planes, scales, in_features)
     return (x.float() @ w.t()).to(x.dtype)
+
+
+def int_row_weight(codes: Tensor, scale: Tensor, bits: int) -> Tensor:
+    """The dense fp32 weight of symmetric per-row int8 codes [N, K] (or int4 nibbles [N, K/2]:
+    column 2i in the low nibble of byte i, stored as code + 8) times one scale per row."""
+    if bits == 4:
+        lo = (codes & 0xF).to(torch.int16) - 8
+        hi = (codes >> 4).to(torch.int16) - 8
+        codes = torch.stack([lo, hi], dim=-1).reshape(codes.shape[0], -1)
+    return codes.float() * scale.float()[:, None]
+
+
+def int_row_gemm(x: Tensor, codes: Tensor, scale: Tensor, bits: int) -> Tensor:
+    return (x.float() @ int_row_weight(codes, scale, bits).t()).to(x.dtype)

@@ -62,3 +62,48 @@ def unpack_codes(packed: Tensor, bits: int, in_features: int) -> Tensor:
     shifts = torch.arange(per, device=packed.device, dtype=torch.int64) * bits
     c = (packed.to(torch.int64).unsqueeze(-1) >> shifts) & (2**bits - 1)
     return c.reshape(packed.shape[0], -1)[:, :in_features]
+
+
+# -- symmetric per-row k-bit (the quantized embedding / head; ggml's Q8_0 / Q4_0 hold it exactly) --
+INT4_CLIPS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)  # int4: fractions of max|w| searched per row (MSE)
+
+
+def symmetric_row_params(w: Tensor, bits: int) -> Tensor:
+    """One fp16 scale per row, codes in [-(2^(k-1)-1), 2^(k-1)-1]. int8: the row's max|w| maps to
+    127. int4 (7 levels a side are coarse): the clipping of max|w| with the least squared error
+    of the row is searched over INT4_CLIPS."""
+    qmax = 2 ** (bits - 1) - 1
+    w = w.float()
+    amax = w.abs().amax(dim=1).clamp_min(1e-8)
+    clips = (1.0,) if bits >= 8 else INT4_CLIPS
+    best_scale, best_err = None, None
+    for c in clips:
+        scale = (amax * c / qmax).to(torch.float16).float().clamp_min(6e-8)
+        q = torch.clamp(torch.round(w / scale[:, None]), -qmax, qmax)
+        err = ((q * scale[:, None] - w) ** 2).sum(dim=1)
+        if best_err is None:
+            best_scale, best_err = scale, err
+        else:
+            better = err < best_err
+            best_scale, best_err = torch.where(better, scale, best_scale), torch.where(better, err, best_err)
+    return best_scale.to(torch.float16)
+
+
+def symmetric_row_codes(w: Tensor, scale: Tensor, bits: int) -> Tensor:
+    """int8 codes [rows, cols] of w on the grid scale[row] · q."""
+    qmax = 2 ** (bits - 1) - 1
+    return torch.clamp(torch.round(w.float() / scale.float()[:, None]), -qmax, qmax).to(torch.int8)
+
+
+def pack_nibbles(codes: Tensor) -> Tensor:
+    """int8 codes in [-8, 7], [rows, cols] (cols even) -> uint8 [rows, cols/2]: column 2i in the low
+    nibble of byte i, 2i+1 in the high one, each stored as code + 8."""
+    u = (codes.to(torch.int16) + 8).to(torch.uint8)
+    return u[:, 0::2] | (u[:, 1::2] << 4)
+
+
+def unpack_nibbles(packed: Tensor) -> Tensor:
+    """uint8 [rows, cols/2] -> int8 codes [rows, cols] (the inverse of pack_nibbles)."""
+    lo = (packed & 0xF).to(torch.int16) - 8
+    hi = (packed >> 4).to(torch.int16) - 8
+    return torch.stack([lo, hi], dim=-1).reshape(packed.shape[0], -1).to(torch.int8)
