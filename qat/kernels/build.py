@@ -1,4 +1,10 @@
-"""JIT build of the CUDA extension (torch.utils.cpp_extension), cached, on first use on a GPU."""
+"""JIT builds (torch.utils.cpp_extension), cached on disk, on first use: the CUDA extension on a
+GPU, the CPU extension (C++, AVX-512 / AVX2 / portable paths chosen at run time) on a CPU.
+
+Each is tried once per process: a failed build (no compiler) logs one warning and the packed ops
+run their pure-torch reference from then on. QAT_KERNELS=reference skips both builds;
+QAT_CPU_ISA=avx512|avx2|portable picks the CPU path (default: the best this CPU has).
+"""
 from __future__ import annotations
 
 import functools
@@ -48,14 +54,59 @@ def load_extension():
     )
 
 
-def extension_or_none():
-    """The built extension, or None (with one warning naming why) when it cannot be built."""
-    if os.environ.get("QAT_KERNELS", "cuda") == "reference":
+CPU_ISAS = {"portable": 0, "avx2": 1, "avx512": 2}
+_failed: dict[str, str] = {}  # extension -> why it could not be built (tried once per process)
+
+
+def kernels_disabled() -> bool:
+    return os.environ.get("QAT_KERNELS", "") == "reference"
+
+
+def _once(kind: str, build):
+    if kernels_disabled() or kind in _failed:
         return None
     try:
-        return load_extension()
+        return build()
     except Exception as e:  # a missing compiler or a failed build must not stop evaluation
-        if not getattr(extension_or_none, "_warned", False):
-            log.warning("qat CUDA kernels unavailable (%s); using the pure-torch reference", e)
-            extension_or_none._warned = True
+        _failed[kind] = str(e).splitlines()[0] if str(e) else type(e).__name__
+        log.warning("qat %s kernels unavailable (%s); the packed ops use their pure-torch reference",
+                    kind, _failed[kind])
         return None
+
+
+def extension_or_none():
+    """The built CUDA extension, or None (with one warning naming why) when it cannot be built."""
+    return _once("CUDA", load_extension)
+
+
+@functools.cache
+def load_cpu_extension():
+    """Build (once, cached under TORCH_EXTENSIONS_DIR) and import the CPU kernels; set the ISA."""
+    from torch.utils import cpp_extension
+
+    if shutil.which(os.environ.get("CXX", "c++")) is None:
+        raise KernelBuildError("no C++ compiler (c++ / $CXX) found")
+    log.info("building qat CPU kernels (first use; cached afterwards)")
+    ext = cpp_extension.load(
+        name="qat_cpu_kernels",
+        sources=[str(CSRC / "cpu_kernels.cpp")],
+        extra_cflags=["-O3", "-std=c++17", "-fopenmp"],  # at::parallel_for runs on OpenMP threads
+        extra_ldflags=["-fopenmp"],
+        extra_include_paths=[str(CSRC)],
+        verbose=False,
+    )
+    want = os.environ.get("QAT_CPU_ISA")
+    if want:
+        if want not in CPU_ISAS:
+            raise KernelBuildError(f"QAT_CPU_ISA={want!r} is not one of {sorted(CPU_ISAS)}")
+        ext.set_isa(CPU_ISAS[want])
+    return ext
+
+
+def cpu_extension_or_none():
+    """The built CPU extension, or None (one warning) when it cannot be built."""
+    return _once("CPU", load_cpu_extension)
+
+
+def cpu_isa_name(ext) -> str:
+    return {v: k for k, v in CPU_ISAS.items()}[int(ext.isa())]

@@ -1,19 +1,43 @@
-"""The packed ops as torch.library custom ops: the reference is the default kernel (any device),
-the CUDA kernel is registered for the same op and used when the extension builds.
+"""The packed ops as torch.library custom ops: the reference is the default kernel (any device);
+the CPU kernels (C++, csrc/cpu_kernels.cpp) and the CUDA kernels (csrc/bitgemm.cu) are registered
+for the same ops and used when their extension builds. `kernel_calls()` counts which path ran.
 
   qat::binary_gemm   y = x · Wᵀ, W = alpha·sign (+ PB-LLM salient values)   [W1A16]
   qat::grouped_binary_gemm   y = x · Wᵀ, W = sign·alpha[group id] (dynamic grouping)  [W1A16]
   qat::w1a1x4_gemm   y = xs·(Σ_b 2^b·W q_b − xz·W1), activations as 4 bit planes [W1A1×4]
+  qat::int_row_gemm  y = x · Wᵀ, W = int8 / int4 codes · one scale per row (the quantized LM head)
 """
 from __future__ import annotations
 
 import os
+from collections import Counter
 
 import torch
 from torch import Tensor
 
 from qat.kernels import reference
-from qat.kernels.build import extension_or_none
+from qat.kernels.build import cpu_extension_or_none, cpu_isa_name, extension_or_none
+
+# CPU: up to this many tokens the C++ kernels read the packed bits directly (decode); above, they
+# unpack the weight to fp32 once and call at::mm (compute-bound; benchmarks/cpu_bitgemm.py)
+CPU_MAX_M_SMALL = 8
+_CALLS: Counter = Counter()
+
+
+def kernel_calls(reset: bool = False) -> dict[str, int]:
+    """{"<op>/<path>": calls} since the last reset; path: cpu-avx512 | cpu-avx2 | cpu-portable |
+    cuda | reference."""
+    out = dict(sorted(_CALLS.items()))
+    if reset:
+        _CALLS.clear()
+    return out
+
+
+def _cpu_ext(op: str):
+    """The CPU extension (None: use the reference), counting the path this call takes."""
+    ext = cpu_extension_or_none()
+    _CALLS[f"{op}/" + (f"cpu-{cpu_isa_name(ext)}" if ext is not None else "reference")] += 1
+    return ext
 
 GEMV_MAX_M = 2  # above this the CUDA path dequantizes to fp16 and uses cuBLAS (H100: GEMV wins at M<=2)
 GEMV_TILE_M = 8  # the GEMV kernel takes up to 8 tokens per launch
@@ -35,10 +59,32 @@ def binary_gemm(
     row_ptr: Tensor | None, positions: Tensor | None, codes: Tensor | None,
     sal_scale: Tensor | None, sal_zero: Tensor | None,
 ) -> Tensor:
+    _CALLS["binary_gemm/reference"] += 1
+    return _binary_gemm_ref(x, signs, scales, in_features, salient_format, row_ptr, positions, codes,
+                            sal_scale, sal_zero)
+
+
+def _binary_gemm_ref(x, signs, scales, in_features, salient_format, row_ptr, positions, codes, sal_scale,
+                     sal_zero):
     lead = x.shape[:-1]
     y = reference.binary_gemm(x.reshape(-1, in_features), signs, scales, in_features,
                               salient_format, row_ptr, positions, codes, sal_scale, sal_zero)
     return y.reshape(*lead, signs.shape[0])
+
+
+@binary_gemm.register_kernel("cpu")
+def _binary_gemm_cpu(x, signs, scales, in_features, salient_format, row_ptr, positions, codes,
+                     sal_scale, sal_zero):
+    ext = _cpu_ext("binary_gemm")
+    if ext is None:
+        return _binary_gemm_ref(x, signs, scales, in_features, salient_format, row_ptr, positions, codes,
+                                sal_scale, sal_zero)
+    empty = signs.new_empty(0)
+    sal = [t if t is not None else empty for t in (row_ptr, positions, codes, sal_scale, sal_zero)]
+    lead = x.shape[:-1]
+    y = ext.binary_gemm(x.reshape(-1, in_features), signs, scales, in_features, salient_format, *sal,
+                        CPU_MAX_M_SMALL)
+    return y.to(x.dtype).reshape(*lead, signs.shape[0])
 
 
 @binary_gemm.register_fake
@@ -89,7 +135,16 @@ def _gemv(ext, x2, signs, scales, in_features, words_per_group, salient_format, 
 @torch.library.custom_op("qat::w1a1x4_gemm", mutates_args=())
 def w1a1x4_gemm(planes: Tensor, signs: Tensor, gbits: Tensor, scales: Tensor, wsum: Tensor,
                 xs: Tensor, xz: Tensor) -> Tensor:
+    _CALLS["w1a1x4_gemm/reference"] += 1
     return reference.w1a1x4_gemm(planes, signs, gbits, scales, wsum, xs, xz)
+
+
+@w1a1x4_gemm.register_kernel("cpu")
+def _w1a1x4_cpu(planes, signs, gbits, scales, wsum, xs, xz):
+    ext = _cpu_ext("w1a1x4_gemm")
+    if ext is None:
+        return reference.w1a1x4_gemm(planes, signs, gbits, scales, wsum, xs, xz)
+    return ext.w1a1x4_gemm(planes.contiguous(), signs.contiguous(), gbits.contiguous(), scales, wsum, xs, xz)
 
 
 @w1a1x4_gemm.register_fake
@@ -99,6 +154,7 @@ def _(planes, signs, gbits, scales, wsum, xs, xz):
 
 @w1a1x4_gemm.register_kernel("cuda")
 def _w1a1x4_cuda(planes, signs, gbits, scales, wsum, xs, xz):
+    _CALLS["w1a1x4_gemm/cuda"] += 1
     ext = extension_or_none()
     if ext is None:
         return reference.w1a1x4_gemm(planes, signs, gbits, scales, wsum, xs, xz)
@@ -109,8 +165,21 @@ def _w1a1x4_cuda(planes, signs, gbits, scales, wsum, xs, xz):
 @torch.library.custom_op("qat::grouped_binary_gemm", mutates_args=())
 def grouped_binary_gemm(x: Tensor, signs: Tensor, group_planes: Tensor, scales: Tensor,
                         in_features: int) -> Tensor:
+    _CALLS["grouped_binary_gemm/reference"] += 1
     lead = x.shape[:-1]
     y = reference.grouped_binary_gemm(x.reshape(-1, in_features), signs, group_planes, scales, in_features)
+    return y.reshape(*lead, signs.shape[0])
+
+
+@grouped_binary_gemm.register_kernel("cpu")
+def _grouped_binary_gemm_cpu(x, signs, group_planes, scales, in_features):
+    ext = _cpu_ext("grouped_binary_gemm")
+    lead = x.shape[:-1]
+    if ext is None:
+        y = reference.grouped_binary_gemm(x.reshape(-1, in_features), signs, group_planes, scales, in_features)
+    else:
+        y = ext.grouped_binary_gemm(x.reshape(-1, in_features), signs.contiguous(), group_planes.contiguous(),
+                                    scales, in_features, CPU_MAX_M_SMALL).to(x.dtype)
     return y.reshape(*lead, signs.shape[0])
 
 
@@ -151,3 +220,27 @@ def int_row_gemm(x: Tensor, codes: Tensor, scale: Tensor, bits: int, in_features
 @int_row_gemm.register_fake
 def _(x, codes, scale, bits, in_features):
     return x.new_empty(*x.shape[:-1], codes.shape[0])
+
+
+@torch.library.custom_op("qat::int_row_gemm", mutates_args=())
+def int_row_gemm(x: Tensor, codes: Tensor, scale: Tensor, bits: int, in_features: int) -> Tensor:
+    _CALLS["int_row_gemm/reference"] += 1
+    lead = x.shape[:-1]
+    return reference.int_row_gemm(x.reshape(-1, in_features), codes, scale, bits).reshape(*lead, codes.shape[0])
+
+
+@int_row_gemm.register_fake
+def _(x, codes, scale, bits, in_features):
+    return x.new_empty(*x.shape[:-1], codes.shape[0])
+
+
+@int_row_gemm.register_kernel("cpu")
+def _int_row_gemm_cpu(x, codes, scale, bits, in_features):
+    ext = _cpu_ext("int_row_gemm")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, in_features)
+    if ext is None:
+        y = reference.int_row_gemm(x2, codes, scale, bits)
+    else:
+        y = ext.int_row_gemm(x2, codes.contiguous(), scale, bits, in_features, CPU_MAX_M_SMALL).to(x.dtype)
+    return y.reshape(*lead, codes.shape[0])

@@ -1,0 +1,123 @@
+"""Per-layer CPU benchmark: every packed op (through its C++ CPU kernel) against torch.matmul in
+fp32 and bf16 on the same input, side by side in one run, medians of several repeats.
+
+Shapes: SmolLM2-135M's MLP (576x1536, 1536x576) and Llama-2-7B's (4096x11008, 11008x4096), as
+[out, in]; M = 1 (decode) and M = 512 (prefill). Random weights: speed does not depend on values.
+Writes benchmarks/results/cpu_bitgemm-<cpu>-<date>.json (CPU model, flags, ISA path, threads, commit).
+
+  python benchmarks/cpu_bitgemm.py [--threads 2] [--repeats 7] [--shapes 576x1536,...]
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bitgemm import commit  # this folder is on sys.path when run as a script
+
+from qat.kernels import ops
+from qat.kernels.build import cpu_isa_name, load_cpu_extension
+from qat.methods import build_method
+from qat.nn.embedding import quantize_matrix
+from qat.quant.activations import bit_planes, int4_per_token
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def cpu_info() -> dict:
+    model, flags = platform.processor(), []
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        model = next(line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name"))
+        flags = next(line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        pass
+    keep = [f for f in flags if f.startswith(("avx", "amx", "fma", "popcnt"))]
+    return {"model": model, "flags": sorted(keep), "torch_capability": torch.backends.cpu.get_cpu_capability()}
+
+
+def median_seconds(fn, repeats: int) -> float:
+    fn()  # warm-up (and the extension's first call)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def packed_layer(name: str, out_f: int, in_f: int, **params):
+    w = torch.randn(out_f, in_f) * 0.02
+    method = build_method(name, **params)
+    state = method.init_state(w)
+    return method, method.pack(state.pop("latent"), state)
+
+
+@torch.no_grad()
+def bench_shape(out_f: int, in_f: int, m: int, repeats: int) -> dict:
+    x = torch.randn(m, in_f)
+    w = torch.randn(out_f, in_f) * 0.02
+    wb, xb = w.bfloat16(), x.bfloat16()
+    row = {"shape": [out_f, in_f], "M": m}
+    row["fp32_matmul"] = median_seconds(lambda: torch.matmul(x, w.t()), repeats)
+    row["bf16_matmul"] = median_seconds(lambda: torch.matmul(xb, wb.t()), repeats)
+    layers = {"binary": ("rtn_binary", {}), "pbllm_r0.1": ("pbllm_qat", {"salient_ratio": 0.1}),
+              "dyngroup_g4": ("dyngroup", {"groups": 4})}
+    for label, (name, params) in layers.items():
+        method, p = packed_layer(name, out_f, in_f, **params)
+        row[label] = median_seconds(lambda: method.packed_linear(x, p, in_f), repeats)
+        del p
+    codes, scale = quantize_matrix(w, 8)
+    row["int8_rows"] = median_seconds(lambda: ops.int_row_gemm(x, codes, scale, 8, in_f), repeats)
+    # W1A1x4: the bit-serial op on INT4 activations already in planes (the layer's own cost)
+    method, p = packed_layer("w11a14", out_f, in_f)
+    q, s, z = int4_per_token(x)
+    planes = bit_planes(q)
+    gb = p["group_planes"][0].contiguous()
+    row["w1a1x4"] = median_seconds(lambda: ops.w1a1x4_gemm(planes, p["signs"], gb, p["scales"], p["wsum"][:, 0], s, z),
+                                   repeats)
+    row["speedup_vs_fp32"] = {k: row["fp32_matmul"] / row[k] for k in
+                              ("binary", "pbllm_r0.1", "dyngroup_g4", "int8_rows", "w1a1x4", "bf16_matmul")}
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--shapes", default="1536x576,576x1536,11008x4096,4096x11008")
+    ap.add_argument("--ms", default="1,512")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    ext = load_cpu_extension()
+    rows = []
+    for shape in args.shapes.split(","):
+        out_f, in_f = map(int, shape.split("x"))
+        for m in map(int, args.ms.split(",")):
+            r = bench_shape(out_f, in_f, m, args.repeats)
+            rows.append(r)
+            sp = r["speedup_vs_fp32"]
+            print(f"{out_f}x{in_f} M={m}: fp32 {r['fp32_matmul'] * 1e3:.2f} ms, bf16 {r['bf16_matmul'] * 1e3:.2f} ms | "
+                  + ", ".join(f"{k} {r[k] * 1e3:.2f} ms ({sp[k]:.1f}x)" for k in
+                              ("binary", "pbllm_r0.1", "dyngroup_g4", "int8_rows", "w1a1x4")), flush=True)
+    cpu = cpu_info()
+    out = {"benchmark": "cpu_bitgemm", "date": dt.date.today().isoformat(), "commit": commit(), "cpu": cpu,
+           "isa": cpu_isa_name(ext), "threads": args.threads, "repeats": args.repeats,
+           "max_m_small": ops.CPU_MAX_M_SMALL, "seconds_are": "median per call", "rows": rows}
+    RESULTS.mkdir(exist_ok=True)
+    tag = "".join(c if c.isalnum() else "_" for c in cpu["model"])[:40]
+    path = RESULTS / f"cpu_bitgemm-{tag}-{out['date']}.json"
+    path.write_text(json.dumps(out, indent=1))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,583 @@
+// CPU kernels of the packed ops (qat/kernels/ops.py registers them on the CPU dispatch key).
+//
+// Three builds of every kernel live in this one library, chosen at run time (set_isa / isa):
+//   avx512   intrinsics: sign bits used directly as AVX-512 masks (one blend + add per 16 weights),
+//            group scales looked up with a permute, VPOPCNTDQ for the W1A1×4 bit-serial product
+//   avx2     the plain C++ of cpu_generic.inc compiled for AVX2 + FMA (gcc vectorizes it)
+//   portable the same C++ for any CPU
+// Small M (decode) runs these kernels; larger M unpacks the weight to fp32 once and calls
+// at::mm (the GEMM is compute-bound there, and the unpacking is O(N·K), not O(M·N·K)).
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace portable {
+#include "cpu_generic.inc"
+}  // namespace portable
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,popcnt,f16c")
+namespace avx2 {
+#include "cpu_generic.inc"
+}  // namespace avx2
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vpopcntdq,fma,popcnt")
+namespace avx512 {
+
+static inline __m512 signed_x(__mmask16 k, __m512 v) {  // +v where the sign bit is 1, else −v
+  return _mm512_mask_blend_ps(k, _mm512_sub_ps(_mm512_setzero_ps(), v), v);
+}
+
+static void binary_rows(const float* x, int64_t M, int64_t Kp, const uint32_t* signs, int64_t W,
+                        const float* scales, int64_t G, int64_t n0, int64_t n1, float* y, int64_t N) {
+  const int64_t gh = Kp / G / 16;  // 16-column halves per scale group (caller: integral)
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint16_t* s = reinterpret_cast<const uint16_t*>(signs + n * W);  // little endian: half h = columns 16h..
+    for (int64_t m = 0; m < M; ++m) {
+      const float* xm = x + m * Kp;
+      __m512 total = _mm512_setzero_ps();
+      for (int64_t g = 0; g < G; ++g) {
+        __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;  // four chains hide the add latency
+        int64_t h = g * gh;
+        const int64_t e = h + gh;
+        for (; h + 4 <= e; h += 4) {
+          a0 = _mm512_add_ps(a0, signed_x(s[h], _mm512_loadu_ps(xm + 16 * h)));
+          a1 = _mm512_add_ps(a1, signed_x(s[h + 1], _mm512_loadu_ps(xm + 16 * h + 16)));
+          a2 = _mm512_add_ps(a2, signed_x(s[h + 2], _mm512_loadu_ps(xm + 16 * h + 32)));
+          a3 = _mm512_add_ps(a3, signed_x(s[h + 3], _mm512_loadu_ps(xm + 16 * h + 48)));
+        }
+        for (; h < e; ++h) a0 = _mm512_add_ps(a0, signed_x(s[h], _mm512_loadu_ps(xm + 16 * h)));
+        const __m512 acc = _mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3));
+        total = _mm512_fmadd_ps(acc, _mm512_set1_ps(scales[n * G + g]), total);
+      }
+      y[m * N + n] = _mm512_reduce_add_ps(total);
+    }
+  }
+}
+
+// Lookup tables over 4 sign bits (T-MAC's idea): for token m and each 4 columns, the 16 values
+// ±x0 ±x1 ±x2 ±x3 (table[e], bit j of e = the sign of column j) fill one zmm register; 16 rows'
+// nibbles are indices into it (one permute = 16 rows × 4 columns). tables [M, Kp/4, 16].
+static void build_tables(const float* x, int64_t M, int64_t Kp, float* tables) {
+  alignas(64) float pat[4][16];
+  for (int j = 0; j < 4; ++j)
+    for (int e = 0; e < 16; ++e) pat[j][e] = ((e >> j) & 1) ? 1.f : -1.f;
+  const __m512 p0 = _mm512_load_ps(pat[0]), p1 = _mm512_load_ps(pat[1]), p2 = _mm512_load_ps(pat[2]),
+               p3 = _mm512_load_ps(pat[3]);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t q = 0; q < Kp / 4; ++q) {
+      const float* v = x + m * Kp + 4 * q;
+      __m512 t = _mm512_mul_ps(_mm512_set1_ps(v[0]), p0);
+      t = _mm512_fmadd_ps(_mm512_set1_ps(v[1]), p1, t);
+      t = _mm512_fmadd_ps(_mm512_set1_ps(v[2]), p2, t);
+      t = _mm512_fmadd_ps(_mm512_set1_ps(v[3]), p3, t);
+      _mm512_store_ps(tables + (m * (Kp / 4) + q) * 16, t);
+    }
+}
+
+// Rows [n0, n1) in blocks of 16 lanes; scale groups of whole words (wpg words each).
+static void binary_rows_lut(const float* tables, int64_t M, int64_t W, const uint32_t* signs, const float* scales,
+                            int64_t G, int64_t wpg, int64_t n0, int64_t n1, float* y, int64_t N) {
+  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512i fifteen = _mm512_set1_epi32(15);
+  for (int64_t nb = n0; nb < n1; nb += 16) {
+    const int64_t rows = std::min<int64_t>(16, n1 - nb);
+    const __mmask16 k = (__mmask16)(rows == 16 ? 0xFFFF : (1u << rows) - 1u);
+    const __m512i offs = _mm512_mullo_epi32(lane, _mm512_set1_epi32((int)W));  // word 0 of each row
+    const int* base = reinterpret_cast<const int*>(signs + nb * W);
+    for (int64_t m = 0; m < M; ++m) {
+      const float* T = tables + m * (W * 8) * 16;
+      __m512 total = _mm512_setzero_ps();
+      for (int64_t g = 0; g < G; ++g) {
+        __m512 a0 = _mm512_setzero_ps(), a1 = a0;
+        for (int64_t w = g * wpg; w < (g + 1) * wpg; ++w) {
+          const __m512i v = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), k,
+                                                        _mm512_add_epi32(offs, _mm512_set1_epi32((int)w)), base, 4);
+          const float* t = T + w * 8 * 16;
+          a0 = _mm512_add_ps(a0, _mm512_permutexvar_ps(_mm512_and_si512(v, fifteen), _mm512_load_ps(t)));
+          a1 = _mm512_add_ps(a1, _mm512_permutexvar_ps(_mm512_and_si512(_mm512_srli_epi32(v, 4), fifteen), _mm512_load_ps(t + 16)));
+          a0 = _mm512_add_ps(a0, _mm512_permutexvar_ps(_mm512_and_si512(_mm512_srli_epi32(v, 8), fifteen), _mm512_load_ps(t + 32)));
+          a1 = _mm512_add_ps(a1, _mm512_permutexvar_ps(_mm512_and_si512(_mm512_srli_epi32(v, 12), fifteen), _mm512_load_ps(t + 48)));
+          a0 = _mm512_add_ps(a0, _mm512_permutexvar_ps(_mm512_and_si512(_mm512_srli_epi32(v, 16), fifteen), _mm512_load_ps(t + 64)));
+          a1 = _mm512_add_ps(a1, _mm512_permutexvar_ps(_mm512_and_si512(_mm512_srli_epi32(v, 20), fifteen), _mm512_load_ps(t + 80)));
+          a0 = _mm512_add_ps(a0, _mm512_permutexvar_ps(_mm512_and_si512(_mm512_srli_epi32(v, 24), fifteen), _mm512_load_ps(t + 96)));
+          a1 = _mm512_add_ps(a1, _mm512_permutexvar_ps(_mm512_srli_epi32(v, 28), _mm512_load_ps(t + 112)));
+        }
+        const __m512 sc = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), k,
+                                                   _mm512_add_epi32(_mm512_mullo_epi32(lane, _mm512_set1_epi32((int)G)),
+                                                                    _mm512_set1_epi32((int)g)),
+                                                   scales + nb * G, 4);
+        total = _mm512_fmadd_ps(_mm512_add_ps(a0, a1), sc, total);
+      }
+      _mm512_mask_storeu_ps(y + m * N + nb, k, total);  // lanes are rows: y[m, nb..nb+15] contiguous
+    }
+  }
+}
+
+// G <= 16 scales per row (or per matrix): the id of 16 weights is assembled from the planes'
+// masks, the scales looked up with one permute; the decoded weights serve every token.
+static void grouped_rows(const float* x, int64_t M, int64_t Kp, const uint32_t* signs,
+                         const uint32_t* planes, int64_t B, int64_t W, const float* scales, int64_t G,
+                         bool per_row, int64_t n0, int64_t n1, float* y, int64_t N, float* /*wrow*/) {
+  constexpr int MT = 8;
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint16_t* s = reinterpret_cast<const uint16_t*>(signs + n * W);
+    const __m512 alpha = _mm512_maskz_loadu_ps((__mmask16)((1u << G) - 1u), scales + (per_row ? n * G : 0));
+    for (int64_t m0 = 0; m0 < M; m0 += MT) {
+      const int64_t mt = std::min<int64_t>(MT, M - m0);
+      __m512 acc[MT][2];
+      for (int i = 0; i < MT; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+      auto decode = [&](int64_t h) {  // the 16 weights of half h
+        __m512i ids = _mm512_setzero_si512();
+        for (int64_t b = 0; b < B; ++b) {
+          const __mmask16 kb = reinterpret_cast<const uint16_t*>(planes + (b * N + n) * W)[h];
+          ids = _mm512_mask_add_epi32(ids, kb, ids, _mm512_set1_epi32(1 << b));
+        }
+        const __m512 a = _mm512_permutexvar_ps(ids, alpha);
+        return _mm512_mask_blend_ps(s[h], _mm512_sub_ps(_mm512_setzero_ps(), a), a);
+      };
+      for (int64_t h = 0; h < Kp / 16; h += 2) {  // Kp is a multiple of 32: halves come in pairs
+        const __m512 w0 = decode(h), w1 = decode(h + 1);
+        for (int64_t i = 0; i < mt; ++i) {
+          const float* xm = x + (m0 + i) * Kp + 16 * h;
+          acc[i][0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xm), acc[i][0]);
+          acc[i][1] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xm + 16), acc[i][1]);
+        }
+      }
+      for (int64_t i = 0; i < mt; ++i) y[(m0 + i) * N + n] = _mm512_reduce_add_ps(_mm512_add_ps(acc[i][0], acc[i][1]));
+    }
+  }
+}
+
+// int8 rows, or int4 nibbles with x given deinterleaved per 32 columns (even columns, then odd).
+static void int_rows(const float* x, int64_t M, int64_t K, const int8_t* c8, const uint8_t* c4,
+                     const float* scale, int64_t n0, int64_t n1, float* y, int64_t N) {
+  constexpr int MT = 8;
+  const __m512i low = _mm512_set1_epi32(15), eight = _mm512_set1_epi32(8);
+  for (int64_t n = n0; n < n1; ++n) {
+    for (int64_t m0 = 0; m0 < M; m0 += MT) {
+      const int64_t mt = std::min<int64_t>(MT, M - m0);
+      __m512 acc[MT][2];
+      for (int i = 0; i < MT; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+      if (c8) {
+        const int8_t* r = c8 + n * K;
+        for (int64_t j = 0; j < K; j += 16) {
+          const __m512 w = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(r + j))));
+          for (int64_t i = 0; i < mt; ++i)
+            acc[i][(j >> 4) & 1] = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + (m0 + i) * K + j), acc[i][(j >> 4) & 1]);
+        }
+      } else {
+        const uint8_t* r = c4 + n * (K / 2);
+        for (int64_t j = 0; j < K; j += 32) {
+          const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(r + j / 2)));
+          const __m512 lo = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_and_si512(v, low), eight));
+          const __m512 hi = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_srli_epi32(v, 4), eight));
+          for (int64_t i = 0; i < mt; ++i) {
+            const float* xm = x + (m0 + i) * K + j;
+            acc[i][0] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(xm), acc[i][0]);
+            acc[i][1] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xm + 16), acc[i][1]);
+          }
+        }
+      }
+      for (int64_t i = 0; i < mt; ++i)
+        y[(m0 + i) * N + n] = _mm512_reduce_add_ps(_mm512_add_ps(acc[i][0], acc[i][1])) * scale[n];
+    }
+  }
+}
+
+// A binary row as fp32 when each scale group is whole 16-column halves: one blend per 16 weights.
+static void unpack_signs_halves(const uint32_t* signs, const float* alpha, int64_t G, int64_t gcols, float* r) {
+  const uint16_t* s = reinterpret_cast<const uint16_t*>(signs);
+  for (int64_t g = 0; g < G; ++g) {
+    const __m512 v = _mm512_set1_ps(alpha[g]), nv = _mm512_set1_ps(-alpha[g]);
+    for (int64_t h = g * gcols / 16; h < (g + 1) * gcols / 16; ++h) _mm512_storeu_ps(r + 16 * h, _mm512_mask_blend_ps(s[h], nv, v));
+  }
+}
+
+// PB-LLM's salient correction for rows with one alpha: y[m, n] += Σ_i ((code_i − z)·s − alpha)·x[m, col_i].
+// The row's columns come from the CSR list or, for the bitmap, are compressed out of it (16 per
+// step); then 16 entries at a time: gather x, convert the codes, one fma.
+static void salient_rows(const int32_t* row_ptr, const uint16_t* csr_cols, const uint32_t* bitmap,
+                         const uint8_t* codes8, const uint16_t* codes16, const float* sal_scale, const float* sal_zero,
+                         const float* alpha, const float* x, int64_t M, int64_t Kp, int64_t W, int64_t n0, int64_t n1,
+                         float* y, int64_t N, int32_t* cols) {
+  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  for (int64_t n = n0; n < n1; ++n) {
+    const int64_t i0 = row_ptr[n], cnt = row_ptr[n + 1] - i0;
+    if (cnt == 0) continue;
+    if (csr_cols) {
+      for (int64_t i = 0; i < cnt; ++i) cols[i] = csr_cols[i0 + i];
+    } else {
+      const uint16_t* bm = reinterpret_cast<const uint16_t*>(bitmap + n * W);
+      int64_t c = 0;
+      for (int64_t h = 0; h < 2 * W; ++h) {
+        if (!bm[h]) continue;
+        _mm512_mask_compressstoreu_epi32(cols + c, bm[h], _mm512_add_epi32(lane, _mm512_set1_epi32((int)(16 * h))));
+        c += __builtin_popcount(bm[h]);
+      }
+    }
+    const __m512 vs = _mm512_set1_ps(sal_scale[n]), vz = _mm512_set1_ps(sal_zero[n]), va = _mm512_set1_ps(alpha[n]);
+    for (int64_t m = 0; m < M; ++m) {
+      const float* xm = x + m * Kp;
+      __m512 acc = _mm512_setzero_ps();
+      for (int64_t i = 0; i < cnt; i += 16) {
+        const __mmask16 k = cnt - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (cnt - i)) - 1u);
+        const __m512i idx = _mm512_maskz_loadu_epi32(k, cols + i);
+        const __m512 xv = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), k, idx, xm, 4);
+        const __m512i ci = codes8 ? _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(k, codes8 + i0 + i))
+                                  : _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, codes16 + i0 + i));
+        const __m512 v = _mm512_mul_ps(_mm512_sub_ps(_mm512_cvtepi32_ps(ci), vz), vs);
+        acc = _mm512_fmadd_ps(_mm512_sub_ps(v, va), xv, acc);  // masked-off lanes: x = 0
+      }
+      y[m * N + n] += _mm512_reduce_add_ps(acc);
+    }
+  }
+}
+
+static inline int64_t weighted_sum(const __m512i* acc) {  // Σ_b 2^b·Σ_lanes acc[b]
+  __m512i t = acc[0];
+  t = _mm512_add_epi32(t, _mm512_slli_epi32(acc[1], 1));
+  t = _mm512_add_epi32(t, _mm512_slli_epi32(acc[2], 2));
+  t = _mm512_add_epi32(t, _mm512_slli_epi32(acc[3], 3));
+  return _mm512_reduce_add_epi32(t);
+}
+
+static void w1a1x4_rows(const uint32_t* planes, int64_t M, int64_t W, const uint32_t* signs,
+                        const uint32_t* gbits, const float* scales, const float* wsum, const float* xs,
+                        const float* xz, const int64_t* qsum, int64_t n0, int64_t n1, float* y, int64_t N) {
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint32_t* s = signs + n * W;
+    const uint32_t* g = gbits ? gbits + n * W : nullptr;
+    for (int64_t m = 0; m < M; ++m) {
+      __m512i p[4], pg[4], ag[4];
+      for (int b = 0; b < 4; ++b) p[b] = pg[b] = ag[b] = _mm512_setzero_si512();
+      for (int64_t w = 0; w < W; w += 16) {
+        const __mmask16 k = W - w >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (W - w)) - 1u);
+        const __m512i sv = _mm512_maskz_loadu_epi32(k, s + w);
+        const __m512i gv = g ? _mm512_maskz_loadu_epi32(k, g + w) : _mm512_setzero_si512();
+        const __m512i sg = _mm512_and_si512(sv, gv), sng = _mm512_andnot_si512(gv, sv);
+        for (int b = 0; b < 4; ++b) {
+          const __m512i q = _mm512_maskz_loadu_epi32(k, planes + (b * M + m) * W + w);
+          p[b] = _mm512_add_epi32(p[b], _mm512_popcnt_epi32(_mm512_and_si512(q, sng)));
+          if (g) {
+            pg[b] = _mm512_add_epi32(pg[b], _mm512_popcnt_epi32(_mm512_and_si512(q, sg)));
+            ag[b] = _mm512_add_epi32(ag[b], _mm512_popcnt_epi32(_mm512_and_si512(q, gv)));
+          }
+        }
+      }
+      const int64_t pos = weighted_sum(p), posg = weighted_sum(pg), allg = weighted_sum(ag);
+      const float a0 = scales[2 * n], a1 = scales[2 * n + 1];
+      const float dot = a0 * (float)(2 * pos - (qsum[m] - allg)) + a1 * (float)(2 * posg - allg);
+      y[m * N + n] = xs[m] * (dot - xz[m] * wsum[n]);
+    }
+  }
+}
+
+}  // namespace avx512
+#pragma GCC pop_options
+
+namespace {
+
+enum Isa : int64_t { PORTABLE = 0, AVX2 = 1, AVX512 = 2 };
+
+int64_t best_isa() {
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+      __builtin_cpu_supports("avx512vpopcntdq"))
+    return AVX512;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("popcnt"))
+    return AVX2;
+  return PORTABLE;
+}
+
+int64_t g_isa = best_isa();
+
+int64_t set_isa(int64_t isa) {  // -1: the best this CPU has; returns the one in use
+  const int64_t best = best_isa();
+  TORCH_CHECK(isa >= -1 && isa <= AVX512, "isa must be -1 (best), 0 (portable), 1 (avx2) or 2 (avx512), got ", isa);
+  TORCH_CHECK(isa <= best, "this CPU does not support isa ", isa, " (best: ", best, ")");
+  g_isa = isa < 0 ? best : isa;
+  return g_isa;
+}
+
+int64_t get_isa() { return g_isa; }
+int64_t cpu_best_isa() { return best_isa(); }
+
+int64_t grain(int64_t work_per_row) { return std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(1, work_per_row)); }
+
+void check_cpu(const torch::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), name, " must be on the CPU");
+  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
+}
+
+// x [M, K] -> fp32 [M, 32·W], zero-padded (padding sign bits are 0: −0 contributes nothing)
+torch::Tensor padded_x(const torch::Tensor& x, int64_t Kp) {
+  auto xf = x.to(torch::kFloat).contiguous();
+  if (xf.size(1) == Kp) return xf;
+  return torch::constant_pad_nd(xf, {0, Kp - xf.size(1)}, 0.0).contiguous();
+}
+
+const uint32_t* words(const torch::Tensor& t) { return reinterpret_cast<const uint32_t*>(t.data_ptr<int32_t>()); }
+
+// The salient part of PB-LLM's layer: w[n, c] = (code − zero[n])·scale[n] at the listed entries, whose
+// sign bit is packed as +1 (so the binary part gave +alpha there). y[m, n] += (w − alpha)·x[m, c].
+struct Salient {
+  int64_t fmt = 0;  // 0 none, 1 CSR (uint16 columns), 2 bitmap
+  const int32_t* row_ptr = nullptr;
+  const uint16_t* cols = nullptr;
+  const uint32_t* bitmap = nullptr;
+  const uint8_t* codes8 = nullptr;
+  const uint16_t* codes16 = nullptr;
+  std::vector<float> scale, zero;
+
+  float value(int64_t i, int64_t n) const {
+    const float c = codes8 ? (float)codes8[i] : (float)codes16[i];
+    return (c - zero[n]) * scale[n];
+  }
+  template <class F>
+  void for_row_values(int64_t n, int64_t W, F f) const {  // f(value, column), codes read by width
+    if (codes8) for_row(n, W, [&](int64_t i, int64_t c) { f(((float)codes8[i] - zero[n]) * scale[n], c); });
+    else for_row(n, W, [&](int64_t i, int64_t c) { f(((float)codes16[i] - zero[n]) * scale[n], c); });
+  }
+  template <class F>
+  void for_row(int64_t n, int64_t W, F f) const {  // f(value index, column)
+    int64_t i = row_ptr[n];
+    if (fmt == 1) {
+      for (; i < row_ptr[n + 1]; ++i) f(i, (int64_t)cols[i]);
+    } else {
+      for (int64_t w = 0; w < W; ++w)
+        for (uint32_t bits = bitmap[n * W + w]; bits; bits &= bits - 1) f(i++, 32 * w + __builtin_ctz(bits));
+    }
+  }
+};
+
+Salient salient_of(int64_t fmt, const torch::Tensor& row_ptr, const torch::Tensor& positions,
+                   const torch::Tensor& codes, const torch::Tensor& sal_scale, const torch::Tensor& sal_zero) {
+  Salient s;
+  s.fmt = fmt;
+  if (!fmt) return s;
+  TORCH_CHECK(fmt == 1 || fmt == 2, "salient_format must be 0, 1 (CSR) or 2 (bitmap), got ", fmt);
+  for (auto* t : {&row_ptr, &positions, &codes}) check_cpu(*t, "salient tensor");
+  s.row_ptr = row_ptr.data_ptr<int32_t>();
+  if (fmt == 1) s.cols = reinterpret_cast<const uint16_t*>(positions.data_ptr<int16_t>());
+  else s.bitmap = words(positions);
+  if (codes.scalar_type() == torch::kUInt8) s.codes8 = codes.data_ptr<uint8_t>();
+  else s.codes16 = reinterpret_cast<const uint16_t*>(codes.data_ptr<int16_t>());
+  auto sc = sal_scale.to(torch::kFloat).contiguous(), z = sal_zero.to(torch::kFloat).contiguous();
+  s.scale.assign(sc.data_ptr<float>(), sc.data_ptr<float>() + sc.numel());
+  s.zero.assign(z.data_ptr<float>(), z.data_ptr<float>() + z.numel());
+  return s;
+}
+
+// The larger-M path: y = x·Wᵀ with W unpacked to fp32 a tile of rows at a time (a few MB, reused:
+// no N·K buffer, no page faults), each tile's product by at::mm into its rows of yᵀ.
+// unpack_row(n, r) writes row n of W (K floats) to r.
+template <class UnpackRow>
+torch::Tensor tiled_mm(const torch::Tensor& x, int64_t N, int64_t K, UnpackRow unpack_row) {
+  auto xT = x.to(torch::kFloat).contiguous().t();  // [K, M]
+  const int64_t M = xT.size(1);
+  const int64_t TB = std::min<int64_t>(N, std::max<int64_t>(16, (int64_t(1) << 19) / K));  // ~2 MB of fp32
+  auto tile = torch::empty({TB, K}, torch::kFloat);
+  auto yT = torch::empty({N, M}, torch::kFloat);
+  float* t = tile.data_ptr<float>();
+  for (int64_t n0 = 0; n0 < N; n0 += TB) {
+    const int64_t tb = std::min(TB, N - n0);
+    at::parallel_for(0, tb, grain(K), [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) unpack_row(n0 + r, t + r * K);
+    });
+    auto out = yT.narrow(0, n0, tb);
+    at::mm_out(out, tile.narrow(0, 0, tb), xT);
+  }
+  return yT.t();
+}
+
+}  // namespace
+
+// y [M, N] = x [M, K] · Wᵀ, W = alpha[n, g]·sign (+ PB-LLM's salient entries); fp32.
+torch::Tensor binary_gemm(torch::Tensor x, torch::Tensor signs, torch::Tensor scales, int64_t K,
+                          int64_t fmt, torch::Tensor row_ptr, torch::Tensor positions, torch::Tensor codes,
+                          torch::Tensor sal_scale, torch::Tensor sal_zero, int64_t max_m_small) {
+  check_cpu(signs, "signs");
+  const int64_t M = x.size(0), N = signs.size(0), W = signs.size(1), G = scales.size(1);
+  TORCH_CHECK(x.size(1) == K && K <= 32 * W && K % G == 0, "binary_gemm: bad shapes");
+  auto scalesf = scales.to(torch::kFloat).contiguous();
+  const Salient sal = salient_of(fmt, row_ptr, positions, codes, sal_scale, sal_zero);
+  const int64_t Kp = 32 * W;
+  // the kernels walk 16-column halves: each scale group must be whole halves of the padded row
+  const bool halves_ok = (K / G) % 16 == 0 && (G == 1 || K == Kp);
+  if (M > max_m_small || !halves_ok) {
+    const uint32_t* s = words(signs);
+    const float* a = scalesf.data_ptr<float>();
+    const int64_t gcols = K / G;
+    const bool halves = g_isa == AVX512 && gcols % 16 == 0;
+    return tiled_mm(x, N, K, [&](int64_t n, float* r) {
+      if (halves) avx512::unpack_signs_halves(s + n * W, a + n * G, G, gcols, r);
+      else if (g_isa >= AVX2) avx2::unpack_signs(s + n * W, a + n * G, G, gcols, K, r);
+      else portable::unpack_signs(s + n * W, a + n * G, G, gcols, K, r);
+      if (sal.fmt) sal.for_row_values(n, W, [&](float v, int64_t c) { r[c] = v; });
+    });
+  }
+  auto xp = padded_x(x, Kp);
+  auto y = torch::empty({M, N}, torch::kFloat);
+  const float *xd = xp.data_ptr<float>(), *a = scalesf.data_ptr<float>();
+  float* yd = y.data_ptr<float>();
+  const uint32_t* s = words(signs);
+  const int64_t Gk = G == 1 ? 1 : G;  // one group spans the padded row when per row
+  // AVX-512 with whole words per scale group: the lookup-table kernel, rows in blocks of 16
+  const bool lut = g_isa == AVX512 && W % Gk == 0 && (Gk == 1 || K == Kp);
+  torch::Tensor tables;
+  if (lut) {
+    tables = torch::empty({M * Kp * 4 + 16}, torch::kFloat);  // + 16: room to align to 64 bytes
+    float* t = tables.data_ptr<float>();
+    t = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(t) + 63) & ~uintptr_t(63));
+    avx512::build_tables(xd, M, Kp, t);
+    at::parallel_for(0, (N + 15) / 16, grain(Kp * M * 16), [&](int64_t b0, int64_t b1) {
+      avx512::binary_rows_lut(t, M, W, s, a, Gk, W / Gk, 16 * b0, std::min(N, 16 * b1), yd, N);
+    });
+  }
+  at::parallel_for(0, N, grain(Kp * M), [&](int64_t n0, int64_t n1) {
+    if (!lut) {
+      if (g_isa == AVX512) avx512::binary_rows(xd, M, Kp, s, W, a, Gk, n0, n1, yd, N);
+      else if (g_isa == AVX2) avx2::binary_rows(xd, M, Kp, s, W, a, Gk, n0, n1, yd, N);
+      else portable::binary_rows(xd, M, Kp, s, W, a, Gk, n0, n1, yd, N);
+    }
+    if (sal.fmt && g_isa == AVX512 && G == 1) {
+      std::vector<int32_t> cols(Kp);
+      avx512::salient_rows(sal.row_ptr, sal.cols, sal.bitmap, sal.codes8, sal.codes16, sal.scale.data(),
+                           sal.zero.data(), a, xd, M, Kp, W, n0, n1, yd, N, cols.data());
+    } else if (sal.fmt) {  // the binary part gave +alpha at each salient entry: add (value − alpha)·x
+      const int64_t gcols = K / G;
+      for (int64_t n = n0; n < n1; ++n)
+        for (int64_t m = 0; m < M; ++m) {
+          float corr = 0.f;
+          const float* xm = xd + m * Kp;
+          if (G == 1) {
+            const float alpha = a[n];
+            sal.for_row_values(n, W, [&](float v, int64_t c) { corr += (v - alpha) * xm[c]; });
+          } else {
+            sal.for_row_values(n, W, [&](float v, int64_t c) { corr += (v - a[n * G + c / gcols]) * xm[c]; });
+          }
+          yd[m * N + n] += corr;
+        }
+    }
+  });
+  return y;
+}
+
+// Dynamic grouping: W = sign·alpha[row?, id]; planes int32 [B, N, W]; scales [1 or N, G].
+torch::Tensor grouped_binary_gemm(torch::Tensor x, torch::Tensor signs, torch::Tensor planes, torch::Tensor scales,
+                                  int64_t K, int64_t max_m_small) {
+  check_cpu(signs, "signs");
+  check_cpu(planes, "group_planes");
+  const int64_t M = x.size(0), N = signs.size(0), W = signs.size(1), B = planes.size(0), G = scales.size(1);
+  const bool per_row = scales.size(0) == N && N > 1;
+  auto scalesf = scales.to(torch::kFloat).contiguous();
+  const float* a = scalesf.data_ptr<float>();
+  const uint32_t *s = words(signs), *pl = B ? words(planes) : nullptr;
+  const int64_t Kp = 32 * W;
+  if (M > max_m_small) {
+    return tiled_mm(x, N, K, [&](int64_t n, float* r) {
+      const float* alpha = a + (per_row ? n * G : 0);
+      if (g_isa >= AVX2) avx2::unpack_grouped(s + n * W, pl ? pl + n * W : nullptr, B, N * W, alpha, K, r);
+      else portable::unpack_grouped(s + n * W, pl ? pl + n * W : nullptr, B, N * W, alpha, K, r);
+    });
+  }
+  auto xp = padded_x(x, Kp);
+  auto y = torch::empty({M, N}, torch::kFloat);
+  const float* xd = xp.data_ptr<float>();
+  float* yd = y.data_ptr<float>();
+  at::parallel_for(0, N, grain(Kp * M), [&](int64_t n0, int64_t n1) {
+    std::vector<float> wrow(Kp);
+    if (g_isa == AVX512 && G <= 16) avx512::grouped_rows(xd, M, Kp, s, pl, B, W, a, G, per_row, n0, n1, yd, N, wrow.data());
+    else if (g_isa >= AVX2) avx2::grouped_rows(xd, M, Kp, s, pl, B, W, a, G, per_row, n0, n1, yd, N, wrow.data());
+    else portable::grouped_rows(xd, M, Kp, s, pl, B, W, a, G, per_row, n0, n1, yd, N, wrow.data());
+  });
+  return y;
+}
+
+// The quantized LM head: W = codes·scale[n], int8 [N, K] or int4 nibbles [N, K/2].
+torch::Tensor int_row_gemm(torch::Tensor x, torch::Tensor codes, torch::Tensor scale, int64_t bits, int64_t K,
+                           int64_t max_m_small) {
+  check_cpu(codes, "codes");
+  TORCH_CHECK(bits == 8 || bits == 4, "int_row_gemm: bits must be 8 or 4, got ", bits);
+  const int64_t M = x.size(0), N = codes.size(0);
+  auto sf = scale.to(torch::kFloat).contiguous();
+  const float* sc = sf.data_ptr<float>();
+  if (M > max_m_small) {
+    const int8_t* c8 = bits == 8 ? codes.data_ptr<int8_t>() : nullptr;
+    const uint8_t* c4 = bits == 4 ? codes.data_ptr<uint8_t>() : nullptr;
+    return tiled_mm(x, N, K, [&](int64_t n, float* r) {
+      if (c8) {
+        for (int64_t j = 0; j < K; ++j) r[j] = (float)c8[n * K + j] * sc[n];
+      } else {
+        for (int64_t i = 0; i < K / 2; ++i) {
+          r[2 * i] = (float)((int)(c4[n * (K / 2) + i] & 15) - 8) * sc[n];
+          r[2 * i + 1] = (float)((int)(c4[n * (K / 2) + i] >> 4) - 8) * sc[n];
+        }
+      }
+    });
+  }
+  const bool fast = g_isa == AVX512 && (bits == 8 ? K % 16 == 0 : K % 32 == 0);
+  auto xf = x.to(torch::kFloat).contiguous();
+  if (fast && bits == 4)  // per 32 columns: the 16 even ones, then the 16 odd ones (the nibbles' order)
+    xf = xf.view({M, K / 32, 16, 2}).transpose(-1, -2).contiguous().view({M, K});
+  auto y = torch::empty({M, N}, torch::kFloat);
+  const float* xd = xf.data_ptr<float>();
+  float* yd = y.data_ptr<float>();
+  const int8_t* c8 = bits == 8 ? codes.data_ptr<int8_t>() : nullptr;
+  const uint8_t* c4 = bits == 4 ? codes.data_ptr<uint8_t>() : nullptr;
+  at::parallel_for(0, N, grain(K * M), [&](int64_t n0, int64_t n1) {
+    if (fast) avx512::int_rows(xd, M, K, c8, c4, sc, n0, n1, yd, N);
+    else if (g_isa == AVX2) avx2::int_rows(xd, M, K, c8, c4, sc, n0, n1, yd, N);
+    else portable::int_rows(xd, M, K, c8, c4, sc, n0, n1, yd, N);
+  });
+  return y;
+}
+
+// W1A1×4: y[m, n] = xs[m]·(Σ_b 2^b·(ŵ_n · q_b[m]) − xz[m]·wsum[n]), ŵ = sign·alpha[n, g]; planes [4, M, W].
+torch::Tensor w1a1x4_gemm(torch::Tensor planes, torch::Tensor signs, torch::Tensor gbits, torch::Tensor scales,
+                          torch::Tensor wsum, torch::Tensor xs, torch::Tensor xz) {
+  for (auto* t : {&planes, &signs}) check_cpu(*t, "w1a1x4 tensor");
+  const int64_t M = planes.size(1), W = planes.size(2), N = signs.size(0);
+  TORCH_CHECK(planes.size(0) == 4 && signs.size(1) == W && scales.size(1) == 2, "w1a1x4_gemm: bad shapes");
+  auto sf = scales.to(torch::kFloat).contiguous(), ws = wsum.to(torch::kFloat).contiguous();
+  auto xsf = xs.to(torch::kFloat).contiguous(), xzf = xz.to(torch::kFloat).contiguous();
+  const bool grouped = gbits.numel() > 0;
+  if (grouped) check_cpu(gbits, "gbits");
+  // Σ_j q_j per token = Σ_b 2^b·popcount(plane_b)
+  std::vector<int64_t> qsum(M, 0);
+  const uint32_t* pl = words(planes);
+  for (int64_t b = 0; b < 4; ++b)
+    for (int64_t m = 0; m < M; ++m) {
+      int64_t c = 0;
+      for (int64_t w = 0; w < W; ++w) c += __builtin_popcount(pl[(b * M + m) * W + w]);
+      qsum[m] += c << b;
+    }
+  auto y = torch::empty({M, N}, torch::kFloat);
+  float* yd = y.data_ptr<float>();
+  const uint32_t *s = words(signs), *g = grouped ? words(gbits) : nullptr;
+  const float *a = sf.data_ptr<float>(), *wd = ws.data_ptr<float>(), *xsd = xsf.data_ptr<float>(), *xzd = xzf.data_ptr<float>();
+  at::parallel_for(0, N, grain(W * M * 4), [&](int64_t n0, int64_t n1) {
+    if (g_isa == AVX512) avx512::w1a1x4_rows(pl, M, W, s, g, a, wd, xsd, xzd, qsum.data(), n0, n1, yd, N);
+    else if (g_isa == AVX2) avx2::w1a1x4_rows(pl, M, W, s, g, a, wd, xsd, xzd, qsum.data(), n0, n1, yd, N);
+    else portable::w1a1x4_rows(pl, M, W, s, g, a, wd, xsd, xzd, qsum.data(), n0, n1, yd, N);
+  });
+  return y;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("binary_gemm", &binary_gemm);
+  m.def("grouped_binary_gemm", &grouped_binary_gemm);
+  m.def("int_row_gemm", &int_row_gemm);
+  m.def("w1a1x4_gemm", &w1a1x4_gemm);
+  m.def("set_isa", &set_isa);
+  m.def("isa", &get_isa);
+  m.def("best_isa", &cpu_best_isa);
+}

@@ -1,0 +1,134 @@
+"""The CPU kernels (C++: AVX-512, AVX2 and portable paths) against the pure-torch reference, on
+every packed format, for decode-sized and prefill-sized inputs. Needs a C++ compiler (built once,
+~40 s, cached); torch alone otherwise."""
+import pytest
+import torch
+
+from qat.kernels import ops, reference
+from qat.kernels.build import CPU_ISAS, cpu_extension_or_none
+from qat.methods import build_method
+
+ext = cpu_extension_or_none()
+pytestmark = pytest.mark.skipif(ext is None, reason="the CPU extension did not build (no C++ compiler?)")
+ISAS = [name for name, i in CPU_ISAS.items() if ext is not None and i <= ext.best_isa()]
+MS = [1, 3, 8, 9, 64]  # 1..8: the bit kernels; 9, 64: unpack once + at::mm
+
+
+@pytest.fixture(params=ISAS)
+def isa(request):
+    before = ext.isa()
+    ext.set_isa(CPU_ISAS[request.param])
+    yield request.param
+    ext.set_isa(before)
+
+
+def close(y: torch.Tensor, want: torch.Tensor) -> None:
+    """Within 1e-5 of each output row's largest value (a wrong entry anywhere shows)."""
+    scale = want.abs().amax(dim=-1, keepdim=True).clamp_min(1e-6)
+    assert ((y - want).abs() / scale).max() < 1e-5
+
+
+def packed(method_name: str, out_f: int, in_f: int, seed: int = 0, **params):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(out_f, in_f, generator=g) * 0.05
+    w[:, 3] *= 20  # an outlier column: salient entries cluster there
+    method = build_method(method_name, **params)
+    state = method.init_state(w)
+    latent = state.pop("latent")
+    return method, method.pack(latent, state)
+
+
+@pytest.mark.parametrize("shape,params", [
+    ((96, 576), dict(salient_ratio=0.1)),                     # SmolLM2's width, CSR salient part
+    ((40, 513), dict(salient_ratio=0.1)),                     # not a multiple of 32: padded
+    ((64, 256), dict(salient_ratio=0.4)),                     # dense salient part: bitmap format
+    ((48, 512), dict(salient_ratio=0.1, group_size=128)),     # alpha per 128 columns
+    ((48, 576), dict(salient_ratio=0.1, group_size=48)),      # groups not whole 16-column halves
+    ((33, 320), dict(salient_ratio=0.1, salient_bits=12)),    # int16 codes
+    ((70, 640), dict(salient_ratio=0.0)),                     # rtn_binary: no salient part
+])
+@pytest.mark.parametrize("m", MS)
+def test_binary_gemm_matches_reference(isa, shape, params, m):
+    method, p = packed("pbllm_qat", *shape, **params)
+    if params["salient_ratio"] == 0.4:
+        assert int(p["salient_format"]) == reference.SALIENT_BITMAP
+    x = torch.randn(m, shape[1])
+    fmt = int(p["salient_format"]) if "salient_format" in p else 0
+    args = (p["signs"], p["scales"], shape[1], fmt, p.get("salient_row_ptr"), p.get("salient_positions"),
+            p.get("salient_codes"), p.get("salient_scale"), p.get("salient_zero"))
+    want = reference.binary_gemm(x, *args)
+    empty = p["signs"].new_empty(0)
+    got = ext.binary_gemm(x, *args[:4], *[t if t is not None else empty for t in args[4:]], ops.CPU_MAX_M_SMALL)
+    close(got, want)
+
+
+@pytest.mark.parametrize("groups,scope", [(2, "row"), (4, "row"), (8, "row"), (4, "matrix")])
+@pytest.mark.parametrize("m", MS)
+def test_grouped_binary_gemm_matches_reference(isa, groups, scope, m):
+    _, p = packed("dyngroup", 80, 576, groups=groups, scope=scope)
+    x = torch.randn(m, 576)
+    want = reference.grouped_binary_gemm(x, p["signs"], p["group_planes"], p["scales"], 576)
+    got = ext.grouped_binary_gemm(x, p["signs"], p["group_planes"], p["scales"], 576, ops.CPU_MAX_M_SMALL)
+    close(got, want)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("k", [576, 200])
+@pytest.mark.parametrize("m", MS)
+def test_int_row_gemm_matches_reference(isa, bits, k, m):
+    from qat.nn.embedding import quantize_matrix
+
+    w = torch.randn(300, k) * 0.1
+    codes, scale = quantize_matrix(w, bits)
+    x = torch.randn(m, k)
+    close(ext.int_row_gemm(x, codes, scale, bits, k, ops.CPU_MAX_M_SMALL), reference.int_row_gemm(x, codes, scale, bits))
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+@pytest.mark.parametrize("k", [576, 1024, 96])
+@pytest.mark.parametrize("m", [1, 5, 64])
+def test_w1a1x4_gemm_matches_reference(isa, groups, k, m):
+    from qat.quant.activations import bit_planes, int4_per_token
+
+    method, p = packed("w11a14", 72, k, groups=groups)
+    q, s, z = int4_per_token(torch.randn(m, k))
+    planes = bit_planes(q)
+    scales = p["scales"] if groups == 2 else p["scales"].expand(-1, 2).contiguous()
+    gbits = p["group_planes"][0] if p["group_planes"].shape[0] else p["signs"].new_empty(0)
+    want = reference.w1a1x4_gemm(planes, p["signs"], gbits, scales, p["wsum"][:, 0], s, z)
+    got = ext.w1a1x4_gemm(planes, p["signs"], gbits, scales, p["wsum"][:, 0], s, z)
+    close(got, want)
+
+
+def test_the_ops_dispatch_to_the_cpu_kernels_and_count_the_path(monkeypatch):
+    """A packed layer on a CPU runs the C++ kernel (kernel_calls names the path); QAT_KERNELS=reference
+    runs the reference; both give the same output."""
+    method, p = packed("pbllm_qat", 64, 576, salient_ratio=0.1)
+    x = torch.randn(2, 5, 576)
+    ops.kernel_calls(reset=True)
+    fast = method.packed_linear(x, p, 576)
+    assert ops.kernel_calls(reset=True) == {f"binary_gemm/cpu-{ISAS[-1]}": 1}
+    monkeypatch.setenv("QAT_KERNELS", "reference")
+    slow = method.packed_linear(x, p, 576)
+    assert ops.kernel_calls(reset=True) == {"binary_gemm/reference": 1}
+    assert fast.shape == slow.shape == (2, 5, 64)
+    close(fast.reshape(10, 64), slow.reshape(10, 64))
+
+
+def test_a_failed_build_is_tried_once_and_falls_back(monkeypatch):
+    """No compiler: one warning, the reference from then on, and no second build attempt per call."""
+    from qat.kernels import build
+
+    calls = []
+
+    def broken():
+        calls.append(1)
+        raise build.KernelBuildError("no C++ compiler (c++ / $CXX) found")
+
+    monkeypatch.setattr(build, "_failed", {})
+    monkeypatch.setattr(build, "load_cpu_extension", broken)
+    method, p = packed("rtn_binary", 16, 64)
+    ops.kernel_calls(reset=True)
+    for _ in range(3):
+        method.packed_linear(torch.randn(1, 64), p, 64)
+    assert len(calls) == 1 and ops.kernel_calls(reset=True) == {"binary_gemm/reference": 3}
