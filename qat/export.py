@@ -27,8 +27,8 @@ PACKED_MODULES = (PackedLinear, QuantEmbedding, QuantHead)
 
 
 def unquantized_dtype(embedding_format: str) -> torch.dtype:
-    """How the export stores every floating tensor of 2+ dims that no method quantized (the
-    embedding at fp16, skipped linears, an untied head): fp32 only for quantize.embedding=fp32."""
+    """How the export stores every floating tensor that no method quantized (the embedding at
+    fp16, skipped linears, an untied head, norms): fp32 only for quantize.embedding=fp32."""
     return torch.float32 if embedding_format == "fp32" else torch.float16
 
 
@@ -43,18 +43,19 @@ def round_unquantized(model: nn.Module, embedding_format: str) -> None:
     dtype = unquantized_dtype(embedding_format)
     packed = _packed_prefixes(model)
     for name, p in model.named_parameters():
-        if p.dim() >= 2 and p.is_floating_point() and not name.startswith(packed):
+        if p.is_floating_point() and not name.startswith(packed):
             p.copy_(p.to(dtype).to(p.dtype))
 
 
 def export_tensors(model: nn.Module, embedding_format: str = "fp32") -> dict[str, Tensor]:
     """The tensors the export stores, by name: every parameter and persistent buffer once (a tied
-    matrix under one name), packed tensors as they are, the other floating tensors of 2+ dims in
-    `unquantized_dtype`, 1-dim ones (norms, biases) in fp32."""
+    matrix under one name), packed tensors as they are, the other floating parameters in
+    `unquantized_dtype` (floating buffers, e.g. rotary frequencies, in fp32)."""
     dtype = unquantized_dtype(embedding_format)
     packed = _packed_prefixes(model)
     out: dict[str, Tensor] = {}
     seen: set[int] = set()
+    params = {n for n, _ in model.named_parameters(remove_duplicate=False)}
     for name, t in model.state_dict(keep_vars=False).items():
         if t.numel() and t.data_ptr() in seen:
             continue  # tied: stored once (load_export and transformers tie it back)
@@ -62,7 +63,7 @@ def export_tensors(model: nn.Module, embedding_format: str = "fp32") -> dict[str
             seen.add(t.data_ptr())
         t = t.detach()
         if not name.startswith(packed) and t.is_floating_point():
-            t = t.to(dtype) if t.dim() >= 2 else t.float()
+            t = t.to(dtype) if name in params else t.float()
         out[name] = t.contiguous()
     return out
 
@@ -136,7 +137,9 @@ def load_export(export_dir: Path, device: str = "cpu") -> nn.Module:
             set_submodule(model, name, PackedLinear(in_f, out_f, method, packed, bias))
     tied = bool(getattr(config, "tie_word_embeddings", False))
     emb_format = ((qcfg or {}).get("embedding") or {}).get("format", "fp32")
-    if tied and EMBEDDING_FORMATS[emb_format] >= 16:  # a quantized tied head reads the embedding's tensors  # safetensors stores a tied matrix once, under either name
+    # safetensors stores a tied matrix once, under either name (a quantized tied head reads the
+    # embedding's tensors instead)
+    if tied and EMBEDDING_FORMATS[emb_format] >= 16:
         emb = next(n for n, m in model.named_modules() if m is model.get_input_embeddings()) + ".weight"
         head = next(n for n, m in model.named_modules() if m is model.get_output_embeddings()) + ".weight"
         shared = tensors.get(emb, tensors.get(head))

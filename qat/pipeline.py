@@ -31,6 +31,7 @@ from qat.errors import QATError, TrainingDiverged, check_choice
 from qat.eval import perplexity
 from qat.export import export_tensors, model_bits, round_unquantized, save_export
 from qat.fetch import atomic_write_bytes
+from qat.kernels import ops
 from qat.methods import build_method
 from qat.models import load_model
 from qat.nn import bits_report, convert, prepare, quantizable_linears
@@ -292,7 +293,11 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     emb_record = convert_embeddings(model, emb_fmt)
     if method.quantizes:
         round_unquantized(model, emb_fmt)  # stored in fp16 by the export: evaluate what is stored
+    ops.kernel_calls(reset=True)
     ppl_final, _ = ppl(model, "ppl final (packed)")
+    kernels = ops.kernel_calls(reset=True)  # which path each packed op took: {"<op>/<path>": calls}
+    if kernels:
+        log.info("packed ops ran through %s", kernels)
     bits = bits_report(model) or {"weight": 16.0, "storage": 16.0}
     bits["model"] = model_bits(export_tensors(model, emb_fmt), n_params)
 
@@ -307,7 +312,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                 **({"val_last": ppl_val} if ppl_val is not None else {})},
         "eval_tokens": eval_tokens,
         "bits": {"weight": bits["weight"], "storage": bits["storage"], "model": bits["model"]},
-        "embedding": emb_fmt, "parameters": n_params,
+        "embedding": emb_fmt, "parameters": n_params, "kernels": kernels,
         "train_tokens": train_tokens, "seconds": seconds, "status": "ok",
     }
     atomic_write_bytes(run_dir / "results.json", json.dumps(results, indent=1).encode())

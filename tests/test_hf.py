@@ -83,3 +83,30 @@ def test_quantized_embedding_export_loads_with_the_same_logits(fmt, tmp_path):
         else:
             assert isinstance(m.get_input_embeddings(), QuantEmbedding)
             assert isinstance(m.lm_head, QuantHead) and m.lm_head.tied_to is m.get_input_embeddings()
+
+
+@pytest.mark.parametrize("kernels", ["default", "reference"])
+def test_the_readme_loading_snippet_runs_in_a_fresh_process(kernels, tmp_path):
+    """The README's snippet, verbatim but for the path, in a process that imports nothing else first:
+    load with transformers after `import qat`, then generate. (A module-level tensor created while
+    transformers builds the model on the meta device crashed the first forward.)"""
+    import re
+    from pathlib import Path
+
+    from qat.nn.embedding import convert_embeddings
+
+    model = packed_tiny("pbllm_qat", salient_ratio=0.1)
+    save_export(model, tmp_path / "export", "tiny", embedding=convert_embeddings(model, "int8"))
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    snippet = re.search(r"```python\n(import qat  # registers.*?)```", readme, re.S).group(1)
+    assert "from_pretrained" in snippet
+    code = snippet.replace("outputs/.../export", str(tmp_path / "export"))
+    code = "\n".join(line for line in code.splitlines() if "AutoTokenizer.from_pretrained" not in line)  # tiny: no tokenizer
+    code += ("\nimport torch\nout = model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=5, do_sample=False)\n"
+             "assert out.shape == (1, 8), out.shape\nprint('generated', out.tolist())\n")
+    import os
+
+    env = dict(os.environ, **({"QAT_KERNELS": "reference"} if kernels == "reference" else {}))
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "generated" in res.stdout

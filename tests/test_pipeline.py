@@ -28,6 +28,9 @@ def test_end_to_end_tiny_writes_results_and_export(compose, tmp_path):
         assert key in on_disk
     assert set(on_disk["ppl"]) == {"fp", "init", "final", "val_last"} and set(on_disk["bits"]) == {"weight", "storage", "model"}
     assert on_disk["train_tokens"] == 6 * 2 * 64
+    # the packed evaluation's ops and paths: PB-LLM's layers and the int8 tied head (quantize.embedding)
+    assert {k.split("/")[0] for k in on_disk["kernels"]} == {"binary_gemm", "int_row_gemm"}
+    assert on_disk["embedding"] == "int8" and 1 < on_disk["bits"]["model"] < 32
     assert on_disk["bits"]["storage"] > on_disk["bits"]["weight"] > 1
     assert (tmp_path / "export" / "model.safetensors").exists()
     assert (tmp_path / "checkpoints" / "last.ckpt").exists()

@@ -137,7 +137,8 @@ class QuantHead(nn.Module):
         return ops.int_row_gemm(x, codes, scale, self.bits, self.in_features)
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, int{self.bits} per row, tied={self.tied_to is not None}"
+        tied = self.tied_to is not None
+        return f"in={self.in_features}, out={self.out_features}, int{self.bits} per row, tied={tied}"
 
 
 @torch.no_grad()

@@ -4,7 +4,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-_SHIFTS = torch.arange(32, dtype=torch.int64)
+
+def _shifts(device: torch.device) -> Tensor:
+    # built per call, never at import: a module imported inside transformers' meta-device context
+    # (from_pretrained) would otherwise hold a constant on the meta device
+    return torch.arange(32, dtype=torch.int64, device=device)
 
 
 def packed_words(n: int) -> int:
@@ -16,7 +20,7 @@ def pack_bits(bits: Tensor) -> Tensor:
     n = bits.shape[-1]
     pad = packed_words(n) * 32 - n
     b = torch.nn.functional.pad(bits.to(torch.int64), (0, pad)).reshape(*bits.shape[:-1], -1, 32)
-    words = (b << _SHIFTS.to(b.device)).sum(dim=-1)
+    words = (b << _shifts(b.device)).sum(dim=-1)
     # two's complement into the int32 range (bit 31 set -> negative)
     words = torch.where(words >= 2**31, words - 2**32, words)
     return words.to(torch.int32)
@@ -25,5 +29,5 @@ def pack_bits(bits: Tensor) -> Tensor:
 def unpack_bits(words: Tensor, n: int) -> Tensor:
     """int32 [..., ceil(n/32)] -> bool [..., n]."""
     w = words.to(torch.int64).unsqueeze(-1)
-    bits = ((w >> _SHIFTS.to(words.device)) & 1).bool()
+    bits = ((w >> _shifts(words.device)) & 1).bool()
     return bits.reshape(*words.shape[:-1], -1)[..., :n]

@@ -218,7 +218,9 @@ static void salient_rows(const int32_t* row_ptr, const uint16_t* csr_cols, const
       int64_t c = 0;
       for (int64_t h = 0; h < 2 * W; ++h) {
         if (!bm[h]) continue;
-        _mm512_mask_compressstoreu_epi32(cols + c, bm[h], _mm512_add_epi32(lane, _mm512_set1_epi32((int)(16 * h))));
+        // compress in a register, then a plain store (the memory form of vpcompressd is slow on
+        // some CPUs, Zen 4 among them); cols has 16 entries of slack for the lanes past c
+        _mm512_storeu_si512(cols + c, _mm512_maskz_compress_epi32(bm[h], _mm512_add_epi32(lane, _mm512_set1_epi32((int)(16 * h)))));
         c += __builtin_popcount(bm[h]);
       }
     }
@@ -449,7 +451,7 @@ torch::Tensor binary_gemm(torch::Tensor x, torch::Tensor signs, torch::Tensor sc
       else portable::binary_rows(xd, M, Kp, s, W, a, Gk, n0, n1, yd, N);
     }
     if (sal.fmt && g_isa == AVX512 && G == 1) {
-      std::vector<int32_t> cols(Kp);
+      std::vector<int32_t> cols(Kp + 16);
       avx512::salient_rows(sal.row_ptr, sal.cols, sal.bitmap, sal.codes8, sal.codes16, sal.scale.data(),
                            sal.zero.data(), a, xd, M, Kp, W, n0, n1, yd, N, cols.data());
     } else if (sal.fmt) {  // the binary part gave +alpha at each salient entry: add (value − alpha)·x
