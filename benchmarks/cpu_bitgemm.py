@@ -44,6 +44,17 @@ def cpu_info() -> dict:
     return {"model": model, "flags": sorted(keep), "torch_capability": torch.backends.cpu.get_cpu_capability()}
 
 
+def write_result(result: dict) -> Path:
+    """benchmarks/results/<benchmark>-<cpu>-<date>.json, with the date, commit and CPU it ran on."""
+    result = {"date": dt.date.today().isoformat(), "commit": commit(), "cpu": cpu_info(), **result}
+    RESULTS.mkdir(exist_ok=True)
+    tag = "".join(c if c.isalnum() else "_" for c in result["cpu"]["model"])[:40]
+    path = RESULTS / f"{result['benchmark']}-{tag}-{result['date']}.json"
+    path.write_text(json.dumps(result, indent=1))
+    print(f"wrote {path}")
+    return path
+
+
 def median_seconds(fn, repeats: int) -> float:
     fn()  # warm-up (and the extension's first call)
     times = []
@@ -108,15 +119,9 @@ def main() -> None:
             print(f"{out_f}x{in_f} M={m}: fp32 {r['fp32_matmul'] * 1e3:.2f} ms, bf16 {r['bf16_matmul'] * 1e3:.2f} ms | "
                   + ", ".join(f"{k} {r[k] * 1e3:.2f} ms ({sp[k]:.1f}x)" for k in
                               ("binary", "pbllm_r0.1", "dyngroup_g4", "int8_rows", "w1a1x4")), flush=True)
-    cpu = cpu_info()
-    out = {"benchmark": "cpu_bitgemm", "date": dt.date.today().isoformat(), "commit": commit(), "cpu": cpu,
-           "isa": cpu_isa_name(ext), "threads": args.threads, "repeats": args.repeats,
-           "max_m_small": ops.CPU_MAX_M_SMALL, "seconds_are": "median per call", "rows": rows}
-    RESULTS.mkdir(exist_ok=True)
-    tag = "".join(c if c.isalnum() else "_" for c in cpu["model"])[:40]
-    path = RESULTS / f"cpu_bitgemm-{tag}-{out['date']}.json"
-    path.write_text(json.dumps(out, indent=1))
-    print(f"wrote {path}")
+    write_result({"benchmark": "cpu_bitgemm", "isa": cpu_isa_name(ext), "threads": args.threads,
+                  "repeats": args.repeats, "max_m_small": ops.CPU_MAX_M_SMALL, "seconds_are": "median per call",
+                  "rows": rows})
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ the peak resident memory. Medians of `--repeats`. Writes benchmarks/results/cpu_
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import resource
 import statistics
@@ -23,8 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bitgemm import commit  # this folder is on sys.path when run as a script
-from cpu_bitgemm import RESULTS, cpu_info
+from cpu_bitgemm import write_result  # this folder is on sys.path when run as a script
 
 
 def test_tokens():
@@ -115,15 +113,8 @@ def main() -> None:
     ratios["ppl_pass_vs_fp32"] = by["fp32"]["ppl_seconds"] / by["packed"]["ppl_seconds"]
     print("packed vs fp32 / bf16: " + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items()))
     export = Path(args.export)
-    cpu = cpu_info()
-    result = {"benchmark": "cpu_model", "date": dt.date.today().isoformat(), "commit": commit(), "cpu": cpu,
-              "threads": args.threads, "export": str(export),
-              "export_bytes": (export / "model.safetensors").stat().st_size, "rows": rows, "ratios": ratios}
-    RESULTS.mkdir(exist_ok=True)
-    tag = "".join(c if c.isalnum() else "_" for c in cpu["model"])[:40]
-    path = RESULTS / f"cpu_model-{tag}-{result['date']}.json"
-    path.write_text(json.dumps(result, indent=1))
-    print(f"wrote {path}")
+    write_result({"benchmark": "cpu_model", "threads": args.threads, "export": str(export),
+                  "export_bytes": (export / "model.safetensors").stat().st_size, "rows": rows, "ratios": ratios})
 
 
 if __name__ == "__main__":
