@@ -25,35 +25,38 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cpu_bitgemm import write_result  # this folder is on sys.path when run as a script
 
 
-def test_tokens():
-    """The embedded default model and its test split, as conf/ defines them."""
+def test_tokens(export: str | None = None):
+    """The embedded default's test split, as conf/ defines it, and the fp model (None when an export
+    is given: its own tokenizer is used, so that the fp model never counts in its peak memory)."""
     from omegaconf import OmegaConf
 
     from qat.data import LMDataModule
     from qat.models import load_model
 
     conf = Path(__file__).resolve().parents[1] / "conf"
-    loaded = load_model(OmegaConf.to_container(OmegaConf.load(conf / "model" / "embedded.yaml")))
+    model_cfg = OmegaConf.to_container(OmegaConf.load(conf / "model" / "embedded.yaml"))
     data_cfg = dict(OmegaConf.to_container(OmegaConf.load(conf / "data" / "embedded.yaml")), total_batches=0)
-    data = LMDataModule(data_cfg, loaded.tokenizer, loaded.name)
-    return loaded, data.test_tokens
+    if export:
+        from transformers import AutoTokenizer
+
+        return None, LMDataModule(data_cfg, AutoTokenizer.from_pretrained(export), model_cfg["name"]).test_tokens
+    loaded = load_model(model_cfg)
+    return loaded.model, LMDataModule(data_cfg, loaded.tokenizer, loaded.name).test_tokens
 
 
 @torch.no_grad()
 def measure(variant: str, export: str | None, threads: int, new_tokens: int, windows: int, repeats: int) -> dict:
     torch.set_num_threads(threads)
-    loaded, tokens = test_tokens()
+    model, tokens = test_tokens(export if variant == "packed" else None)
     if variant == "packed":
         from transformers import AutoModelForCausalLM
 
         import qat  # noqa: F401
 
-        model = AutoModelForCausalLM.from_pretrained(export).eval()
-    else:
-        model = loaded.model.eval()
-        if variant == "bf16":
-            model = model.bfloat16()
-    del loaded
+        model = AutoModelForCausalLM.from_pretrained(export)
+    elif variant == "bf16":
+        model = model.bfloat16()
+    model.eval()
     from qat.eval import perplexity
     from qat.kernels import ops
 
