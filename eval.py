@@ -25,6 +25,10 @@ def evaluate(cfg: DictConfig) -> dict:
     if not run_cfg_path.exists():
         raise QATError(f"run_dir={str(run_dir)!r} is not a run folder (no config.yaml)")
     run_cfg = OmegaConf.load(run_cfg_path)
+    if cfg.lm_eval.tasks:  # task names first: not after the whole perplexity pass
+        from qat.eval.harness import task_manager
+
+        task_manager(list(cfg.lm_eval.tasks), cfg.lm_eval.include_path)
     model = load_export(run_dir / "export", device=cfg.device)
     tok = load_tokenizer(OmegaConf.to_container(run_cfg.model, resolve=True))
     own_data = cfg.get("data") is None

@@ -42,6 +42,7 @@ from qat.ptq.reconstruct import reconstruct_blocks
 from qat.ptq.smooth import smooth_model
 from qat.train import AtomicModelCheckpoint, LitQAT, QuantHealth, Regroup
 from qat.train.lit import OPTIMIZERS, TRAINABLE, select_trainable
+from qat.train.precision import resolve_precision
 from qat.train.sharding import fsdp_strategy, full_state_dict, is_sharded
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,7 @@ def rank_zero() -> bool:
 def validate(cfg: DictConfig) -> None:
     """Check the values a run depends on before anything is loaded or written."""
     check_config(cfg)
+    check_trainer(cfg)
     check_choice("init", cfg.init.name, INITIALIZERS)
     check_choice("optim.name", cfg.optim.name, OPTIMIZERS)
     check_choice("train.params", cfg.train.params, TRAINABLE)
@@ -74,6 +76,24 @@ def validate(cfg: DictConfig) -> None:
     if cfg.ckpt_path:
         check_checkpoint(str(cfg.ckpt_path))
     check_data_files(OmegaConf.to_container(cfg.data, resolve=True))
+
+
+def run_precision(cfg: DictConfig) -> str:
+    """trainer.precision as Lightning gets it (`auto` resolved for this machine)."""
+    return resolve_precision(cfg.trainer.get("precision", "32-true"), str(cfg.trainer.get("accelerator", "auto")))
+
+
+def check_trainer(cfg: DictConfig) -> None:
+    """The Trainer knobs Lightning would reject with a traceback, and quantize.skip's type."""
+    run_precision(cfg)
+    devices = cfg.trainer.get("devices", "auto")
+    ok = devices == "auto" or (isinstance(devices, int) and not isinstance(devices, bool) and devices >= 1) or (
+        OmegaConf.is_list(devices) and len(devices) > 0 and all(isinstance(d, int) and d >= 0 for d in devices))
+    if not ok:
+        raise QATError(f"trainer.devices={devices!r}: must be a positive integer, a list of device indices, or auto")
+    skip = cfg.quantize.get("skip", [])
+    if not OmegaConf.is_list(skip) or not all(isinstance(s, str) and s for s in skip):
+        raise QATError(f"quantize.skip={skip!r}: must be a list of linear-name substrings, e.g. [lm_head]")
 
 
 def check_data_files(data_cfg: dict) -> None:
@@ -127,6 +147,8 @@ def build_logger(cfg: DictConfig) -> Any:
 
 def build_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
     t = OmegaConf.to_container(cfg.trainer, resolve=True)
+    t["precision"] = run_precision(cfg)
+    log.info("trainer.precision=%s -> %s", cfg.trainer.get("precision"), t["precision"])
     if t.get("strategy") == "fsdp":  # torch FSDP2 through Lightning's ModelParallelStrategy (CPU or GPU)
         t["strategy"] = fsdp_strategy(t.get("devices", 1), int(t.get("num_nodes", 1)))
     elif t.get("strategy") == "ddp":
@@ -162,6 +184,8 @@ def print_table(results: dict[str, Any]) -> str:
         ("train tokens", results["train_tokens"]),
         ("seconds calibrate / reconstruct / train / eval / total",
          " / ".join(f"{v:.0f}" for v in results["seconds"].values())),
+        *([("calibrated layers / rtn fallback", " / ".join(str(v) for v in results["calibration"].values()))]
+          if "calibration" in results else []),
         ("status", results["status"]),
     ]
     width = max(len(k) for k, _ in rows)
@@ -191,9 +215,6 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     for name, lin in quantizable_linears(model, skip):  # shape checks: before the run folder exists
         method.check_layer(name, lin.out_features, lin.in_features, gptq_block)
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if rank_zero():  # under DDP every rank runs this script; one writes the run's files
-        atomic_write_bytes(run_dir / "config.yaml", OmegaConf.to_yaml(run_config(cfg)).encode())
     L.seed_everything(int(cfg.seed), workers=True)
     seconds = {"calibrate": 0.0, "reconstruct": 0.0, "train": 0.0, "eval": 0.0}
     data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
@@ -202,6 +223,14 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     data = LMDataModule(data_cfg, loaded.tokenizer, getattr(loaded.tokenizer, "name_or_path", loaded.name),
                         seed=int(cfg.seed))
     test = data.test_tokens
+    if cfg.init.get("needs_calibration", False) or (method.smooth and method.quantizes):  # before the run folder
+        data.check_windows(int(cfg.init.get("n_samples", 32)), int(cfg.init.get("seq_len", 512)), "init.n_samples")
+    if int(cfg.reconstruct.epochs) > 0 and method.quantizes:
+        data.check_windows(int(cfg.reconstruct.n_samples), int(cfg.reconstruct.seq_len), "reconstruct.n_samples")
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if rank_zero():  # under DDP every rank runs this script; one writes the run's files
+        atomic_write_bytes(run_dir / "config.yaml", OmegaConf.to_yaml(run_config(cfg)).encode())
 
     def ppl(m, desc):
         t0 = time.time()
@@ -218,8 +247,13 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     teacher = fp_model if kd else None
     t0 = time.time()
     init_cfg = OmegaConf.to_container(cfg.init, resolve=True)
+    # a method whose state cannot depend on data (fp16 weights) is seeded data-free whatever init says:
+    # no calibration is run, and results.json says rtn
+    init_name = "rtn" if (method.data_free_only or not method.quantizes) else init_cfg["name"]
+    if init_name != init_cfg["name"]:
+        log.info("method=%s takes no data-dependent seed: init=%s runs as rtn", method.name, init_cfg["name"])
     calib = None
-    if init_cfg.get("needs_calibration", False):
+    if init_cfg.get("needs_calibration", False) and init_name != "rtn":
         calib = data.calibration(int(init_cfg["n_samples"]), int(init_cfg["seq_len"]))
     input_scales: dict = {}
     if method.smooth and method.quantizes:  # before the PTQ seed: it quantizes the smoothed weights
@@ -228,7 +262,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         input_scales, smooth_rows = smooth_model(model, smooth_calib, method, skip)
         if rank_zero():
             atomic_write_bytes(run_dir / "smoothing.json", json.dumps(smooth_rows, indent=1).encode())
-    states = initialize(model, method, init_cfg["name"], skip, calib, init_cfg, loaded.name,
+    states = initialize(model, method, init_name, skip, calib, init_cfg, loaded.name,
                         use_cache=bool(init_cfg.get("cache", False)))
     for name, scale in input_scales.items():  # no norm before these linears: they keep the factor
         states[name]["input_scale"] = scale
@@ -244,7 +278,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         ppl_ptq, _ = ppl(model, "ppl ptq (before reconstruction)") if cfg.reconstruct.eval_ptq else (None, 0)
         t0 = time.time()
         r = cfg.reconstruct
-        recon_calib = data.calibration(int(r.n_samples), int(r.seq_len))
+        recon_calib = data.calibration(int(r.n_samples), int(r.seq_len), key="reconstruct.n_samples")
         recon = reconstruct_blocks(model, fp_model, recon_calib, recon_epochs, float(r.lr), seed=int(cfg.seed),
                                    bf16=str(r.precision) == "bf16")
         if rank_zero():
@@ -267,7 +301,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         except TrainingDiverged as e:
             seconds["train"] = time.time() - t0
             seconds["total"] = time.time() - started
-            results = {"method": method.name, "init": cfg.init.name, "model": loaded.name,
+            results = {"method": method.name, "init": init_name, "model": loaded.name,
                        "ppl": {"fp": ppl_fp, "init": ppl_init, "final": None}, "eval_tokens": eval_tokens,
                        "seconds": seconds, "status": "diverged", "diverged": {"step": e.step, "what": e.what}}
             if rank_zero():
@@ -306,15 +340,22 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         save_export(model, run_dir / "export", loaded.name, loaded.tokenizer, embedding=emb_record)
     seconds["total"] = time.time() - started
     results = {
-        "method": method.name, "init": cfg.init.name, "model": loaded.name,
+        "method": method.name, "init": init_name, "model": loaded.name,
         "salient_ratio": getattr(method, "salient_ratio", None),
         "ppl": {"fp": ppl_fp, "init": ppl_init, "final": ppl_final, **({"ptq": ppl_ptq} if ppl_ptq else {}),
                 **({"val_last": ppl_val} if ppl_val is not None else {})},
         "eval_tokens": eval_tokens,
         "bits": {"weight": bits["weight"], "storage": bits["storage"], "model": bits["model"]},
         "embedding": emb_fmt, "parameters": n_params, "kernels": kernels,
+        "precision": run_precision(cfg),
         "train_tokens": train_tokens, "seconds": seconds, "status": "ok",
     }
+    if init_name == "rtn" and getattr(method, "salient_metric", None) == "hessian":
+        # no Hessians without calibration: the data-free seed ranks salient weights by |w| (recorded,
+        # not only logged)
+        results["salient_metric"] = "magnitude (init=rtn: no calibration Hessians)"
+    if errors:  # GPTQ layers, and those whose Hessian stayed indefinite and got the data-free seed
+        results["calibration"] = {"layers": len(errors), "rtn_fallback": sum(1 for e in errors if e.get("fallback"))}
     atomic_write_bytes(run_dir / "results.json", json.dumps(results, indent=1).encode())
     print_table(results)
     wandb_run = log_results(cfg, results, errors, trainer.logger if trainer is not None else None,

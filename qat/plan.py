@@ -61,7 +61,10 @@ def plan_memory(cfg: DictConfig) -> dict[str, Any]:
     optim_bytes = 2 if str(cfg.optim.name) == "adamw8bit" else 8
     c = model.config
     batch, seq = int(cfg.data.batch_size), int(cfg.data.seq_len)
-    act_bytes = 2 if "16" in str(cfg.trainer.get("precision", "32")) else 4
+    precision = str(cfg.trainer.get("precision", "32"))
+    if precision == "auto":  # the plan is for the GPU presets: auto there means bf16
+        precision = "bf16-mixed" if str(cfg.trainer.get("accelerator", "auto")) != "cpu" else "32-true"
+    act_bytes = 2 if "16" in precision else 4
     # per layer ~ 34·b·s·h activations kept for backward (no checkpointing; Korthikanti et al.),
     # plus the logits of student and teacher in fp32
     activations = c.num_hidden_layers * 34 * batch * seq * c.hidden_size * act_bytes / 2

@@ -50,3 +50,25 @@ def test_eval_cli_runs_lm_eval_on_the_packed_export_and_records_it(compose, tmp_
     records = sorted((run_dir / "wandb").glob(f"offline-run-*-{run_id}"))
     assert len(records) == 2  # the training run, then the evaluation resuming the same id
     assert b"lm_eval/qat_tiny_choice/acc/none" in b"".join(f.read_bytes() for f in records[1].glob("*.wandb"))
+
+
+def test_an_unknown_task_is_refused_before_the_perplexity_pass(tmp_path, monkeypatch):
+    """eval.py ... lm_eval.tasks=[no_such_task]: one clear line, and the export is never loaded
+    (it failed only after the whole perplexity pass)."""
+    from omegaconf import OmegaConf
+
+    import eval as eval_cli
+    from qat.errors import QATError
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text("seed: 0\n")
+
+    def never(*args, **kwargs):
+        raise AssertionError("the export was loaded before the task names were checked")
+
+    monkeypatch.setattr("qat.export.load_export", never)
+    cfg = OmegaConf.create({"run_dir": str(run_dir), "device": "cpu", "lm_eval": {"tasks": ["no_such_task"],
+                                                                                 "include_path": None}})
+    with pytest.raises(QATError, match=r"unknown task\(s\) \['no_such_task'\]"):
+        eval_cli.evaluate(cfg)

@@ -31,6 +31,7 @@ def test_end_to_end_tiny_writes_results_and_export(compose, tmp_path):
     # the packed evaluation's ops and paths: PB-LLM's layers and the int8 tied head (quantize.embedding)
     assert {k.split("/")[0] for k in on_disk["kernels"]} == {"binary_gemm", "int_row_gemm"}
     assert on_disk["embedding"] == "int8" and 1 < on_disk["bits"]["model"] < 32
+    assert on_disk["precision"] in ("bf16-mixed", "32-true")  # trainer.precision=auto, resolved
     assert on_disk["bits"]["storage"] > on_disk["bits"]["weight"] > 1
     assert (tmp_path / "export" / "model.safetensors").exists()
     assert (tmp_path / "checkpoints" / "last.ckpt").exists()
@@ -252,6 +253,13 @@ BAD_VALUES = [
     (["reconstruct.lr=0"], "reconstruct.lr=0: must be a number > 0"),
     (["reconstruct.n_samples=0"], "reconstruct.n_samples=0: must be an integer > 0"),
     (["train.params=embedding"], "unknown train.params 'embedding'; allowed: quantized, quantized+norms, all"),
+    (["init.n_samples=100000000"], "init.n_samples=100000000: the training split holds "),  # it hung
+    (["trainer.devices=0"], "trainer.devices=0: must be a positive integer, a list of device indices, or auto"),
+    (["trainer.devices=abc"], "trainer.devices='abc': must be a positive integer"),
+    (["trainer.precision=fp13"], "trainer.precision='fp13': allowed auto, 16-mixed, bf16-mixed, 32-true"),
+    (["quantize.skip=5"], "quantize.skip=5: must be a list of linear-name substrings"),
+    (["quantize.embedding=int2"], "unknown quantize.embedding 'int2'; allowed: fp32, fp16, int8, int4"),
+    (["quantize.embedding=int8", "train.params=all"], "train.params=all trains the embedding"),
 ]
 
 
@@ -449,3 +457,70 @@ def test_memory_plan_prints_per_device_parts_and_leaves_no_run_folder(compose, t
     res = cli(["plan=true"], run_dir)
     assert res.returncode == 0 and "total per device" in res.stdout
     assert not run_dir.exists()
+
+
+def test_a_data_free_method_runs_no_calibration_and_records_rtn(compose, tmp_path, monkeypatch):
+    """method=fp16 (weights stay fp16) with the default init=gptq_hessian: the seed is data-free, so no
+    calibration windows are cut and results.json says init=rtn (it said gptq_hessian)."""
+    from qat.data import LMDataModule
+
+    def no_calibration(*args, **kwargs):
+        raise AssertionError("calibration windows were cut for a data-free method")
+
+    monkeypatch.setattr(LMDataModule, "calibration", no_calibration)
+    res, _ = run_cfg(compose, tmp_path, ["method=fp16", "method.act_bits=4", "init=gptq_hessian", "trainer.max_steps=0"])
+    assert res["init"] == "rtn" and res["status"] == "ok"
+
+
+def test_a_full_disk_under_the_ptq_cache_warns_and_the_run_goes_on(tmp_path, monkeypatch, caplog):
+    """$QAT_CACHE on a full file system: the state is computed and returned, one warning says the
+    cache was not written (it was an OSError traceback)."""
+    import logging
+
+    from qat.methods import build_method
+    from qat.models.load import tiny_llama
+    from qat.ptq import initializers
+
+    def full_disk(path, data):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setenv("QAT_CACHE", str(tmp_path))
+    monkeypatch.setattr(initializers, "atomic_write_bytes", full_disk)
+    method = build_method("pbllm_qat", salient_ratio=0.1)
+    with caplog.at_level(logging.WARNING, logger="qat.ptq.initializers"):
+        states = initializers.initialize(tiny_llama({}), method, "gptq_hessian", ["lm_head"],
+                                         torch.randint(0, 257, (2, 32)), {"true_sequential": False}, "t", use_cache=True)
+    assert states and all("latent" in s for s in states.values())
+    assert any("PTQ cache not written" in r.message and "No space left on device" in r.message for r in caplog.records)
+
+
+def test_results_count_the_layers_whose_hessian_fell_back_to_rtn(compose, tmp_path, monkeypatch):
+    """Layers whose Hessian stayed indefinite get the data-free seed: results.json and the printed
+    table count them (they were only in calibration_errors.json)."""
+    import qat.ptq.gptq as gptq_module
+    import qat.ptq.initializers as init_module
+
+    real = gptq_module.inverse_hessian_factor
+
+    def flaky(H, percdamp, max_damp=10.0):
+        if H.shape[0] == 128:  # the tiny model's down projections
+            raise torch.linalg.LinAlgError("not positive definite")
+        return real(H, percdamp, max_damp)
+
+    monkeypatch.setattr(init_module, "inverse_hessian_factor", flaky)
+    res, _ = run_cfg(compose, tmp_path, ["method=pbllm_qat", "init=gptq_hessian", "init.n_samples=4", "init.seq_len=32",
+                                         "init.cache=false", "trainer.max_steps=0"])
+    errors = json.loads((tmp_path / "calibration_errors.json").read_text())
+    n_down = sum(1 for e in errors if e["layer"].endswith("mlp.down_proj"))
+    assert n_down and res["calibration"] == {"layers": len(errors), "rtn_fallback": n_down}
+
+
+def test_hessian_saliency_without_calibration_is_recorded_as_magnitude(compose, tmp_path):
+    """init=rtn has no Hessians: the seed ranks salient weights by |w|, and results.json says so
+    (it was a log line only)."""
+    res, _ = run_cfg(compose, tmp_path, ["method=pbllm_qat", "method.salient_metric=hessian", "init=rtn",
+                                         "trainer.max_steps=0"])
+    assert res["salient_metric"].startswith("magnitude")
+    plain, _ = run_cfg(compose, tmp_path / "m", ["method=pbllm_qat", "method.salient_metric=magnitude", "init=rtn",
+                                                 "trainer.max_steps=0"])
+    assert "salient_metric" not in plain

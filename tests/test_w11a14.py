@@ -87,7 +87,8 @@ def test_calibration_sees_the_quantized_activations():
 
 @pytest.mark.parametrize("params,needle", [
     (dict(groups=3), "method.groups=3: W(1+1) has 1 or 2 scales per row"),
-    (dict(em_iters=-1), "method.em_iters=-1: must be an integer >= 0"),
+    (dict(em_iters=-1), "method.em_iters=-1: must be an integer >= 1"),
+    (dict(em_iters=0), "method.em_iters=0: must be an integer >= 1"),  # it silently ran one iteration
     (dict(act_bits=5), "unknown method.act_bits 5; allowed: 4, 8, 16"),
     (dict(scope="matrix"), "unknown method.scope 'matrix'; allowed: row"),
     (dict(block=48), "method.block=48: must be 0 (whole rows) or a positive multiple of 32"),

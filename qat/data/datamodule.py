@@ -108,11 +108,20 @@ class LMDataModule(L.LightningDataModule):
         b = blocks(self.tokens["validation"], self.seq_len)[: int(self.cfg.get("val_blocks", 8))]
         return DataLoader(TensorDataset(b), batch_size=int(self.cfg["batch_size"]))
 
-    def calibration(self, n_samples: int, seq_len: int) -> torch.Tensor:
-        """n random windows of the training split (seeded): [n, seq_len]."""
+    def check_windows(self, n_samples: int, seq_len: int, key: str) -> None:
+        """The training split must hold n_samples windows of seq_len tokens (a huge count hung)."""
         train = self.tokens["train"]
         if train.numel() <= seq_len:
             raise QATError(f"calibration seq_len={seq_len} is longer than the training split")
+        available = train.numel() // seq_len
+        if n_samples > available:
+            raise QATError(f"{key}={n_samples}: the training split holds {available} windows of {seq_len} "
+                           f"tokens ({train.numel()} tokens); allowed 1..{available}")
+
+    def calibration(self, n_samples: int, seq_len: int, key: str = "init.n_samples") -> torch.Tensor:
+        """n random windows of the training split (seeded): [n, seq_len]. `key`: the knob that asked."""
+        self.check_windows(n_samples, seq_len, key)
+        train = self.tokens["train"]
         g = torch.Generator().manual_seed(self.seed)
         starts = torch.randint(0, train.numel() - seq_len, (n_samples,), generator=g)
         return torch.stack([train[s: s + seq_len] for s in starts.tolist()])

@@ -11,25 +11,32 @@ from torch import nn
 from qat.errors import QATError
 
 
-def run_lm_eval(model: nn.Module, tokenizer: Any, tasks: list[str], include_path: str | None = None,
-                limit: int | None = None, num_fewshot: int | None = None, batch_size: int = 1,
-                device: str = "cpu") -> dict[str, dict[str, float]]:
-    """{task: {metric: value}} for every task (and group) lm-eval reports."""
+def task_manager(tasks: list[str], include_path: str | None = None) -> Any:
+    """lm-eval's TaskManager, once every task name is known to it (checked before any other work)."""
     try:
-        import lm_eval
-        from lm_eval.models.huggingface import HFLM
         from lm_eval.tasks import TaskManager
     except ImportError:
         raise QATError("lm_eval.tasks needs lm-evaluation-harness: pip install -e '.[eval]'") from None
-    if not hasattr(tokenizer, "save_pretrained"):  # the tiny model's ByteTokenizer
-        from qat.models.tokenizer import hf_byte_tokenizer
-
-        tokenizer = hf_byte_tokenizer()
     manager = TaskManager(include_path=include_path)
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
         raise QATError(f"lm_eval.tasks: unknown task(s) {unknown}; see `lm_eval --tasks list`, or give "
                        "lm_eval.include_path=<folder of task yamls>")
+    return manager
+
+
+def run_lm_eval(model: nn.Module, tokenizer: Any, tasks: list[str], include_path: str | None = None,
+                limit: int | None = None, num_fewshot: int | None = None, batch_size: int = 1,
+                device: str = "cpu") -> dict[str, dict[str, float]]:
+    """{task: {metric: value}} for every task (and group) lm-eval reports."""
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+
+    if not hasattr(tokenizer, "save_pretrained"):  # the tiny model's ByteTokenizer
+        from qat.models.tokenizer import hf_byte_tokenizer
+
+        tokenizer = hf_byte_tokenizer()
+    manager = task_manager(tasks, include_path)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
     out = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, limit=limit,
                                   num_fewshot=num_fewshot)

@@ -47,8 +47,9 @@ class TwoScaleBinary(DynamicGrouping):
     def validate(self) -> None:
         if self.groups not in (1, 2):
             raise QATError(f"method.groups={self.groups!r}: W(1+1) has 1 or 2 scales per row")
-        if isinstance(self.em_iters, bool) or not isinstance(self.em_iters, int) or self.em_iters < 0:
-            raise QATError(f"method.em_iters={self.em_iters!r}: must be an integer >= 0")
+        if isinstance(self.em_iters, bool) or not isinstance(self.em_iters, int) or self.em_iters < 1:
+            # 0 used to be accepted and silently ran one iteration
+            raise QATError(f"method.em_iters={self.em_iters!r}: must be an integer >= 1")
         if isinstance(self.block, bool) or not isinstance(self.block, int) or self.block < 0 or self.block % 32:
             raise QATError(f"method.block={self.block!r}: must be 0 (whole rows) or a positive multiple of 32")
         check_choice("method.scope", self.scope, ["row"])

@@ -65,7 +65,8 @@ def saliency_denominator(U: Tensor, kind: str = "obs") -> Tensor:
     "obs":            [H⁻¹]_jj = Σ_i U_ij², the OBS saliency of removing w_ij alone;
     "obs_gptq_order": U_jj² = [(H_{j:,j:})⁻¹]_jj, OBS given that columns < j are already fixed
                       (GPTQ's own per-column error scale; what PB-LLM's code divides by);
-    "hinv_sq":        [H⁻¹]_jj², an earlier version's formula (not OBS), kept for comparison."""
+    "hinv_sq":        [H⁻¹]_jj² (not OBS): the default, measured best on the embedded default
+                      (PB-GPTQ r=0.1 per row: 843 against 1,289 with "obs"; README ablation)."""
     if kind == "obs":
         return U.pow(2).sum(0)
     if kind == "obs_gptq_order":

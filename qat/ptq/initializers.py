@@ -155,5 +155,9 @@ def initialize(model: nn.Module, method: Method, init: str, skip: list[str],
     if init == "gptq_hessian" and use_cache:
         buf = io.BytesIO()
         torch.save(states, buf)
-        atomic_write_bytes(path, buf.getvalue())
+        try:
+            atomic_write_bytes(path, buf.getvalue())
+        except OSError as e:  # a cache is an optimisation: a full or read-only disk must not end the run
+            log.warning("PTQ cache not written (%s: %s); the run goes on without it", path.parent,
+                        e.strerror or type(e).__name__)
     return states
