@@ -9,7 +9,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from qat.errors import QATError, TrainingDiverged
+from qat.errors import QATError, TrainingDiverged, TrainingInterrupted
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
@@ -33,6 +33,10 @@ def main(cfg: DictConfig) -> float:
         # the run folder stays: its last good checkpoint and results.json (status "diverged")
         print(f"error: {e} ({run_dir / 'results.json'})", file=sys.stderr)
         sys.exit(3)
+    except TrainingInterrupted as e:
+        # the run folder stays: its checkpoints and results.json (status "interrupted")
+        print(f"error: {e} ({run_dir / 'results.json'})", file=sys.stderr)
+        sys.exit(e.exit_code)
 
 
 if __name__ == "__main__":

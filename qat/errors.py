@@ -37,3 +37,17 @@ class TrainingDiverged(RuntimeError):
         super().__init__(f"training diverged at step {step}: {what}; the last good checkpoint is kept "
                          "(lower optim.lr, or set trainer.gradient_clip_val)")
         self.step, self.what = step, what
+
+
+class TrainingInterrupted(RuntimeError):
+    """SIGTERM (a scheduler's pre-emption) or Ctrl-C during training: the run folder keeps its last
+    checkpoint and a results.json with status "interrupted"; train.py exits 128 + the signal."""
+
+    EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143}
+
+    def __init__(self, signal_name: str, step: int, checkpoint: str | None):
+        how = (f"resume with ckpt_path={checkpoint}" if checkpoint else
+               "no checkpoint was written yet (checkpoint.every_n_steps): run it again")
+        super().__init__(f"training interrupted by {signal_name} at step {step}; {how}")
+        self.signal_name, self.step, self.checkpoint = signal_name, step, checkpoint
+        self.exit_code = self.EXIT_CODES.get(signal_name, 1)

@@ -22,12 +22,13 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from qat.config_checks import check_config
 from qat.data import LMDataModule
 from qat.data.corpora import text_split_files
-from qat.errors import QATError, TrainingDiverged, check_choice
+from qat.errors import QATError, TrainingDiverged, TrainingInterrupted, check_choice
 from qat.eval import perplexity
 from qat.export import export_tensors, model_bits, round_unquantized, save_export
 from qat.fetch import atomic_write_bytes
@@ -298,15 +299,28 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         lit.train()  # from_pretrained returns the model in eval mode
         try:
             trainer.fit(lit, datamodule=data, ckpt_path=cfg.ckpt_path or None)
-        except TrainingDiverged as e:
+        except (TrainingDiverged, SystemExit) as e:
+            # SystemExit: Lightning turns SIGTERM into SIGTERMException and Ctrl-C into sys.exit(1),
+            # both after a graceful stop: say so, and how to resume (it exited 0 on SIGTERM)
+            if isinstance(e, SystemExit) and not isinstance(e, SIGTERMException) and e.code != 1:
+                raise
             seconds["train"] = time.time() - t0
             seconds["total"] = time.time() - started
             results = {"method": method.name, "init": init_name, "model": loaded.name,
                        "ppl": {"fp": ppl_fp, "init": ppl_init, "final": None}, "eval_tokens": eval_tokens,
-                       "seconds": seconds, "status": "diverged", "diverged": {"step": e.step, "what": e.what}}
+                       "seconds": seconds}
+            if isinstance(e, TrainingDiverged):
+                results.update(status="diverged", diverged={"step": e.step, "what": e.what})
+                error: Exception = e
+            else:
+                last = run_dir / "checkpoints" / "last.ckpt"
+                error = TrainingInterrupted("SIGTERM" if isinstance(e, SIGTERMException) else "SIGINT",
+                                            int(trainer.global_step), str(last) if last.exists() else None)
+                results.update(status="interrupted", interrupted={"signal": error.signal_name, "step": error.step,
+                                                                   "checkpoint": error.checkpoint})
             if rank_zero():
                 atomic_write_bytes(run_dir / "results.json", json.dumps(results, indent=1).encode())
-            raise
+            raise error from None
         seconds["train"] = time.time() - t0
         world = trainer.world_size
         train_tokens = (trainer.global_step * int(cfg.trainer.get("accumulate_grad_batches", 1))

@@ -524,3 +524,35 @@ def test_hessian_saliency_without_calibration_is_recorded_as_magnitude(compose, 
     plain, _ = run_cfg(compose, tmp_path / "m", ["method=pbllm_qat", "method.salient_metric=magnitude", "init=rtn",
                                                  "trainer.max_steps=0"])
     assert "salient_metric" not in plain
+
+
+@pytest.mark.parametrize("signame,code", [("SIGTERM", 143), ("SIGINT", 130)])
+def test_sigterm_and_ctrl_c_stop_cleanly_with_a_true_status(signame, code, tmp_path):
+    """A real subprocess signalled mid-training (SIGTERM: a scheduler's pre-emption; SIGINT: Ctrl-C):
+    exit code 128 + the signal (SIGTERM exited 0), results.json says "interrupted" with the step,
+    the last checkpoint is kept, and one line says how to resume (it then finishes)."""
+    import signal
+    import time
+
+    args = ["method=pbllm_qat", "init=rtn", "trainer.max_steps=100000", "checkpoint.every_n_steps=2",
+            "trainer.val_check_interval=100000", "eval.max_windows=2"]
+    run_dir = tmp_path / "run"
+    env = dict(os.environ, WANDB_MODE="disabled")
+    # a background job would ignore SIGINT: the child gets the default handler back
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *TINY, f"hydra.run.dir={run_dir}", *args],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    last = run_dir / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not last.exists():
+        time.sleep(0.05)
+    time.sleep(0.5)
+    proc.send_signal(getattr(signal, signame))
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == code, stderr[-2000:]
+    lines = stderr.strip().splitlines()
+    assert lines[-1].startswith(f"error: training interrupted by {signame} at step ") and "Traceback" not in stderr
+    assert f"resume with ckpt_path={last}" in lines[-1]
+    res = json.loads((run_dir / "results.json").read_text())
+    assert res["status"] == "interrupted" and res["interrupted"]["signal"] == signame and res["interrupted"]["step"] >= 2
+    assert last.exists()
