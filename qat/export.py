@@ -18,7 +18,14 @@ from torch import Tensor, nn
 from qat.errors import QATError
 from qat.fetch import atomic_dir
 from qat.methods import build_method
-from qat.nn.embedding import EMBEDDING_FORMATS, QuantEmbedding, QuantHead, rebuild_embeddings
+from qat.nn.embedding import (
+    EMBEDDING_FORMATS,
+    QuantEmbedding,
+    QuantHead,
+    embedding_module,
+    head_module,
+    rebuild_embeddings,
+)
 from qat.nn.packed_linear import PackedLinear
 from qat.nn.qat_linear import set_submodule
 from qat.quant.bits import tensor_bits
@@ -140,8 +147,7 @@ def load_export(export_dir: Path, device: str = "cpu") -> nn.Module:
     # safetensors stores a tied matrix once, under either name (a quantized tied head reads the
     # embedding's tensors instead)
     if tied and EMBEDDING_FORMATS[emb_format] >= 16:
-        emb = next(n for n, m in model.named_modules() if m is model.get_input_embeddings()) + ".weight"
-        head = next(n for n, m in model.named_modules() if m is model.get_output_embeddings()) + ".weight"
+        emb, head = embedding_module(model)[0] + ".weight", head_module(model)[0] + ".weight"
         shared = tensors.get(emb, tensors.get(head))
         if shared is not None:
             tensors[emb] = tensors[head] = shared

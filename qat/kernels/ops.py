@@ -212,18 +212,6 @@ def _grouped_binary_gemm_cuda(x, signs, group_planes, scales, in_features):
 @torch.library.custom_op("qat::int_row_gemm", mutates_args=())
 def int_row_gemm(x: Tensor, codes: Tensor, scale: Tensor, bits: int, in_features: int) -> Tensor:
     """y = x · Wᵀ, W = codes · scale[row] (int8, or int4 nibbles): the quantized LM head."""
-    lead = x.shape[:-1]
-    y = reference.int_row_gemm(x.reshape(-1, in_features), codes, scale, bits)
-    return y.reshape(*lead, codes.shape[0])
-
-
-@int_row_gemm.register_fake
-def _(x, codes, scale, bits, in_features):
-    return x.new_empty(*x.shape[:-1], codes.shape[0])
-
-
-@torch.library.custom_op("qat::int_row_gemm", mutates_args=())
-def int_row_gemm(x: Tensor, codes: Tensor, scale: Tensor, bits: int, in_features: int) -> Tensor:
     _CALLS["int_row_gemm/reference"] += 1
     lead = x.shape[:-1]
     return reference.int_row_gemm(x.reshape(-1, in_features), codes, scale, bits).reshape(*lead, codes.shape[0])

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from qat.quant.kbit import unpack_nibbles
 from qat.quant.packing import unpack_bits
 
 SALIENT_NONE, SALIENT_CSR, SALIENT_BITMAP = 0, 1, 2
@@ -78,11 +79,8 @@ def grouped_binary_gemm(x: Tensor, signs: Tensor, group_planes: Tensor, scales: 
 def int_row_weight(codes: Tensor, scale: Tensor, bits: int) -> Tensor:
     """The dense fp32 weight of symmetric per-row int8 codes [N, K] (or int4 nibbles [N, K/2]:
     column 2i in the low nibble of byte i, stored as code + 8) times one scale per row."""
-    if bits == 4:
-        lo = (codes & 0xF).to(torch.int16) - 8
-        hi = (codes >> 4).to(torch.int16) - 8
-        codes = torch.stack([lo, hi], dim=-1).reshape(codes.shape[0], -1)
-    return codes.float() * scale.float()[:, None]
+    c = unpack_nibbles(codes) if bits == 4 else codes
+    return c.float() * scale.float()[:, None]
 
 
 def int_row_gemm(x: Tensor, codes: Tensor, scale: Tensor, bits: int) -> Tensor:

@@ -16,7 +16,8 @@ from torch import Tensor, nn
 
 from qat.errors import check_choice
 from qat.kernels import ops
-from qat.quant.kbit import pack_nibbles, symmetric_row_codes, symmetric_row_params, unpack_nibbles
+from qat.kernels.reference import int_row_weight
+from qat.quant.kbit import pack_nibbles, symmetric_row_codes, symmetric_row_params
 
 EMBEDDING_FORMATS = {"fp32": 32, "fp16": 16, "int8": 8, "int4": 4}
 
@@ -33,11 +34,6 @@ def quantize_matrix(w: Tensor, bits: int) -> tuple[Tensor, Tensor]:
     return (pack_nibbles(codes) if bits == 4 else codes), scale
 
 
-def dequantize_matrix(codes: Tensor, scale: Tensor, bits: int) -> Tensor:
-    c = unpack_nibbles(codes) if bits == 4 else codes
-    return c.float() * scale.float()[:, None]
-
-
 def stored_values(w: Tensor, fmt: str) -> Tensor:
     """The values a matrix has once stored in `fmt` (fp32: unchanged)."""
     bits = EMBEDDING_FORMATS[fmt]
@@ -45,7 +41,7 @@ def stored_values(w: Tensor, fmt: str) -> Tensor:
         return w
     if bits == 16:
         return w.half().to(w.dtype)
-    return dequantize_matrix(*quantize_matrix(w, bits), bits).to(w.dtype)
+    return int_row_weight(*quantize_matrix(w, bits), bits).to(w.dtype)
 
 
 def head_module(model: nn.Module) -> tuple[str | None, nn.Module | None]:
@@ -104,10 +100,8 @@ class QuantEmbedding(nn.Module):
 
     def forward(self, ids: Tensor) -> Tensor:
         flat = ids.reshape(-1)
-        rows = self.codes.index_select(0, flat)
-        c = unpack_nibbles(rows) if self.bits == 4 else rows
-        out = c.float() * self.scale.index_select(0, flat).float()[:, None]
-        return out.reshape(*ids.shape, self.embedding_dim)
+        rows = int_row_weight(self.codes.index_select(0, flat), self.scale.index_select(0, flat), self.bits)
+        return rows.reshape(*ids.shape, self.embedding_dim)
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, int{self.bits} per row"

@@ -390,10 +390,6 @@ struct Salient {
   const uint16_t* codes16 = nullptr;
   std::vector<float> scale, zero;
 
-  float value(int64_t i, int64_t n) const {
-    const float c = codes8 ? (float)codes8[i] : (float)codes16[i];
-    return (c - zero[n]) * scale[n];
-  }
   template <class F>
   void for_row_values(int64_t n, int64_t W, F f) const {  // f(value, column), codes read by width
     if (codes8) for_row(n, W, [&](int64_t i, int64_t c) { f(((float)codes8[i] - zero[n]) * scale[n], c); });
