@@ -101,6 +101,10 @@ def check_config(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, knob.key, default=MISSING)
         if value is not MISSING:
             knob.check(value)
+    for key, nullable in (("export.folder", True), ("export.gguf", False)):
+        value = OmegaConf.select(cfg, key, default=None)
+        if not (isinstance(value, bool) or (value is None and nullable)):
+            raise QATError(f"{key}={value!r}: must be true or false" + (" (or null)" if nullable else ""))
     betas = OmegaConf.select(cfg, "optim.betas", default=None)
     if betas is not None:
         if len(betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas):

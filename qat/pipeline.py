@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import sys
@@ -31,6 +32,7 @@ from qat.data.corpora import text_split_files
 from qat.errors import QATError, TrainingDiverged, TrainingInterrupted, check_choice
 from qat.eval import perplexity
 from qat.export import export_tensors, model_bits, round_unquantized, save_export
+from qat.export import gguf as gguf_export
 from qat.fetch import atomic_write_bytes
 from qat.kernels import ops
 from qat.methods import build_method
@@ -187,6 +189,8 @@ def print_table(results: dict[str, Any]) -> str:
          " / ".join(f"{v:.0f}" for v in results["seconds"].values())),
         *([("calibrated layers / rtn fallback", " / ".join(str(v) for v in results["calibration"].values()))]
           if "calibration" in results else []),
+        *([("gguf bits / MB", f"{results['gguf']['bits_per_weight']:.3f} / {results['gguf']['bytes'] / 1e6:.1f}")]
+          if "bits_per_weight" in results.get("gguf", {}) else []),
         ("status", results["status"]),
     ]
     width = max(len(k) for k, _ in rows)
@@ -215,6 +219,12 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     gptq_block = int(cfg.init.get("block_size", 128)) if cfg.init.name == "gptq_hessian" else None
     for name, lin in quantizable_linears(model, skip):  # shape checks: before the run folder exists
         method.check_layer(name, lin.out_features, lin.in_features, gptq_block)
+    write_export = method.quantizes if cfg.export.get("folder") is None else bool(cfg.export.folder)
+    if cfg.export.get("gguf"):  # what llama.cpp cannot hold fails now, not after training
+        if not write_export:
+            raise QATError("export.gguf=true is written from the export folder: drop export.folder=false")
+        gguf_export.check_method(method.name, dataclasses.asdict(method))
+        gguf_export.check_architecture(model.config.to_dict())
 
     L.seed_everything(int(cfg.seed), workers=True)
     seconds = {"calibrate": 0.0, "reconstruct": 0.0, "train": 0.0, "eval": 0.0}
@@ -349,9 +359,18 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     bits = bits_report(model) or {"weight": 16.0, "storage": 16.0}
     bits["model"] = model_bits(export_tensors(model, emb_fmt), n_params)
 
-    write_export = method.quantizes if cfg.get("export") is None else bool(cfg.export)
     if write_export:
         save_export(model, run_dir / "export", loaded.name, loaded.tokenizer, embedding=emb_record)
+    gguf = None
+    if cfg.export.get("gguf"):
+        try:
+            report = gguf_export.write_gguf(run_dir, run_dir / "model.gguf")
+            print(gguf_export.summary_table(report), flush=True)
+            gguf = {"file": "model.gguf", "bytes": report["bytes"], "bits_per_weight": report["bits_per_weight"],
+                    "types": gguf_export.type_shares(report)}
+        except QATError as e:  # after training: keep the run and its export, say what failed
+            log.error("model.gguf not written: %s", e)
+            gguf = {"error": str(e)}
     seconds["total"] = time.time() - started
     results = {
         "method": method.name, "init": init_name, "model": loaded.name,
@@ -363,6 +382,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         "embedding": emb_fmt, "parameters": n_params, "kernels": kernels,
         "precision": run_precision(cfg),
         "train_tokens": train_tokens, "seconds": seconds, "status": "ok",
+        **({"gguf": gguf} if gguf else {}),
     }
     if init_name == "rtn" and getattr(method, "salient_metric", None) == "hessian":
         # no Hessians without calibration: the data-free seed ranks salient weights by |w| (recorded,

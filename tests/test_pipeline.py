@@ -63,7 +63,7 @@ def test_summary_joins_the_training_runs_log(compose, tmp_path):
 
 def test_fp16_final_equals_fp_and_rtn_binary_is_worse(compose, tmp_path):
     fp, _ = run_cfg(compose, tmp_path / "fp", ["method=fp16", "trainer.max_steps=0"])
-    assert not (tmp_path / "fp" / "export").exists()  # a copy of the fp model only when asked (export=true)
+    assert not (tmp_path / "fp" / "export").exists()  # a copy of the fp model only when asked (export.folder=true)
     assert fp["ppl"]["final"] == pytest.approx(fp["ppl"]["fp"], rel=1e-6)
     assert fp["bits"]["weight"] == 16
     rb, _ = run_cfg(compose, tmp_path / "rb", ["method=rtn_binary", "trainer.max_steps=0"])

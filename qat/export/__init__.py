@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from qat.errors import QATError
 from qat.fetch import atomic_dir
 from qat.methods import build_method
+from qat.models.tokenizer import ByteTokenizer, hf_byte_tokenizer
 from qat.nn.embedding import (
     EMBEDDING_FORMATS,
     QuantEmbedding,
@@ -108,6 +109,8 @@ def save_export(model: nn.Module, out_dir: Path, model_name: str, tokenizer: Any
     with atomic_dir(out_dir) as tmp:
         save_file(export_tensors(model, embedding["format"]), str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config, indent=1, default=str))
+        if isinstance(tokenizer, ByteTokenizer):  # the tiny test model's: as a transformers tokenizer
+            tokenizer = hf_byte_tokenizer()
         if hasattr(tokenizer, "save_pretrained"):
             tokenizer.save_pretrained(str(tmp))
     return out_dir
