@@ -3,6 +3,8 @@ PY      := .venv/bin/python
 PIP     := .venv/bin/pip
 STAMP   := .venv/.setup-stamp
 ARGS    ?=
+# llama.cpp without its examples, tests and multimodal tools: what the GGUF checks need, built faster
+LLAMA_CMAKE_ARGS ?= -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF
 
 .PHONY: help setup train test test-gpu lint bench sass report clean
 
@@ -14,7 +16,8 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q --upgrade pip
 	# torch first: on the dev machines torch==2.13.0 is a local CPU build; nothing after it upgrades torch
 	$(PIP) install -q torch==2.13.0 || $(PIP) install -q torch
-	$(PIP) install -q -e '.[dev]'
+	@echo "[setup] installing the project; llama-cpp-python compiles llama.cpp from source the first time (about 5 min on 2 cores)"
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PIP) install -q -e '.[dev]'
 	touch $(STAMP)
 
 setup: $(STAMP) ## create .venv with torch (CPU) and the project
