@@ -101,7 +101,7 @@ def check_config(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, knob.key, default=MISSING)
         if value is not MISSING:
             knob.check(value)
-    for key, nullable in (("export.folder", True), ("export.gguf", False)):
+    for key, nullable in (("export.folder", True), ("export.gguf", False), ("eval.cache_fp", False)):
         value = OmegaConf.select(cfg, key, default=None)
         if not (isinstance(value, bool) or (value is None and nullable)):
             raise QATError(f"{key}={value!r}: must be true or false" + (" (or null)" if nullable else ""))

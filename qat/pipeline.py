@@ -31,9 +31,10 @@ from qat.data import LMDataModule
 from qat.data.corpora import text_split_files
 from qat.errors import QATError, TrainingDiverged, TrainingInterrupted, check_choice
 from qat.eval import perplexity
+from qat.eval.perplexity import cached_perplexity
 from qat.export import export_tensors, model_bits, round_unquantized, save_export
 from qat.export import gguf as gguf_export
-from qat.fetch import atomic_write_bytes
+from qat.fetch import atomic_write_bytes, cache_dir
 from qat.kernels import ops
 from qat.methods import build_method
 from qat.models import load_model
@@ -249,7 +250,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         seconds["eval"] += time.time() - t0
         return value, n
 
-    ppl_fp, eval_tokens = ppl(model, "ppl fp")
+    fp_cache = cache_dir() / "ppl" if cfg.eval.get("cache_fp", False) else None
+    ppl_fp, eval_tokens = cached_perplexity(model, test, int(cfg.eval.seq_len), cfg.eval.max_windows,
+                                            lambda: ppl(model, "ppl fp"), fp_cache)
     log.info("ppl fp = %.3f over %d tokens", ppl_fp, eval_tokens)
 
     kd = float(cfg.distill.alpha) > 0 and max_steps > 0

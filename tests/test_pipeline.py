@@ -556,3 +556,18 @@ def test_sigterm_and_ctrl_c_stop_cleanly_with_a_true_status(signame, code, tmp_p
     res = json.loads((run_dir / "results.json").read_text())
     assert res["status"] == "interrupted" and res["interrupted"]["signal"] == signame and res["interrupted"]["step"] >= 2
     assert last.exists()
+
+
+def test_the_fp_perplexity_is_measured_once_per_model_and_text(compose, tmp_path, monkeypatch):
+    import qat.pipeline as pipeline
+
+    monkeypatch.setenv("QAT_CACHE", str(tmp_path / "cache"))
+    measured = []
+    real = pipeline.perplexity
+    monkeypatch.setattr(pipeline, "perplexity", lambda *a, desc="", **k: (measured.append(desc), real(*a, desc=desc, **k))[1])
+    first, _ = run_cfg(compose, tmp_path / "a", ["method=rtn_binary", "trainer.max_steps=0", "eval.cache_fp=true"])
+    second, _ = run_cfg(compose, tmp_path / "b", ["method=rtn_binary", "trainer.max_steps=0", "eval.cache_fp=true"])
+    assert measured.count("ppl fp") == 1 and second["ppl"]["fp"] == first["ppl"]["fp"]
+    other, _ = run_cfg(compose, tmp_path / "c", ["method=rtn_binary", "trainer.max_steps=0", "eval.cache_fp=true",
+                                                 "eval.max_windows=1"])
+    assert measured.count("ppl fp") == 2 and other["eval_tokens"] < first["eval_tokens"]  # other windows: measured

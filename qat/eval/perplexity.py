@@ -1,7 +1,12 @@
 """Perplexity as GPTQ measures it (methods.md §7)."""
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import math
+from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -9,6 +14,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from qat.errors import QATError
+
+log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
@@ -35,3 +42,32 @@ def perplexity(model: nn.Module, tokens: torch.Tensor, seq_len: int, max_windows
         count += seq_len - 1
     model.train(was_training)
     return math.exp(nll / count), count
+
+
+def cached_perplexity(model: nn.Module, tokens: torch.Tensor, seq_len: int, max_windows: int | None,
+                      compute: Callable[[], tuple[float, int]], cache: Path | None) -> tuple[float, int]:
+    """`compute()`'s (ppl, count), cached as JSON under `cache` keyed by the model's weights
+    fingerprint, the tokens, the windows and the dtype/device, so that the same fp model is not
+    measured again on the same text (a minute of every headline run). cache None: no cache."""
+    if cache is None:
+        return compute()
+    from qat.ptq.initializers import weights_fingerprint
+
+    p = next(model.parameters())
+    blob = json.dumps([weights_fingerprint(model), hashlib.sha1(tokens.numpy().tobytes()).hexdigest(),
+                       seq_len, max_windows, str(p.dtype), p.device.type])
+    path = cache / f"{hashlib.sha1(blob.encode()).hexdigest()[:20]}.json"
+    try:
+        hit = json.loads(path.read_text())
+        log.info("ppl from cache %s", path)
+        return float(hit["ppl"]), int(hit["count"])
+    except (OSError, ValueError, KeyError):
+        pass  # no entry (or a damaged one): measure
+    value, count = compute()
+    try:
+        from qat.fetch import atomic_write_bytes
+
+        atomic_write_bytes(path, json.dumps({"ppl": value, "count": count}).encode())
+    except OSError as e:  # a cache is an optimisation: a full or read-only disk must not end the run
+        log.warning("perplexity cache not written (%s)", e)
+    return value, count
