@@ -125,3 +125,23 @@ def test_bad_text_files_are_one_clear_error_before_the_run_folder(kind, needle, 
         run(cfg, run_dir)
     assert str(e.value).startswith("data.test=")
     assert not run_dir.exists()
+
+
+def test_hf_datasets_follow_the_wikitext2_protocol_empty_rows_included(tmp_path):
+    """GPTQ / PB-LLM / BiLLM evaluate on "\\n\\n".join(test["text"]) with WikiText's empty rows
+    kept: data=hf must tokenize exactly that text (dropping empty rows changes every figure)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from qat.data.datamodule import tokenize_splits
+    from qat.models.tokenizer import ByteTokenizer
+
+    rows = {"train": ["", " = Train = \n", "", " some training text . \n"],
+            "validation": ["", " = Val = \n", " more text \n"],
+            "test": ["", " = Robert Boulter = \n", "", " Robert Boulter is an English actor . \n", "", ""]}
+    for split, text in rows.items():
+        pq.write_table(pa.table({"text": text}), tmp_path / f"{split}.parquet")
+    cfg = {"source": "hf", "name": "local-wikitext", "path": str(tmp_path), "name_cfg": None, "text_field": "text",
+           "splits": {"train": "train", "validation": "validation", "test": "test"}}
+    tokens = tokenize_splits(cfg, ByteTokenizer(), "bytes")
+    assert tokens["test"].tolist() == list("\n\n".join(rows["test"]).encode())
