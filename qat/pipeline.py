@@ -78,7 +78,7 @@ def validate(cfg: DictConfig) -> None:
                        "keeps frozen on its grid; use train.params=quantized | quantized+norms, or "
                        "quantize.embedding=fp16 | fp32")
     if cfg.ckpt_path:
-        check_checkpoint(str(cfg.ckpt_path))
+        check_checkpoint(str(cfg.ckpt_path), method_from_cfg(cfg))
     check_data_files(OmegaConf.to_container(cfg.data, resolve=True))
 
 
@@ -106,9 +106,10 @@ def check_data_files(data_cfg: dict) -> None:
         text_split_files(data_cfg)
 
 
-def check_checkpoint(path: str) -> None:
-    """A checkpoint to resume from must exist and unpickle as a Lightning checkpoint. mmap: only
-    the structure is read, not the tensors, so this is cheap for large models."""
+def check_checkpoint(path: str, method: Any = None) -> None:
+    """A checkpoint to resume from must exist, unpickle as a Lightning checkpoint and (when it
+    records one) come from the same method and settings. mmap: only the structure is read, not
+    the tensors, so this is cheap for large models."""
     if not Path(path).is_file():
         raise QATError(f"ckpt_path={path!r}: no such checkpoint file")
     try:
@@ -119,6 +120,17 @@ def check_checkpoint(path: str) -> None:
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "global_step" not in ckpt:
         raise QATError(f"ckpt_path={path!r}: a torch file but not a Lightning checkpoint "
                        "(no state_dict / global_step)")
+    record = ckpt.get("qat_method")
+    if method is not None and record:
+        params = json.loads(json.dumps(dataclasses.asdict(method), default=str))
+        saved = json.loads(json.dumps(record["params"], default=str))
+        if record["name"] != method.name:
+            raise QATError(f"ckpt_path={path!r} was written by method={record['name']}; this run is "
+                           f"method={method.name}: resume with method={record['name']} or drop ckpt_path")
+        changed = {k: (saved.get(k), v) for k, v in params.items() if saved.get(k) != v}
+        if changed:
+            raise QATError(f"ckpt_path={path!r} was written with other method settings: " + ", ".join(
+                f"method.{k}={old!r} there, {new!r} here" for k, (old, new) in sorted(changed.items())))
 
 
 def run_config(cfg: DictConfig) -> dict[str, Any]:
@@ -307,7 +319,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         trainable = select_trainable(model, str(cfg.train.params))
         log.info("QAT trains %s parameters (train.params=%s)", trainable, cfg.train.params)
         lit = LitQAT(model, OmegaConf.to_container(cfg.optim, resolve=True),
-                     OmegaConf.to_container(cfg.distill, resolve=True), max_steps, teacher)
+                     OmegaConf.to_container(cfg.distill, resolve=True), max_steps, teacher,
+                     method={"name": method.name, "params": dataclasses.asdict(method)})
         trainer = build_trainer(cfg, run_dir)
         lit.train()  # from_pretrained returns the model in eval mode
         try:

@@ -110,3 +110,15 @@ def test_the_readme_loading_snippet_runs_in_a_fresh_process(kernels, tmp_path):
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "generated" in res.stdout
+
+
+def test_no_module_of_qat_holds_a_tensor_made_at_import():
+    """A tensor made at import lives on whatever device context the import happened under
+    (transformers builds models under a meta-device context): the README snippet's crash."""
+    import importlib
+    import pkgutil
+
+    for info in pkgutil.walk_packages(qat.__path__, "qat."):
+        module = importlib.import_module(info.name)
+        tensors = [k for k, v in vars(module).items() if isinstance(v, torch.Tensor)]
+        assert not tensors, f"{info.name} holds module-level tensors {tensors}"

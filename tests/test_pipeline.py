@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from qat.errors import QATError
 from qat.pipeline import run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -188,6 +189,8 @@ def cli(args, tmp_path):
     (["method.name=bogus"], "unknown method 'bogus'; allowed: dyngroup, fp16, gptq, pbllm_qat, rtn_binary, w11a14"),
     (["salient_ratio=1.5"], "salient_ratio=1.5: must be a number >= 0 and < 1"),
     (["model=hf", "model.name_or_path=/no/such/model"], "model.name_or_path='/no/such/model': no such folder"),
+    (["model=hf", f"model.name_or_path={ROOT / 'tests' / 'fixtures' / 'no_model_type'}"],
+     "no_model_type': Unrecognized model in"),
     (["eval.seq_len=0"], "eval.seq_len=0: must be an integer > 0"),
     (["ckpt_path=/no/such.ckpt"], "ckpt_path='/no/such.ckpt': no such checkpoint file"),
     (["train.params=embedding"], "unknown train.params 'embedding'; allowed: quantized, quantized+norms, all"),
@@ -571,3 +574,15 @@ def test_the_fp_perplexity_is_measured_once_per_model_and_text(compose, tmp_path
     other, _ = run_cfg(compose, tmp_path / "c", ["method=rtn_binary", "trainer.max_steps=0", "eval.cache_fp=true",
                                                  "eval.max_windows=1"])
     assert measured.count("ppl fp") == 2 and other["eval_tokens"] < first["eval_tokens"]  # other windows: measured
+
+
+def test_resuming_a_checkpoint_of_another_method_or_setting_is_one_clear_error(compose, tmp_path):
+    run_cfg(compose, tmp_path / "dyn", ["method=dyngroup", "method.groups=4", "trainer.max_steps=2",
+                                        "checkpoint.every_n_steps=1"])
+    ckpt = tmp_path / "dyn" / "checkpoints" / "last.ckpt"
+    assert ckpt.exists()
+    for overrides, needle in [(["method=pbllm_qat"], "was written by method=dyngroup; this run is method=pbllm_qat"),
+                              (["method=dyngroup", "method.groups=2"], "method.groups=4 there, 2 here")]:
+        with pytest.raises(QATError, match=needle):
+            run_cfg(compose, tmp_path / "again", overrides + [f"ckpt_path={ckpt}", "trainer.max_steps=4"])
+        assert not (tmp_path / "again").exists()

@@ -120,6 +120,8 @@ def load_model(cfg: dict) -> LoadedModel:
                        f"folder or a hub id like 'org/name')")
     try:
         model, tok = _from_pretrained(str(p) if looks_local else str(path), dtype)
+    except ValueError as e:  # e.g. a config.json without model_type, an architecture transformers lacks
+        raise QATError(f"could not load model {path!r}: {str(e).splitlines()[0]}") from None
     except OSError as e:
         msg = str(e).splitlines()[0]
         if not looks_local and ("connect" in msg.lower() or "offline" in msg.lower()

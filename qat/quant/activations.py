@@ -13,7 +13,9 @@ from qat.quant.packing import pack_bits
 
 ACT_BITS = (4, 8, 16)       # 16: activations stay as they are
 ACT_CLIP_INIT = 4.0         # logit of the clipping factor at the start: sigmoid(4) = 0.982
-ACT_CLIP_START = torch.sigmoid(torch.tensor(ACT_CLIP_INIT))  # the factor itself (calibration, smoothing)
+# the factor itself (calibration, smoothing): a Python float (the fp32 sigmoid's value, so results
+# are unchanged), never a module-level tensor, which an import under a meta-device context misplaces
+ACT_CLIP_START = float(torch.sigmoid(torch.tensor(ACT_CLIP_INIT)))
 
 
 def round_ste(x: Tensor) -> Tensor:

@@ -74,9 +74,10 @@ def build_optimizer(params: list[dict], cfg: dict) -> torch.optim.Optimizer:
 
 class LitQAT(L.LightningModule):
     def __init__(self, model: nn.Module, optim: dict, distill: dict, total_steps: int,
-                 teacher: nn.Module | None = None):
+                 teacher: nn.Module | None = None, method: dict | None = None):
         super().__init__()
         self.model, self.optim_cfg, self.distill_cfg = model, optim, distill
+        self.method_record = method  # {"name", "params"}: saved in checkpoints, checked on resume
         self.total_steps = total_steps
         self.alpha = float(distill.get("alpha", 0.0))
         if not 0.0 <= self.alpha <= 1.0:
@@ -86,6 +87,10 @@ class LitQAT(L.LightningModule):
         self.teacher = [teacher]  # a list keeps it out of the module tree (frozen, not saved)
         if teacher is not None:
             teacher.eval().requires_grad_(False)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if self.method_record is not None:
+            checkpoint["qat_method"] = self.method_record
 
     def configure_model(self) -> None:
         """trainer.strategy=fsdp: shard the model across the data-parallel ranks (FSDP2)."""
