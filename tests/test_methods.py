@@ -120,3 +120,16 @@ def test_hessian_saliency_without_hessians_is_a_clear_error():
     method = build_method("pbllm_qat", salient_metric="hessian")
     with pytest.raises(QATError, match="init=gptq_hessian"):
         method.init_state(torch.randn(4, 8))
+
+
+def test_derived_tensors_follow_the_stored_ones():
+    """PackedLinear caches what the method derives from its stored tensors (W(1+1)A4's zero-point
+    sums); loading other stored values in place afterwards must not leave a stale cache."""
+    method = build_method("w11a14")
+    a, b = torch.nn.Sequential(layer(method, seed=0)), torch.nn.Sequential(layer(method, seed=1))
+    convert(a), convert(b)
+    x = torch.randn(4, 64)
+    with torch.no_grad():
+        a(x)  # derives and caches a's sums
+        a.load_state_dict(b.state_dict())  # copies b's tensors into a's, in place
+        assert torch.equal(a(x), b(x))

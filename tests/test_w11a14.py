@@ -105,3 +105,43 @@ def test_a_block_that_does_not_divide_a_layer_is_a_clear_error():
         method.check_layer("layers.0.mlp.down_proj", 8, 96, None)
     with pytest.raises(QATError, match="would need 512 scales per row"):
         build_method("w11a14", block=32).check_layer("big", 8, 8192, None)
+
+
+@pytest.mark.parametrize("act_bits", [4, 8, 16])
+def test_storage_bits_are_signs_group_bits_and_scales_only(act_bits):
+    """8 x 64 layer, blocks of 32: the stored tensors are the sign plane, the group plane, 2 fp16
+    scales per row-block (and the fp32 activation clip below 16 bits); the zero-point term
+    Σ ŵ per row-block is derived from them, never stored (it was an fp32 tensor: +1 bit per weight)."""
+    from qat.nn import PackedLinear, bits_report, convert
+
+    method = build_method("w11a14", block=32, act_bits=act_bits)
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 8, bias=False)
+    model = torch.nn.Sequential(QATLinear(64, 8, method, method.init_state(lin.weight.detach()), None))
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        fake = model(x)
+        convert(model)
+        packed = model(x)
+    p = model[0]
+    assert isinstance(p, PackedLinear) and "wsum" not in p.packed()
+    signs, group_plane, scales, clip = 8 * 2 * 32, 8 * 2 * 32, 8 * 4 * 16, 32 if act_bits < 16 else 0
+    assert p.storage_bits() == signs + group_plane + scales + clip
+    assert bits_report(model)["storage"] == pytest.approx(2 + (scales + clip) / (8 * 64))
+    torch.testing.assert_close(packed, fake, rtol=1e-4, atol=1e-4)
+
+
+def test_the_derived_zero_point_term_is_the_row_block_sum_of_the_weights():
+    """The bit-serial op's Σ_j ŵ_nj per row-block, derived from the stored signs and scales, is
+    exactly the sum over the block of the fake-quant weight (the same fp32 values, the same order)."""
+    method = build_method("w11a14", block=32)
+    torch.manual_seed(1)
+    w = torch.randn(6, 96)
+    state = method.init_state(w)
+    latent = state.pop("latent")
+    stored = method.pack(latent, state)
+    wsum = method.derived(stored, 96)["wsum"]
+    what = method.fake_quant(latent, state).float()
+    assert torch.equal(wsum, what.reshape(6, 3, 32).sum(-1))
+    assert method.derived(stored | {"wsum": wsum}, 96) == {}  # an old export that stores it: used as is
+    assert build_method("w11a14", block=32, act_bits=16).derived(stored, 96) == {}  # not read at 16 bits
