@@ -23,6 +23,36 @@ def test_em_never_increases_its_weighted_objective():
         assert history[-1].sum() < history[0].sum()
 
 
+def test_em_starts_from_the_magnitude_quartiles():
+    """methods.md §6: the EM starts from magnitude quantiles. After one iteration the bits are
+    |w| > the midpoint of the row's 1/4 and 3/4 quantiles and each level is the h-weighted mean
+    of its members (a skewed row, where that midpoint is far from the mean it used to split at)."""
+    mag = torch.tensor([[0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 10.0],
+                        [1.0, 1.0, 1.0, 2.0, 2.0, 2.0, 3.0, 3.0]])
+    h = torch.tensor([1.0, 2.0, 1.0, 2.0, 1.0, 2.0, 1.0, 2.0])
+    q = torch.quantile(mag, torch.tensor([0.25, 0.75]), dim=1).t()  # [rows, 2]
+    split = mag > q.mean(dim=1, keepdim=True)
+    assert split[0].tolist() == [False] * 4 + [True] * 4  # (0.325 + 0.625) / 2: not the mean 1.6
+    for weight in (None, h):
+        bits, levels, _ = two_level_em(mag, weight, iters=1)
+        assert torch.equal(bits, split)
+        hw = torch.ones(8) if weight is None else weight
+        for k, member in enumerate((~split, split)):
+            want = (hw * mag * member).sum(1) / (hw * member).sum(1)
+            torch.testing.assert_close(levels[:, k], want)
+
+
+def test_em_stops_when_no_assignment_changes():
+    """Iterating past a fixed point changes nothing: the result of em_iters=50 is that of the
+    first iteration whose assignment repeats, and the history stops there."""
+    gen = torch.Generator().manual_seed(3)
+    mag = torch.randn(8, 200, generator=gen).abs()
+    bits, levels, history = two_level_em(mag, None, iters=50)
+    assert len(history) < 50
+    again, levels_again, _ = two_level_em(mag, None, iters=len(history))
+    assert torch.equal(bits, again) and torch.equal(levels, levels_again)
+
+
 def test_one_group_is_rtn_binary():
     w = torch.randn(8, 64)
     method = build_method("w11a14", groups=1, act_bits=16)
