@@ -74,6 +74,28 @@ def test_smoothing_keeps_the_fp_model_and_packed_equals_fake_quant():
     torch.testing.assert_close(packed, fake, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("skipped", ["k_proj", "gate_proj"])
+def test_smoothing_with_a_skipped_reader_of_a_norm_keeps_the_fp_model(skipped):
+    """A skipped linear that reads a smoothed norm's output sees x/s too: it must get W·s (it stays
+    fp, so that is exact), else `quantize.skip=[lm_head,k_proj]` changed the fp model's logits."""
+    model = outlier_model()
+    calib = torch.randint(0, 257, (4, 32))
+    ids = torch.randint(0, 257, (2, 24))
+    with torch.no_grad():
+        before = model(ids).logits
+    layer0 = model.model.layers[0]
+    readers, norm = (layer0.self_attn, layer0.input_layernorm) if skipped == "k_proj" else \
+        (layer0.mlp, layer0.post_attention_layernorm)
+    skipped_before, norm_before = getattr(readers, skipped).weight.clone(), norm.weight.clone()
+    _, rows = smooth_model(model, calib, build_method("w11a14", smooth=True), ["lm_head", skipped])
+    with torch.no_grad():
+        after = model(ids).logits
+    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)  # the fp function is unchanged
+    assert not torch.equal(norm.weight, norm_before)  # the group was smoothed: 1/s folded into the norm ...
+    assert not torch.equal(getattr(readers, skipped).weight, skipped_before)  # ... and s into the skipped reader
+    assert all(skipped not in n for r in rows for n in r["linears"])  # which the search leaves out: it stays fp
+
+
 @pytest.mark.parametrize("params,needle", [
     (dict(smooth="yes"), "method.smooth='yes': must be true or false"),
     (dict(smooth_alphas=[0.5, 1.5]), "method.smooth_alphas=[0.5, 1.5]: must be a non-empty list of numbers in [0, 1]"),
