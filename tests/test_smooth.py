@@ -39,9 +39,11 @@ def test_search_picks_a_strength_that_lowers_the_quantized_output_error():
     strength, s, errors = best_smoothing(x, x.abs().amax(0), [w], [0.25, 0.5, 0.75], quantizer(method), 4)
     assert strength is not None and s.shape == (64,)
     assert errors[f"{strength:g}"] == min(errors.values()) < errors["none"]
-    # without outliers and without quantized inputs there may be nothing to win: "none" stays allowed
-    _, _, plain = best_smoothing(x[:, 8:], x[:, 8:].abs().amax(0), [w[:, 8:]], [0.5], quantizer(method), 16)
-    assert "none" in plain
+    # a strength that only hurts (a = 1 moves all of the activations' range into the binarized
+    # weights; no outliers, fp inputs): no smoothing wins, and the layer is left as it is
+    strength, s, plain = best_smoothing(x[:, 8:], x[:, 8:].abs().amax(0), [w[:, 8:]], [1.0], quantizer(method), 16)
+    assert set(plain) == {"none", "1"} and plain["none"] < plain["1"]
+    assert strength is None and s is None
 
 
 def test_smoothing_keeps_the_fp_model_and_packed_equals_fake_quant():
