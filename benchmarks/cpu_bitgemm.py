@@ -93,7 +93,8 @@ def bench_shape(out_f: int, in_f: int, m: int, repeats: int) -> dict:
     q, s, z = int4_per_token(x)
     planes = bit_planes(q)
     gb = p["group_planes"][0].contiguous()
-    row["w1a1x4"] = median_seconds(lambda: ops.w1a1x4_gemm(planes, p["signs"], gb, p["scales"], p["wsum"][:, 0], s, z),
+    wsum = method.derived(p, in_f)["wsum"][:, 0]  # derived once per layer, as PackedLinear does
+    row["w1a1x4"] = median_seconds(lambda: ops.w1a1x4_gemm(planes, p["signs"], gb, p["scales"], wsum, s, z),
                                    repeats)
     row["speedup_vs_fp32"] = {k: row["fp32_matmul"] / row[k] for k in
                               ("binary", "pbllm_r0.1", "dyngroup_g4", "int8_rows", "w1a1x4", "bf16_matmul")}

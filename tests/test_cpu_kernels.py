@@ -35,7 +35,8 @@ def packed(method_name: str, out_f: int, in_f: int, seed: int = 0, **params):
     method = build_method(method_name, **params)
     state = method.init_state(w)
     latent = state.pop("latent")
-    return method, method.pack(latent, state)
+    stored = method.pack(latent, state)
+    return method, {**stored, **method.derived(stored, in_f)}  # what the kernels read, as PackedLinear hands it
 
 
 @pytest.mark.parametrize("shape,params", [
@@ -44,7 +45,8 @@ def packed(method_name: str, out_f: int, in_f: int, seed: int = 0, **params):
     ((64, 256), dict(salient_ratio=0.4)),                     # dense salient part: bitmap format
     ((48, 512), dict(salient_ratio=0.1, group_size=128)),     # alpha per 128 columns
     ((48, 576), dict(salient_ratio=0.1, group_size=48)),      # groups not whole 16-column halves
-    ((33, 320), dict(salient_ratio=0.1, salient_bits=12)),    # int16 codes
+    ((33, 320), dict(salient_ratio=0.1, salient_bits=12)),    # int16 codes (unpacked from the 12-bit stream)
+    ((40, 576), dict(salient_ratio=0.1, salient_bits=4)),     # uint8 codes (unpacked from the 4-bit stream)
     ((70, 640), dict(salient_ratio=0.0)),                     # rtn_binary: no salient part
 ])
 @pytest.mark.parametrize("m", MS)

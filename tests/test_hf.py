@@ -22,6 +22,7 @@ def packed_tiny(method_name: str, **params) -> torch.nn.Module:
 
 
 @pytest.mark.parametrize("method,params", [("pbllm_qat", dict(salient_ratio=0.1)), ("dyngroup", dict(groups=4)),
+                                           ("pbllm_qat", dict(salient_ratio=0.1, salient_bits=4)),
                                            ("gptq", dict(bits=4)), ("w11a14", dict())])
 def test_transformers_loads_the_packed_model_with_the_same_logits(method, params, tmp_path):
     from transformers import AutoModelForCausalLM

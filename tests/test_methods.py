@@ -20,7 +20,9 @@ def layer(method, out_f=8, in_f=64, seed=0):
     dict(name="rtn_binary"),
     dict(name="pbllm_qat", salient_ratio=0.1),
     dict(name="pbllm_qat", salient_ratio=0.02, group_size=32),   # CSR positions
-    dict(name="pbllm_qat", salient_ratio=0.3, salient_bits=12),  # wide codes
+    dict(name="pbllm_qat", salient_ratio=0.3, salient_bits=12),  # wide codes (12 bits each, back to back)
+    dict(name="pbllm_qat", salient_ratio=0.1, salient_bits=4),   # k-bit codes packed, unpacked once per layer
+    dict(name="pbllm_qat", salient_ratio=0.02, salient_bits=3, group_size=32),  # ... with CSR positions
     dict(name="dyngroup", groups=1, scope="matrix"),
     dict(name="dyngroup", groups=2, scope="row"),
     dict(name="dyngroup", groups=5, algorithm="greedy"),     # not a power of two: 3 id planes
@@ -95,6 +97,31 @@ def test_storage_bits_hand_case():
     assert rep["weight"] == pytest.approx(((n - nnz) + nnz * 8 + scales + 8 * 32) / n)
 
 
+@pytest.mark.parametrize("k", [2, 3, 4, 7, 12])
+def test_salient_codes_below_8_bits_store_k_bits(k):
+    """The same 8 x 64 layer with k-bit salient codes: the 51 codes are stored back to back,
+    ceil(51·k / 32) int32 words, instead of a byte (or an int16) each; bits.weight stays the
+    paper's count and bits.storage is every stored byte."""
+    method = build_method("pbllm_qat", salient_ratio=0.1, salient_bits=k)
+    model = torch.nn.Sequential(layer(method))
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        fake = model(x)
+        convert(model)
+        packed = model(x)
+    p = model[0]
+    n, nnz = 8 * 64, 51
+    signs, scales, scale_zero = 8 * 2 * 32, 8 * 16, 8 * 16 * 2
+    bitmap, row_ptr, fmt = 8 * 2 * 32, 9 * 32, 8
+    codes = -(-nnz * k // 32) * 32
+    assert p.storage_bits() == signs + scales + codes + scale_zero + bitmap + row_ptr + fmt
+    assert p.storage_bits() < signs + scales + nnz * (8 if k <= 8 else 16) + scale_zero + bitmap + row_ptr + fmt
+    rep = bits_report(model)
+    assert rep["storage"] == pytest.approx(p.storage_bits() / n)
+    assert rep["weight"] == pytest.approx(((n - nnz) + nnz * k + scales + scale_zero) / n)
+    torch.testing.assert_close(packed, fake, rtol=1e-5, atol=1e-5)
+
+
 def test_rtn_binary_weight_bits_are_one_plus_scales():
     model = torch.nn.Sequential(layer(build_method("rtn_binary"), 8, 64))
     convert(model)
@@ -120,3 +147,16 @@ def test_hessian_saliency_without_hessians_is_a_clear_error():
     method = build_method("pbllm_qat", salient_metric="hessian")
     with pytest.raises(QATError, match="init=gptq_hessian"):
         method.init_state(torch.randn(4, 8))
+
+
+def test_derived_tensors_follow_the_stored_ones():
+    """PackedLinear caches what the method derives from its stored tensors (W(1+1)A4's zero-point
+    sums); loading other stored values in place afterwards must not leave a stale cache."""
+    method = build_method("w11a14")
+    a, b = torch.nn.Sequential(layer(method, seed=0)), torch.nn.Sequential(layer(method, seed=1))
+    convert(a), convert(b)
+    x = torch.randn(4, 64)
+    with torch.no_grad():
+        a(x)  # derives and caches a's sums
+        a.load_state_dict(b.state_dict())  # copies b's tensors into a's, in place
+        assert torch.equal(a(x), b(x))

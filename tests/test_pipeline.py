@@ -371,6 +371,7 @@ def test_ptq_cache_is_keyed_on_the_weights_not_the_name(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("method", [["method=pbllm_qat", "salient_ratio=0.1"],
+                                    ["method=pbllm_qat", "salient_ratio=0.1", "method.salient_bits=4"],  # a code stream
                                     ["method=dyngroup", "method.groups=4", "init=rtn"],
                                     ["method=w11a14", "init=rtn"],
                                     ["method=w11a14", "init=rtn", "method.smooth=true", "method.block=32"],

@@ -59,10 +59,13 @@ def test_salient_count_is_round_r_n(ratio):
 def test_kbit_quantization_hand_case():
     w = torch.tensor([[0.0, 1.0, 3.0, -1.0]])
     mask = torch.tensor([[False, True, True, True]])
-    codes, scale, zero = quantize_kbit_rows(w, mask, bits=2)  # 4 levels over [-1, 3]
-    assert scale.item() == pytest.approx(4 / 3, rel=1e-3)
+    codes, scale, zero = quantize_kbit_rows(w, mask, bits=2)  # 4 levels over [-1, 3]: step 4/3
+    step = torch.tensor(4 / 3).half().item()  # the scale as stored (fp16)
+    assert scale.item() == step and zero.item() == 1  # zero point round(1 / (4/3)) = 1
+    # 1 -> code round(0.75) + 1 = 2, 3 -> round(2.25) + 1 = 3, -1 -> round(-0.75) + 1 = 0
+    assert codes[mask].tolist() == [2, 3, 0]
     deq = dequantize_kbit_rows(codes, scale, zero)
-    assert deq[mask].tolist() == pytest.approx([1.0, 3.0, -1.0], abs=0.7)
+    assert deq[mask].tolist() == [step, 2 * step, -step]  # the levels 4/3, 8/3, -4/3 (in fp16 steps)
     assert codes[0, 0] == 0  # not salient: no code
     # 8 bits: error below half a step inside the grid's range; at the row's extremes the zero
     # point's rounding (half a step) and the fp16 scale (qmax·2^-11 steps) can leave the value

@@ -39,9 +39,11 @@ def test_search_picks_a_strength_that_lowers_the_quantized_output_error():
     strength, s, errors = best_smoothing(x, x.abs().amax(0), [w], [0.25, 0.5, 0.75], quantizer(method), 4)
     assert strength is not None and s.shape == (64,)
     assert errors[f"{strength:g}"] == min(errors.values()) < errors["none"]
-    # without outliers and without quantized inputs there may be nothing to win: "none" stays allowed
-    _, _, plain = best_smoothing(x[:, 8:], x[:, 8:].abs().amax(0), [w[:, 8:]], [0.5], quantizer(method), 16)
-    assert "none" in plain
+    # a strength that only hurts (a = 1 moves all of the activations' range into the binarized
+    # weights; no outliers, fp inputs): no smoothing wins, and the layer is left as it is
+    strength, s, plain = best_smoothing(x[:, 8:], x[:, 8:].abs().amax(0), [w[:, 8:]], [1.0], quantizer(method), 16)
+    assert set(plain) == {"none", "1"} and plain["none"] < plain["1"]
+    assert strength is None and s is None
 
 
 def test_smoothing_keeps_the_fp_model_and_packed_equals_fake_quant():
@@ -72,6 +74,28 @@ def test_smoothing_keeps_the_fp_model_and_packed_equals_fake_quant():
         packed = model(ids).logits
     assert isinstance(model.get_submodule(next(iter(explicit))), PackedLinear)
     torch.testing.assert_close(packed, fake, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("skipped", ["k_proj", "gate_proj"])
+def test_smoothing_with_a_skipped_reader_of_a_norm_keeps_the_fp_model(skipped):
+    """A skipped linear that reads a smoothed norm's output sees x/s too: it must get W·s (it stays
+    fp, so that is exact), else `quantize.skip=[lm_head,k_proj]` changed the fp model's logits."""
+    model = outlier_model()
+    calib = torch.randint(0, 257, (4, 32))
+    ids = torch.randint(0, 257, (2, 24))
+    with torch.no_grad():
+        before = model(ids).logits
+    layer0 = model.model.layers[0]
+    readers, norm = (layer0.self_attn, layer0.input_layernorm) if skipped == "k_proj" else \
+        (layer0.mlp, layer0.post_attention_layernorm)
+    skipped_before, norm_before = getattr(readers, skipped).weight.clone(), norm.weight.clone()
+    _, rows = smooth_model(model, calib, build_method("w11a14", smooth=True), ["lm_head", skipped])
+    with torch.no_grad():
+        after = model(ids).logits
+    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)  # the fp function is unchanged
+    assert not torch.equal(norm.weight, norm_before)  # the group was smoothed: 1/s folded into the norm ...
+    assert not torch.equal(getattr(readers, skipped).weight, skipped_before)  # ... and s into the skipped reader
+    assert all(skipped not in n for r in rows for n in r["linears"])  # which the search leaves out: it stays fp
 
 
 @pytest.mark.parametrize("params,needle", [

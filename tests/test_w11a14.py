@@ -23,6 +23,36 @@ def test_em_never_increases_its_weighted_objective():
         assert history[-1].sum() < history[0].sum()
 
 
+def test_em_starts_from_the_magnitude_quartiles():
+    """methods.md §6: the EM starts from magnitude quantiles. After one iteration the bits are
+    |w| > the midpoint of the row's 1/4 and 3/4 quantiles and each level is the h-weighted mean
+    of its members (a skewed row, where that midpoint is far from the mean it used to split at)."""
+    mag = torch.tensor([[0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 10.0],
+                        [1.0, 1.0, 1.0, 2.0, 2.0, 2.0, 3.0, 3.0]])
+    h = torch.tensor([1.0, 2.0, 1.0, 2.0, 1.0, 2.0, 1.0, 2.0])
+    q = torch.quantile(mag, torch.tensor([0.25, 0.75]), dim=1).t()  # [rows, 2]
+    split = mag > q.mean(dim=1, keepdim=True)
+    assert split[0].tolist() == [False] * 4 + [True] * 4  # (0.325 + 0.625) / 2: not the mean 1.6
+    for weight in (None, h):
+        bits, levels, _ = two_level_em(mag, weight, iters=1)
+        assert torch.equal(bits, split)
+        hw = torch.ones(8) if weight is None else weight
+        for k, member in enumerate((~split, split)):
+            want = (hw * mag * member).sum(1) / (hw * member).sum(1)
+            torch.testing.assert_close(levels[:, k], want)
+
+
+def test_em_stops_when_no_assignment_changes():
+    """Iterating past a fixed point changes nothing: the result of em_iters=50 is that of the
+    first iteration whose assignment repeats, and the history stops there."""
+    gen = torch.Generator().manual_seed(3)
+    mag = torch.randn(8, 200, generator=gen).abs()
+    bits, levels, history = two_level_em(mag, None, iters=50)
+    assert len(history) < 50
+    again, levels_again, _ = two_level_em(mag, None, iters=len(history))
+    assert torch.equal(bits, again) and torch.equal(levels, levels_again)
+
+
 def test_one_group_is_rtn_binary():
     w = torch.randn(8, 64)
     method = build_method("w11a14", groups=1, act_bits=16)
@@ -105,3 +135,43 @@ def test_a_block_that_does_not_divide_a_layer_is_a_clear_error():
         method.check_layer("layers.0.mlp.down_proj", 8, 96, None)
     with pytest.raises(QATError, match="would need 512 scales per row"):
         build_method("w11a14", block=32).check_layer("big", 8, 8192, None)
+
+
+@pytest.mark.parametrize("act_bits", [4, 8, 16])
+def test_storage_bits_are_signs_group_bits_and_scales_only(act_bits):
+    """8 x 64 layer, blocks of 32: the stored tensors are the sign plane, the group plane, 2 fp16
+    scales per row-block (and the fp32 activation clip below 16 bits); the zero-point term
+    Σ ŵ per row-block is derived from them, never stored (it was an fp32 tensor: +1 bit per weight)."""
+    from qat.nn import PackedLinear, bits_report, convert
+
+    method = build_method("w11a14", block=32, act_bits=act_bits)
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 8, bias=False)
+    model = torch.nn.Sequential(QATLinear(64, 8, method, method.init_state(lin.weight.detach()), None))
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        fake = model(x)
+        convert(model)
+        packed = model(x)
+    p = model[0]
+    assert isinstance(p, PackedLinear) and "wsum" not in p.packed()
+    signs, group_plane, scales, clip = 8 * 2 * 32, 8 * 2 * 32, 8 * 4 * 16, 32 if act_bits < 16 else 0
+    assert p.storage_bits() == signs + group_plane + scales + clip
+    assert bits_report(model)["storage"] == pytest.approx(2 + (scales + clip) / (8 * 64))
+    torch.testing.assert_close(packed, fake, rtol=1e-4, atol=1e-4)
+
+
+def test_the_derived_zero_point_term_is_the_row_block_sum_of_the_weights():
+    """The bit-serial op's Σ_j ŵ_nj per row-block, derived from the stored signs and scales, is
+    exactly the sum over the block of the fake-quant weight (the same fp32 values, the same order)."""
+    method = build_method("w11a14", block=32)
+    torch.manual_seed(1)
+    w = torch.randn(6, 96)
+    state = method.init_state(w)
+    latent = state.pop("latent")
+    stored = method.pack(latent, state)
+    wsum = method.derived(stored, 96)["wsum"]
+    what = method.fake_quant(latent, state).float()
+    assert torch.equal(wsum, what.reshape(6, 3, 32).sum(-1))
+    assert method.derived(stored | {"wsum": wsum}, 96) == {}  # an old export that stores it: used as is
+    assert build_method("w11a14", block=32, act_bits=16).derived(stored, 96) == {}  # not read at 16 bits

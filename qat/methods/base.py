@@ -6,6 +6,8 @@ which QATLinear fake-quantizes with a learnable clipping factor and PackedLinear
   fake_quant(latent, buffers)   -> the weight the training form multiplies with (STE inside)
   pack(latent, buffers)         -> the tensors the inference form stores
   packed_linear(x, packed)      -> the inference form's output, through qat.kernels ops
+and, optionally, derived(packed): tensors the kernels read that are functions of the stored ones
+(computed once per layer by PackedLinear, never stored, so never counted in the bits).
 QATLinear and PackedLinear never look at a method's name.
 """
 from __future__ import annotations
@@ -77,7 +79,14 @@ class Method:
         raise NotImplementedError
 
     def packed_linear(self, x: Tensor, packed: dict[str, Tensor], in_features: int) -> Tensor:
+        """`packed`: the stored tensors plus `derived(packed)` (PackedLinear hands both)."""
         raise NotImplementedError
+
+    def derived(self, packed: dict[str, Tensor], in_features: int) -> dict[str, Tensor]:
+        """Tensors packed_linear reads that are functions of the stored ones (e.g. a sum of the
+        weights, or codes unpacked to bytes): not stored, so not counted in the storage bits.
+        PackedLinear computes them once and caches them. Default: none."""
+        return {}
 
     def weight_bits(self) -> float | None:
         """The 'weight bits' a paper would quote, without scales (None: not quantizing)."""

@@ -8,8 +8,11 @@ row (or column group), recomputed from the latent weights in every forward. sign
 `rtn_binary` is the same quantizer with salient_ratio=0: the plain binarized baseline.
 
 Packed form: sign bits 32 per int32 (salient positions packed as +1), fp16 scales per
-row/group, and the salient part as int8/16 codes + fp16 per-row scale and zero + positions,
-as a bitmap or a CSR column list (uint16), whichever stores fewer bits for the layer.
+row/group, and the salient part as k-bit codes + fp16 per-row scale and zero + positions,
+as a bitmap or a CSR column list (uint16), whichever stores fewer bits for the layer. The codes
+are stored as uint8 (k = 8), int16 (k = 16) or, for any other k, back to back in an int32 bit
+stream (k bits each); the kernels read bytes / int16, so a stream is unpacked once per layer
+(`derived`), not stored twice.
 """
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ from qat.methods.base import Method, check_group_size, check_ste_clip
 from qat.ptq.gptq import GPTQResult, PartialBinaryQuantizer
 from qat.quant.binarize import binarize_ste, optimal_alpha, rescale_to_alpha
 from qat.quant.bits import tensor_bits
+from qat.quant.kbit import pack_code_stream, unpack_code_stream
 from qat.quant.packing import pack_bits, packed_words
 from qat.quant.salient import (
     dequantize_kbit_rows,
@@ -33,6 +37,13 @@ from qat.quant.salient import (
 )
 
 SALIENT_NONE, SALIENT_CSR, SALIENT_BITMAP = 0, 1, 2
+NATIVE_CODE_BITS = (8, 16)  # k whose codes are stored one per uint8 / int16; any other k: a bit stream
+
+
+def kernel_code_dtype(bits: int) -> torch.dtype:
+    """The dtype the binary_gemm kernels read salient codes in (int16 holds 9..16-bit codes as
+    their two's-complement bit pattern)."""
+    return torch.uint8 if bits <= 8 else torch.int16
 
 
 def salient_position_bits(out_f: int, in_f: int, nnz: int) -> dict[int, int]:
@@ -40,6 +51,11 @@ def salient_position_bits(out_f: int, in_f: int, nnz: int) -> dict[int, int]:
     bitmap = one bit per weight + int32 row pointers (offsets into the value list)."""
     row_ptr = (out_f + 1) * 32
     return {SALIENT_CSR: nnz * 16 + row_ptr, SALIENT_BITMAP: out_f * packed_words(in_f) * 32 + row_ptr}
+
+
+def salient_count(packed: dict[str, Tensor]) -> int:
+    """How many salient weights a packed layer holds (its row pointers' last entry)."""
+    return int(packed["salient_row_ptr"][-1]) if "salient_row_ptr" in packed else 0
 
 
 @dataclass
@@ -135,19 +151,30 @@ class PartialBinary(Method):
         row_ptr = torch.zeros(out_f + 1, dtype=torch.int32, device=latent.device)
         row_ptr[1:] = torch.cumsum(mask.sum(dim=1), 0).to(torch.int32)
         positions = pack_bits(mask) if fmt == SALIENT_BITMAP else cols.to(torch.int32).to(torch.int16)
-        code_dtype = torch.uint8 if self.salient_bits <= 8 else torch.int16
+        codes = buffers["salient_codes"][rows, cols].to(torch.int32)
         packed.update({
             "salient_format": torch.tensor(fmt, dtype=torch.uint8),
             "salient_row_ptr": row_ptr,
             "salient_positions": positions,
-            # int16 holds 9..16-bit codes as their two's-complement bit pattern
-            "salient_codes": buffers["salient_codes"][rows, cols].to(torch.int32).to(code_dtype),
             "salient_scale": buffers["salient_scale"].to(torch.float16),
             "salient_zero": buffers["salient_zero"].to(torch.float16),
         })
+        if self.salient_bits in NATIVE_CODE_BITS:
+            packed["salient_codes"] = codes.to(kernel_code_dtype(self.salient_bits))
+        else:  # k bits per code, not a byte: what bits.weight counts is what is stored
+            packed["salient_code_stream"] = pack_code_stream(codes, self.salient_bits)
         return packed
 
+    def derived(self, packed: dict[str, Tensor], in_features: int) -> dict[str, Tensor]:
+        """The salient codes one per uint8 / int16, as the kernels read them, from a stored stream."""
+        if "salient_code_stream" not in packed:
+            return {}
+        codes = unpack_code_stream(packed["salient_code_stream"], self.salient_bits, salient_count(packed))
+        return {"salient_codes": codes.to(torch.int32).to(kernel_code_dtype(self.salient_bits))}
+
     def packed_linear(self, x: Tensor, packed: dict[str, Tensor], in_features: int) -> Tensor:
+        if "salient_code_stream" in packed and "salient_codes" not in packed:
+            packed = {**packed, **self.derived(packed, in_features)}  # PackedLinear hands them derived
         fmt = int(packed["salient_format"]) if "salient_format" in packed else SALIENT_NONE
         return ops.binary_gemm(
             x, packed["signs"], packed["scales"], in_features, fmt,
@@ -163,7 +190,7 @@ class PartialBinary(Method):
         """1 bit per binary weight + k per salient weight + every stored scale/zero point;
         the positions (bitmap or CSR) are left out, as PB-LLM's paper leaves them out."""
         n = out_features * in_features
-        nnz = int(packed["salient_codes"].numel()) if "salient_codes" in packed else 0
+        nnz = salient_count(packed)
         scale_bits = tensor_bits(packed[k] for k in ("scales", "salient_scale", "salient_zero") if k in packed)
         return (n - nnz) + nnz * self.salient_bits + scale_bits
 

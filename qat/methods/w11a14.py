@@ -28,9 +28,23 @@ from qat.ptq.gptq import GroupedBinaryQuantizer
 from qat.quant.activations import bit_planes, fake_quant_act, int4_per_token
 from qat.quant.bits import tensor_bits
 from qat.quant.grouping import gather_scales, two_level_em
-from qat.quant.packing import pack_bits
+from qat.quant.packing import pack_bits, unpack_bits
 
 MAX_SCALES_PER_ROW = 256  # group ids (block·groups + bit) are uint8 buffers
+
+
+def row_block_weight_sums(signs: Tensor, group_planes: Tensor, scales: Tensor, groups: int,
+                          in_features: int) -> Tensor:
+    """Σ_j ŵ_nj per row-block [out, blocks] from the packed form: ŵ = ±alpha[n, block·groups + bit],
+    summed in fp32 over the same values in the same order as the fake-quant weight's block sums."""
+    out = signs.shape[0]
+    nb = scales.shape[1] // groups
+    positive = unpack_bits(signs, in_features)
+    bit = (unpack_bits(group_planes[0], in_features).long() if groups == 2
+           else torch.zeros(out, in_features, dtype=torch.long, device=signs.device))
+    block_index = torch.arange(in_features, device=signs.device) // (in_features // nb)
+    w = torch.where(positive, 1.0, -1.0) * gather_scales(scales.float(), block_index[None, :] * groups + bit)
+    return w.reshape(out, nb, -1).sum(-1)
 
 
 @dataclass
@@ -100,16 +114,23 @@ class TwoScaleBinary(DynamicGrouping):
 
     @torch.no_grad()
     def pack(self, latent: Tensor, buffers: dict[str, Tensor]) -> dict[str, Tensor]:
-        """Sign plane, one group plane (the bit; the block is the column's), fp16 scales
-        [out, blocks·groups], and Σ_j ŵ_nj per row-block (the bit-serial product's zero-point term)."""
+        """Sign plane, one group plane (the bit; the block is the column's) and fp16 scales
+        [out, blocks·groups]. The bit-serial op's zero-point term Σ_j ŵ_nj is a function of these,
+        so it is derived when the layer is used (`derived`), not stored."""
         ids = buffers["group_ids"].long()
         signs = pack_bits(latent >= 0)
         planes = [pack_bits((ids % 2).bool())] if self.groups == 2 else []
         scales = self.scales(latent.float(), ids).to(torch.float16)
-        w = torch.where(latent >= 0, 1.0, -1.0) * gather_scales(scales.float(), ids)
-        nb = self.n_blocks(latent.shape[1])
         return {"signs": signs, "group_planes": torch.stack(planes) if planes else signs.new_empty(0, *signs.shape),
-                "scales": scales, "wsum": w.reshape(w.shape[0], nb, -1).sum(-1)}
+                "scales": scales}
+
+    def derived(self, packed: dict[str, Tensor], in_features: int) -> dict[str, Tensor]:
+        """wsum [out, blocks] = Σ_j ŵ_nj per row-block, which only the INT4 bit-serial path reads
+        (exports written before it was derived store it: used as stored)."""
+        if self.act_bits != 4 or "wsum" in packed:
+            return {}
+        return {"wsum": row_block_weight_sums(packed["signs"], packed["group_planes"], packed["scales"],
+                                              self.groups, in_features)}
 
     def packed_linear(self, x: Tensor, packed: dict[str, Tensor], in_features: int) -> Tensor:
         """The packed ops per row-block of columns (one call when the scales are per row)."""
@@ -130,6 +151,8 @@ class TwoScaleBinary(DynamicGrouping):
         lead = x.shape[:-1]
         q, s, z = int4_per_token(x.reshape(-1, in_features), clip)
         xplanes = bit_planes(q)
+        if "wsum" not in packed:  # called on the stored tensors alone (PackedLinear hands it derived)
+            packed = {**packed, **self.derived(packed, in_features)}
         wsum = packed["wsum"].reshape(signs.shape[0], nb)
         y = 0
         for b in range(nb):

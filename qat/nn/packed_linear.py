@@ -10,6 +10,13 @@ from qat.quant.activations import fake_quant_act
 from qat.quant.bits import tensor_bits
 
 
+def _version(t: Tensor) -> int:
+    try:
+        return t._version
+    except RuntimeError:  # made under torch.inference_mode: no version counter (and read-only outside it)
+        return -1
+
+
 class PackedLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, method: Method,
                  packed: dict[str, Tensor], bias: Tensor | None = None):
@@ -22,16 +29,31 @@ class PackedLinear(nn.Module):
         # 0 elements under the plain weight's name: transformers without qat refuses the export
         # loudly (size mismatch) instead of filling the layer with random weights (qat/hf.py)
         self.register_buffer("weight", torch.empty(0, device=next(iter(packed.values())).device))
+        self._derived: dict[str, Tensor] = {}
+        self._derived_from: tuple | None = None
 
     def packed(self) -> dict[str, Tensor]:
+        """The stored tensors (what the export holds and the bits count)."""
         return {name: getattr(self, name) for name in self.packed_names}
+
+    def kernel_tensors(self) -> dict[str, Tensor]:
+        """The stored tensors plus those the method derives from them (Method.derived), derived on
+        first use, not at construction: transformers builds the layer with empty tensors and loads
+        the stored ones afterwards. Derived again only when a stored tensor changes (loaded in
+        place, moved to another device): the key is each tensor's storage and version."""
+        packed = self.packed()
+        key = tuple((t.device, t.data_ptr(), _version(t)) for t in packed.values())
+        if key != self._derived_from:
+            self._derived = self.method.derived(packed, self.in_features)
+            self._derived_from = key
+        return {**packed, **self._derived}
 
     def forward(self, x: Tensor) -> Tensor:
         if "input_scale" in self.packed_names:  # smoothing's per-channel factor (fp16)
             x = x / self.input_scale.to(x.dtype)
         if self.method.act_bits < 16 and not self.method.packs_activations:
             x = fake_quant_act(x, self.method.act_bits, self.act_clip)  # real per-token INT-k values
-        y = self.method.packed_linear(x, self.packed(), self.in_features)
+        y = self.method.packed_linear(x, self.kernel_tensors(), self.in_features)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def storage_bits(self) -> int:

@@ -8,7 +8,9 @@ error of the *quantized* layers (the method's data-free weights, its INT-k input
 "no smoothing" is always a candidate. Where a norm feeds the group (Llama: input_layernorm ->
 q/k/v, post_attention_layernorm -> gate/up) 1/s is folded into the norm's weight (and bias); else
 (o_proj, down_proj) the linear keeps s as an explicit per-channel `input_scale` (fp16, counted in
-its storage bits). The loop is the calibration engine's: one decoder layer at a time.
+its storage bits). A linear in `quantize.skip` that reads a smoothed norm's output is left out of
+the search but still gets W·s, since it reads x/s too (it stays fp, so this is exact). The loop is
+the calibration engine's: one decoder layer at a time.
 """
 from __future__ import annotations
 
@@ -37,6 +39,21 @@ SMOOTH_GROUPS: dict[str, list[tuple[str | None, list[str]]]] = {
     "opt": [("self_attn_layer_norm", ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]),
             (None, ["self_attn.out_proj"]), ("final_layer_norm", ["fc1"]), (None, ["fc2"])],
 }
+
+
+def layer_groups(spec: list[tuple[str | None, list[str]]], layer_prefix: str,
+                 skip: list[str]) -> list[tuple[str | None, list[str], list[str]]]:
+    """(norm, the linears searched on: the quantized ones, every linear that reads the group's
+    input) per group of one decoder layer, leaving out groups with no quantized linear. A linear is
+    skipped when a `skip` entry is part of its full name."""
+    out = []
+    for norm, readers in spec:
+        # without a norm, s becomes one linear's explicit input_scale: such a group is that linear alone
+        assert norm is not None or len(readers) == 1, readers
+        quantized = [n for n in readers if not any(s in f"{layer_prefix}.{n}" for s in skip)]
+        if quantized:
+            out.append((norm, quantized, readers))
+    return out
 
 
 def smoothing_factors(act_absmax: Tensor, weight_absmax: Tensor, strength: float) -> Tensor:
@@ -113,12 +130,10 @@ def smooth_model(model: nn.Module, calib: Tensor, method: Method, skip: list[str
     explicit: dict[str, Tensor] = {}
     rows: list[dict] = []
     for li, layer in enumerate(tqdm(layers, desc="smooth layers", leave=False)):
-        groups = [(norm, [n for n in names if not any(s in f"{prefix}.{li}.{n}" for s in skip)])
-                  for norm, names in SMOOTH_GROUPS[model_type]]
-        groups = [(norm, names) for norm, names in groups if names]
-        stats = {names[0]: _InputStats(keep) for _, names in groups}
+        groups = layer_groups(SMOOTH_GROUPS[model_type], f"{prefix}.{li}", skip)
+        stats = {names[0]: _InputStats(keep) for _, names, _ in groups}
         feed_inputs(layer, {layer.get_submodule(n): st for n, st in stats.items()}, inputs, kwargs)
-        for norm_name, names in groups:
+        for norm_name, names, readers in groups:
             st = stats[names[0]]
             linears = [layer.get_submodule(n) for n in names]
             a, s, errors = best_smoothing(torch.cat(st.rows), st.absmax, [lin.weight.float() for lin in linears],
@@ -126,7 +141,8 @@ def smooth_model(model: nn.Module, calib: Tensor, method: Method, skip: list[str
             rows.append({"layer": f"{prefix}.{li}", "linears": names, "strength": a, "errors": errors})
             if s is None:
                 continue
-            for lin in linears:
+            for reader in readers:  # skipped readers too: all of them see x/s
+                lin = layer.get_submodule(reader)
                 lin.weight.mul_(s.to(lin.weight.dtype))
             if norm_name is not None:
                 norm = layer.get_submodule(norm_name)

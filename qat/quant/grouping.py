@@ -256,20 +256,40 @@ def gather_scales(scales: Tensor, ids: Tensor) -> Tensor:
     return torch.gather(scales.expand(ids.shape[0], -1), 1, ids)
 
 
+EM_INIT_QUANTILES = (0.25, 0.75)  # the two levels start at these magnitude quantiles of the row
+
+
+def row_quantiles(x: Tensor, qs: tuple[float, ...]) -> Tensor:
+    """Quantiles of each row of x [rows, n] -> [rows, len(qs)], linearly interpolated (torch.quantile's
+    default) but through a sort, which has no size limit (torch.quantile refuses > 2^24 elements)."""
+    ordered = x.sort(dim=1).values
+    pos = torch.tensor(qs, dtype=torch.float64, device=x.device) * (x.shape[1] - 1)
+    lo = pos.floor().long()
+    hi = (lo + 1).clamp(max=x.shape[1] - 1)
+    frac = (pos - lo).to(x.dtype)
+    return ordered[:, lo] + frac * (ordered[:, hi] - ordered[:, lo])
+
+
 def two_level_em(mag: Tensor, weight: Tensor | None = None, iters: int = 10) -> tuple[Tensor, Tensor, list[Tensor]]:
     """W(1+1)'s weight code (methods.md §6): per row of `mag` = |w| [rows, n], two levels
     alpha_0 <= alpha_1 and a bit per weight, minimising sum_j h_j·(|w_j| − alpha_{g_j})² with
     h = `weight` [n] (the calibration Hessian's diagonal; None: 1). Lloyd/EM: assign each weight to
     the nearer level, set each level to the h-weighted mean of its members; the objective never
-    increases. Returns (bits bool [rows, n], levels [rows, 2], objective per iteration [rows])."""
+    increases. The levels start at the row's 1/4 and 3/4 quantiles of |w| (as methods.md says: a
+    start at fractions of the mean puts the split near the mean, which one outlier drags far up).
+    Runs until no assignment changes (a fixed point: more iterations change nothing), at most
+    `iters` times. Returns (bits bool [rows, n], levels [rows, 2], objective per iteration [rows])."""
     m = mag.double()
     h = torch.ones(m.shape[1], dtype=m.dtype, device=m.device) if weight is None else weight.double().clamp_min(0)
     h = h.expand_as(m)
-    mean = (h * m).sum(1) / h.sum(1).clamp_min(1e-30)
-    levels = torch.stack([0.5 * mean, 1.5 * mean], dim=1)
-    history = []
+    levels = row_quantiles(m, EM_INIT_QUANTILES)
+    history: list[Tensor] = []
+    previous = None
     for _ in range(max(int(iters), 1)):
         bits = m > levels.mean(dim=1, keepdim=True)
+        if previous is not None and torch.equal(bits, previous):
+            break  # the levels below would be the ones already computed from these bits
+        previous = bits
         for k, member in enumerate((~bits, bits)):
             wsum = (h * member).sum(1)
             new = (h * m * member).sum(1) / wsum.clamp_min(1e-30)

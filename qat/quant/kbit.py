@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from qat.quant.packing import pack_bits, unpack_bits
+
 
 def range_params(lo: Tensor, hi: Tensor, bits: int) -> tuple[Tensor, Tensor]:
     """Asymmetric scale and zero point for values in [lo, hi], so q = round(w/s) + z.
@@ -62,6 +64,23 @@ def unpack_codes(packed: Tensor, bits: int, in_features: int) -> Tensor:
     shifts = torch.arange(per, device=packed.device, dtype=torch.int64) * bits
     c = (packed.to(torch.int64).unsqueeze(-1) >> shifts) & (2**bits - 1)
     return c.reshape(packed.shape[0], -1)[:, :in_features]
+
+
+def pack_code_stream(codes: Tensor, bits: int) -> Tensor:
+    """Unsigned codes [n] (each < 2^bits) -> int32 [ceil(n·bits / 32)]: the codes' bits back to
+    back, LSB first (code i in stream bits i·bits .. i·bits + bits − 1; stream bit t in bit t % 32 of
+    word t // 32), so n codes take n·bits bits plus < 32 of padding, whatever `bits` is (pack_codes
+    keeps whole codes in a word: 4 codes of 7 bits per int32 store 8 bits each)."""
+    shifts = torch.arange(bits, device=codes.device, dtype=torch.int64)
+    stream = (codes.reshape(-1).to(torch.int64)[:, None] >> shifts) & 1
+    return pack_bits(stream.reshape(-1).bool())
+
+
+def unpack_code_stream(words: Tensor, bits: int, n: int) -> Tensor:
+    """int32 stream -> int64 codes [n] (the inverse of pack_code_stream)."""
+    shifts = torch.arange(bits, device=words.device, dtype=torch.int64)
+    stream = unpack_bits(words, n * bits).reshape(n, bits).to(torch.int64)
+    return (stream << shifts).sum(dim=-1)
 
 
 # -- symmetric per-row k-bit (the quantized embedding / head; ggml's Q8_0 / Q4_0 hold it exactly) --
