@@ -298,7 +298,8 @@ def _natural(s: str) -> list:
 
 # -- metadata ------------------------------------------------------------------------------------
 def llama_metadata(cfg: dict[str, Any]) -> dict[str, Any]:
-    """The `llama.*` keys llama.cpp reads, from a transformers LlamaConfig dict."""
+    """The `llama.*` keys llama.cpp reads, from a transformers LlamaConfig dict, named as
+    GGUFWriter's add_<name> methods."""
     heads = cfg["num_attention_heads"]
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
     rope = cfg.get("rope_parameters") or {}
@@ -413,19 +414,8 @@ def write_gguf(path: Path, out: Path | None = None, float_type: str = "auto", pr
     try:
         writer = gguf.GGUFWriter(str(tmp), "llama")
         writer.add_name(str(src.config.get("qat_model_name") or src.folder.name))
-        meta = llama_metadata(src.config)
-        writer.add_context_length(meta["context_length"])
-        writer.add_embedding_length(meta["embedding_length"])
-        writer.add_block_count(meta["block_count"])
-        writer.add_feed_forward_length(meta["feed_forward_length"])
-        writer.add_head_count(meta["head_count"])
-        writer.add_head_count_kv(meta["head_count_kv"])
-        writer.add_rope_freq_base(meta["rope_freq_base"])
-        writer.add_layer_norm_rms_eps(meta["layer_norm_rms_eps"])
-        writer.add_rope_dimension_count(meta["rope_dimension_count"])
-        writer.add_key_length(meta["key_length"])
-        writer.add_value_length(meta["value_length"])
-        writer.add_vocab_size(meta["vocab_size"])
+        for key, value in llama_metadata(src.config).items():  # each key is a GGUFWriter.add_<key>
+            getattr(writer, f"add_{key}")(value)
         writer.add_file_type(file_type(tensors))
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         tokenizer = add_tokenizer(writer, src, pre)
