@@ -39,7 +39,9 @@ def _cpu_ext(op: str):
     _CALLS[f"{op}/" + (f"cpu-{cpu_isa_name(ext)}" if ext is not None else "reference")] += 1
     return ext
 
-GEMV_MAX_M = 2  # above this the CUDA path dequantizes to fp16 and uses cuBLAS (H100: GEMV wins at M<=2)
+# above this the CUDA path dequantizes the weight to fp16 and multiplies with cuBLAS (in fp32 unless the
+# activations are fp16); up to it the GEMV kernels take fp16 activations (H100: GEMV wins at M<=2)
+GEMV_MAX_M = 2
 GEMV_TILE_M = 8  # the GEMV kernel takes up to 8 tokens per launch
 # M = 1 kernel: "signflip" (measured on H100, the default) or "lut" (lookup tables: fewer
 # instructions per weight, not yet measured on a GPU; docs/kernels.md). QAT_GEMV_ALGO picks.
@@ -98,13 +100,12 @@ def _binary_gemm_cuda(x, signs, scales, in_features, salient_format, row_ptr, po
     ext = extension_or_none()
     lead = x.shape[:-1]
     x2 = x.reshape(-1, in_features)
-    if ext is None:
-        y = reference.binary_gemm(x2, signs, scales, in_features, salient_format, row_ptr,
-                                  positions, codes, sal_scale, sal_zero)
-        return y.reshape(*lead, signs.shape[0])
-    n_words = signs.shape[1]
-    words_per_group = n_words // scales.shape[1] if in_features % (32 * scales.shape[1]) == 0 else 0
-    if words_per_group == 0:  # groups not aligned to 32 columns: the kernels index by word
+    n_words, groups = signs.shape[1], scales.shape[1]
+    # the kernels index scales by 32-column word: one scale per row always fits (the padding
+    # columns meet zero activations); groups must be whole words
+    words_per_group = n_words if groups == 1 else n_words // groups if in_features % (32 * groups) == 0 else 0
+    if ext is None or words_per_group == 0:
+        _CALLS["binary_gemm/reference"] += 1
         y = reference.binary_gemm(x2, signs, scales, in_features, salient_format, row_ptr,
                                   positions, codes, sal_scale, sal_zero)
         return y.reshape(*lead, signs.shape[0])
@@ -112,13 +113,23 @@ def _binary_gemm_cuda(x, signs, scales, in_features, salient_format, row_ptr, po
     sal = [t if t is not None else empty for t in (row_ptr, positions, codes, sal_scale, sal_zero)]
     m = x2.shape[0]
     if m <= GEMV_MAX_M:
+        _CALLS["binary_gemm/cuda-gemv"] += 1
         y = torch.cat([_gemv(ext, x2[i: i + GEMV_TILE_M], signs, scales, in_features,
                              words_per_group, salient_format, sal)
                        for i in range(0, m, GEMV_TILE_M)])
     else:
+        _CALLS["binary_gemm/cuda-dequant-mm"] += 1
         w = ext.binary_dequant(signs, scales, words_per_group, salient_format, *sal)
-        y = x2.to(torch.float16) @ w[:, :in_features].t()
+        y = dense_product(x2, w[:, :in_features])
     return y.to(x.dtype).reshape(*lead, signs.shape[0])
+
+
+def dense_product(x2: Tensor, w16: Tensor) -> Tensor:
+    """x · Wᵀ with W dequantized to fp16 by a kernel: in fp16 only for fp16 inputs, else in fp32,
+    so that fp32 / bf16 activations are neither rounded to fp16 (nor overflow it) and the result
+    does not depend on the device (the CPU paths compute in fp32)."""
+    dtype = torch.float16 if x2.dtype == torch.float16 else torch.float32
+    return x2.to(dtype) @ w16.to(dtype).t()
 
 
 def _gemv(ext, x2, signs, scales, in_features, words_per_group, salient_format, sal):
@@ -154,8 +165,8 @@ def _(planes, signs, gbits, scales, wsum, xs, xz):
 
 @w1a1x4_gemm.register_kernel("cuda")
 def _w1a1x4_cuda(planes, signs, gbits, scales, wsum, xs, xz):
-    _CALLS["w1a1x4_gemm/cuda"] += 1
     ext = extension_or_none()
+    _CALLS["w1a1x4_gemm/" + ("cuda" if ext is not None else "reference")] += 1
     if ext is None:
         return reference.w1a1x4_gemm(planes, signs, gbits, scales, wsum, xs, xz)
     return ext.w1a1x4_gemm(planes.contiguous(), signs, gbits, scales.to(torch.float16).contiguous(),
@@ -194,18 +205,21 @@ def _grouped_binary_gemm_cuda(x, signs, group_planes, scales, in_features):
     lead = x.shape[:-1]
     x2 = x.reshape(-1, in_features)
     if ext is None:
+        _CALLS["grouped_binary_gemm/reference"] += 1
         y = reference.grouped_binary_gemm(x2, signs, group_planes, scales, in_features)
         return y.reshape(*lead, signs.shape[0])
     m, n_words = x2.shape[0], signs.shape[1]
     planes, sc = group_planes.contiguous(), scales.to(torch.float16).contiguous()
     if m <= GEMV_MAX_M:
+        _CALLS["grouped_binary_gemm/cuda-gemv"] += 1
         # fp32 activations and sums: the scale lookup is exact, so is the product up to fp32
         xf = torch.zeros(m, n_words * 32, dtype=torch.float32, device=x.device)
         xf[:, :in_features] = x2
         y = ext.grouped_binary_gemv(xf, signs, planes, sc)
     else:
+        _CALLS["grouped_binary_gemm/cuda-dequant-mm"] += 1
         w = ext.grouped_binary_dequant(signs, planes, sc)  # sign·alpha is exact in fp16
-        y = x2.to(torch.float16) @ w[:, :in_features].t()
+        y = dense_product(x2, w[:, :in_features])
     return y.to(x.dtype).reshape(*lead, signs.shape[0])
 
 
