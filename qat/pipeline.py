@@ -127,7 +127,8 @@ def check_checkpoint(path: str, method: Any = None) -> None:
         if record["name"] != method.name:
             raise QATError(f"ckpt_path={path!r} was written by method={record['name']}; this run is "
                            f"method={method.name}: resume with method={record['name']} or drop ckpt_path")
-        changed = {k: (saved.get(k), v) for k, v in params.items() if saved.get(k) != v}
+        # settings the checkpoint does not record (added to the method later) are not compared
+        changed = {k: (saved[k], v) for k, v in params.items() if k in saved and saved[k] != v}
         if changed:
             raise QATError(f"ckpt_path={path!r} was written with other method settings: " + ", ".join(
                 f"method.{k}={old!r} there, {new!r} here" for k, (old, new) in sorted(changed.items())))
@@ -202,8 +203,9 @@ def print_table(results: dict[str, Any]) -> str:
          " / ".join(f"{v:.0f}" for v in results["seconds"].values())),
         *([("calibrated layers / rtn fallback", " / ".join(str(v) for v in results["calibration"].values()))]
           if "calibration" in results else []),
-        *([("gguf bits / MB", f"{results['gguf']['bits_per_weight']:.3f} / {results['gguf']['bytes'] / 1e6:.1f}")]
-          if "bits_per_weight" in results.get("gguf", {}) else []),
+        *([("gguf bits / MB", f"{results['gguf']['bits_per_weight']:.3f} / {results['gguf']['bytes'] / 1e6:.1f}"
+            if "bits_per_weight" in results["gguf"] else f"not written: {results['gguf']['error']}")]
+          if "gguf" in results else []),
         ("status", results["status"]),
     ]
     width = max(len(k) for k, _ in rows)
@@ -232,12 +234,16 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     gptq_block = int(cfg.init.get("block_size", 128)) if cfg.init.name == "gptq_hessian" else None
     for name, lin in quantizable_linears(model, skip):  # shape checks: before the run folder exists
         method.check_layer(name, lin.out_features, lin.in_features, gptq_block)
+    # the GGUF is written from the export folder: export.gguf=true writes it too (method=fp16 included)
     write_export = method.quantizes if cfg.export.get("folder") is None else bool(cfg.export.folder)
     if cfg.export.get("gguf"):  # what llama.cpp cannot hold fails now, not after training
-        if not write_export:
+        if cfg.export.get("folder") is False:
             raise QATError("export.gguf=true is written from the export folder: drop export.folder=false")
-        gguf_export.check_method(method.name, dataclasses.asdict(method))
-        gguf_export.check_architecture(model.config.to_dict())
+        write_export = True
+        gguf_export.check_run(method.name, dataclasses.asdict(method), model.config.to_dict(),
+                              {n: lin.in_features for n, lin in quantizable_linears(model, skip)}, emb_fmt,
+                              None if cfg.model.get("source") == "embedded" else loaded.tokenizer,
+                              cfg.export.get("gguf_pre"))
 
     L.seed_everything(int(cfg.seed), workers=True)
     seconds = {"calibrate": 0.0, "reconstruct": 0.0, "train": 0.0, "eval": 0.0}
@@ -376,17 +382,18 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     bits["model"] = model_bits(export_tensors(model, emb_fmt), n_params)
 
     if write_export:
-        save_export(model, run_dir / "export", loaded.name, loaded.tokenizer, embedding=emb_record)
+        save_export(model, run_dir / "export", loaded.name, loaded.tokenizer, embedding=emb_record,
+                    model_source=str(cfg.model.get("source", "embedded")))
     gguf = None
     if cfg.export.get("gguf"):
         try:
-            report = gguf_export.write_gguf(run_dir, run_dir / "model.gguf")
+            report = gguf_export.write_gguf(run_dir, run_dir / "model.gguf", pre=cfg.export.get("gguf_pre"))
             print(gguf_export.summary_table(report), flush=True)
             gguf = {"file": "model.gguf", "bytes": report["bytes"], "bits_per_weight": report["bits_per_weight"],
                     "types": gguf_export.type_shares(report)}
-        except QATError as e:  # after training: keep the run and its export, say what failed
+        except Exception as e:  # after training: keep the run and its export, say what failed
             log.error("model.gguf not written: %s", e)
-            gguf = {"error": str(e)}
+            gguf = {"error": f"{type(e).__name__}: {e}" if not isinstance(e, QATError) else str(e)}
     seconds["total"] = time.time() - started
     results = {
         "method": method.name, "init": init_name, "model": loaded.name,

@@ -118,11 +118,14 @@ def test_llama_cpp_computes_the_fp_model_exactly(tmp_path):
     ("rtn_binary", {}, "fp16", dict(WIDE, hidden_size=192, intermediate_size=320, num_heads=3, num_kv_heads=1),
      {"Q4_0", "F16", "F32"}),  # rows of 192: ±d as Q4_0
     ("gptq", dict(bits=4, group_size=32), "int8", WIDE, {"Q4_1", "Q8_0", "F32"}),
+    ("rtn_binary", {}, "int8", dict(WIDE, tied=False), {"Q1_0", "Q8_0", "F32"}),  # output.weight: its own Q8_0
+    ("rtn_binary", {}, "fp16", dict(WIDE, tied=False), {"Q1_0", "F16", "F32"}),
 ])
 def test_llama_cpp_runs_the_packed_model(method, params, embedding, dims, types, tmp_path):
     ours = packed_tiny(method, params, embedding, dims, tmp_path)
     report = write_gguf(tmp_path / "export", tmp_path / "m.gguf")
     assert {t["type"] for t in report["tensors"]} == types
+    assert ("output.weight" in {t["name"] for t in report["tensors"]}) == (dims.get("tied") is False)
     exact = [t for t in report["tensors"] if t["type"] in ("Q1_0", "Q4_0", "Q8_0", "F16", "F32")]
     assert all(t["max_abs_change"] == 0 for t in exact)
     assert report["bytes"] == (tmp_path / "m.gguf").stat().st_size
@@ -158,7 +161,55 @@ def test_what_ggml_cannot_hold_is_one_clear_error_and_no_file(method, params, sa
     with pytest.raises(QATError, match=says) as e:
         write_gguf(tmp_path / "export", tmp_path / "m.gguf")
     assert f"method={method}" in str(e.value) and "\n" not in str(e.value)
-    assert not list(tmp_path.glob("m.gguf*"))
+
+
+def test_a_failure_while_writing_leaves_no_file(tmp_path, monkeypatch):
+    packed_tiny("rtn_binary", {}, "int8", WIDE, tmp_path)
+
+    def disk_full(self, *a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", disk_full)
+    with pytest.raises(QATError, match="could not write .*m.gguf: No space left on device"):
+        write_gguf(tmp_path / "export", tmp_path / "m.gguf")
+    assert not [p.name for p in tmp_path.iterdir() if p.name != "export"]  # neither the file nor a temp one
+
+
+def test_byte_level_bpe_tokenizer_keys_by_hand():
+    from qat.export.gguf import bpe_tokenizer_keys
+
+    tok = {"model": {"type": "BPE", "vocab": {"a": 0, "b": 1, "ab": 2}, "merges": [["a", "b"]]},
+           "decoder": {"type": "ByteLevel"}, "pre_tokenizer": {"type": "ByteLevel", "use_regex": True},
+           "added_tokens": [{"id": 3, "content": "<s>", "special": True}, {"id": 4, "content": "</s>", "special": True}],
+           "post_processor": {"type": "TemplateProcessing", "single": [{"SpecialToken": {"id": "<s>", "type_id": 0}},
+                                                                       {"Sequence": {"id": "A", "type_id": 0}}]}}
+    keys = bpe_tokenizer_keys(tok, {"eos_token": "</s>"}, 7, None)
+    assert keys["tokens"] == ["a", "b", "ab", "<s>", "</s>", "[PAD5]", "[PAD6]"]  # padded to the embedding's rows
+    assert keys["types"] == [1, 1, 1, 3, 3, 5, 5]
+    assert keys["merges"] == ["a b"] and keys["pre"] == "gpt2"
+    assert (keys["bos"], keys["eos"], keys["add_bos"]) == (3, 4, True)  # BOS from the post-processor's template
+    with pytest.raises(QATError, match="--pre NAME"):
+        bpe_tokenizer_keys(dict(tok, pre_tokenizer={"type": "Sequence"}), {"eos_token": "</s>"}, 7, None)
+    with pytest.raises(QATError, match="no end-of-text token"):
+        bpe_tokenizer_keys(tok, {}, 7, None)
+    with pytest.raises(QATError, match="only 4 rows"):
+        bpe_tokenizer_keys(tok, {"eos_token": "</s>"}, 4, None)
+
+
+@pytest.mark.slow
+def test_the_embedded_defaults_tokenizer_json_gives_its_ggufs_vocabulary():
+    """An independent oracle for the tokenizer.json path: the embedded default's tokenizer.json
+    (transformers' conversion of its GGUF) must give back the GGUF's own tokens, types and merges."""
+    from qat.export.gguf import tokenizer_files_keys
+    from qat.models.load import embedded_default_dir, embedded_default_gguf
+
+    reader = gguf.GGUFReader(str(embedded_default_gguf()))
+    field = lambda k: reader.fields[k].contents()  # noqa: E731
+    keys = tokenizer_files_keys(embedded_default_dir(), 49152, "smollm")
+    assert keys["tokens"] == field("tokenizer.ggml.tokens")
+    assert keys["types"] == field("tokenizer.ggml.token_type")
+    assert keys["merges"] == field("tokenizer.ggml.merges")
+    assert keys["eos"] == field("tokenizer.ggml.eos_token_id")
 
 
 def test_the_command_line_says_what_is_wrong_in_one_line(tmp_path):
@@ -192,13 +243,23 @@ def test_a_run_with_export_gguf_writes_the_file_and_the_readme_snippet_runs_it(c
     res = subprocess.run([sys.executable, "-c", snippet.replace("outputs/.../model.gguf", str(tmp_path / "model.gguf"))],
                          capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-2000:]
-    assert res.stdout.strip()  # it printed the generated text
+    ours = load_export(tmp_path / "export")
+    prompt = list(b"The history of the city")
+    with torch.no_grad():
+        expected = ours.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False)[0, len(prompt):]
+    # llama.cpp's greedy text is the packed model's (the tiny model's bytes decoded)
+    assert res.stdout.rstrip("\n") == bytes(i for i in expected.tolist() if i < 256).decode("utf-8", "replace")
 
 
-def test_a_setting_ggml_cannot_hold_fails_before_training(compose, tmp_path):
+@pytest.mark.parametrize("overrides,says", [
+    (["salient_ratio=0.1"], "salient"),
+    (["method.group_size=16"], "groups of 16 are not whole ggml blocks of 32"),
+    (["export.folder=false"], "drop export.folder=false"),
+])
+def test_a_setting_ggml_cannot_hold_fails_before_training(overrides, says, compose, tmp_path):
     from qat.pipeline import run
 
-    cfg = compose(["experiment=q1_0", "debug=fast", "salient_ratio=0.1", f"hydra.run.dir={tmp_path / 'run'}"])
-    with pytest.raises(QATError, match="salient"):
+    cfg = compose(["experiment=q1_0", "debug=fast", f"hydra.run.dir={tmp_path / 'run'}"] + overrides)
+    with pytest.raises(QATError, match=says):
         run(cfg, tmp_path / "run")
     assert not (tmp_path / "run").exists()

@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from qat.errors import QATError
 
 log = logging.getLogger(__name__)
+PPL_CACHE_VERSION = 1  # bump when perplexity() changes what it measures: cached values are then not reused
 
 
 @torch.no_grad()
@@ -54,8 +55,11 @@ def cached_perplexity(model: nn.Module, tokens: torch.Tensor, seq_len: int, max_
     from qat.ptq.initializers import weights_fingerprint
 
     p = next(model.parameters())
-    blob = json.dumps([weights_fingerprint(model), hashlib.sha1(tokens.numpy().tobytes()).hexdigest(),
-                       seq_len, max_windows, str(p.dtype), p.device.type])
+    config = getattr(model, "config", None)
+    config = config.to_json_string() if hasattr(config, "to_json_string") else repr(config)
+    blob = json.dumps([PPL_CACHE_VERSION, weights_fingerprint(model), config,
+                       hashlib.sha1(tokens.numpy().tobytes()).hexdigest(), seq_len, max_windows, str(p.dtype),
+                       p.device.type])
     path = cache / f"{hashlib.sha1(blob.encode()).hexdigest()[:20]}.json"
     try:
         hit = json.loads(path.read_text())

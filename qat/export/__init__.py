@@ -82,7 +82,7 @@ def model_bits(tensors: dict[str, Tensor], n_parameters: int) -> float:
 
 
 def save_export(model: nn.Module, out_dir: Path, model_name: str, tokenizer: Any = None,
-                embedding: dict | None = None) -> Path:
+                embedding: dict | None = None, model_source: str | None = None) -> Path:
     """Write model.safetensors + config.json (+ the tokenizer's files, when it has them) to a temp
     folder, then rename it to out_dir. The config's quantization_config lists every packed
     tensor's shape and dtype, so that transformers can build the layers before loading (qat/hf.py).
@@ -106,6 +106,8 @@ def save_export(model: nn.Module, out_dir: Path, model_name: str, tokenizer: Any
     if qcfg:
         config["quantization_config"] = qcfg
     config["qat_model_name"] = model_name
+    if model_source:  # embedded | hf | tiny: the GGUF export takes the embedded default's tokenizer from its GGUF
+        config["qat_model_source"] = model_source
     with atomic_dir(out_dir) as tmp:
         save_file(export_tensors(model, embedding["format"]), str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config, indent=1, default=str))
@@ -127,6 +129,7 @@ def load_export(export_dir: Path, device: str = "cpu") -> nn.Module:
         raw = json.loads(cfg_path.read_text())
         qcfg = raw.pop("quantization_config", None)
         raw.pop("qat_model_name", None)
+        raw.pop("qat_model_source", None)
         config = AutoConfig.for_model(**raw)
         # built for real (not on meta) so non-persistent buffers such as rotary frequencies
         # are computed by the architecture's own code

@@ -2,7 +2,7 @@
 
 Each encoder takes integer codes and per-block fp16 scales and returns the bytes ggml reads,
 one row of blocks per matrix row ([rows, blocks · block_bytes], uint8). They are exact: the
-values llama.cpp dequantizes are the codes times the scales given, bit for bit.
+values llama.cpp dequantizes are the codes and the fp16 scales (and offsets) given, bit for bit.
 
   Q1_0  128 weights {fp16 d; uint8 qs[16]}            weight j = bit j%8 of qs[j/8]: 1 → +d, 0 → −d
   Q4_0   32 weights {fp16 d; uint8 qs[16]}            (q − 8)·d; j in the low nibble of qs[j], j+16 high

@@ -4,7 +4,7 @@
 
 RUN_DIR is a run folder (its export/ is read), an export folder, or a plain Hugging Face Llama
 folder (e.g. the fp model, for baselines). Every tensor is written in the most compact ggml type
-that holds what the packed layer stores *exactly*:
+that holds what the packed layer stores exactly (Q4_1's offset up to fp16 rounding, reported):
 
   binary weights (rtn_binary, pbllm_qat with salient_ratio=0), rows a multiple of 128  -> Q1_0
   binary weights whose rows are not (SmolLM2's 576): ±d as q = 9 / 7 of Q4_0            -> Q4_0
@@ -25,6 +25,7 @@ import json
 import os
 import re
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -147,6 +148,36 @@ def check_method(method: str, params: dict[str, Any]) -> None:
                        "method.smooth=false")
 
 
+def check_layer(name: str, in_features: int, group_size: int) -> None:
+    """Rows (in_features) and scale groups must be whole ggml blocks of 32 (Q4_0 / Q4_1; Q1_0 wants 128)."""
+    group = group_size or in_features
+    if in_features % 32 or group % 32:
+        raise QATError(f"{name}: rows of {in_features} with " + (f"groups of {group_size}" if group_size else
+                       "one scale per row") + " are not whole ggml blocks of 32 columns, so no ggml type holds "
+                       "them exactly" + ("; use method.group_size=0 or a multiple of 32" if group_size else ""))
+
+
+def check_run(method: str, params: dict[str, Any], model_config: dict[str, Any], layers: dict[str, int],
+              embedding: str, tokenizer: Any, pre: str | None = None) -> None:
+    """What export.gguf=true would refuse after training, checked before the run starts: the
+    architecture, the method, every quantized layer's shape (`layers`: name -> in_features), the
+    embedding's rows and the tokenizer (None: it comes from the source GGUF)."""
+    check_architecture(model_config)
+    check_method(method, params)
+    if method != "fp16":
+        for name, in_features in layers.items():
+            check_layer(name, in_features, int(params.get("group_size", 0) or 0))
+    if embedding in ("int8", "int4") and model_config["hidden_size"] % 32:
+        raise QATError(f"quantize.embedding={embedding}: rows of {model_config['hidden_size']} are not whole "
+                       "ggml blocks of 32; use quantize.embedding=fp16")
+    if tokenizer is not None:
+        from qat.models.tokenizer import ByteTokenizer, hf_byte_tokenizer
+
+        with tempfile.TemporaryDirectory() as tmp:
+            (hf_byte_tokenizer() if isinstance(tokenizer, ByteTokenizer) else tokenizer).save_pretrained(tmp)
+            tokenizer_files_keys(Path(tmp), model_config["vocab_size"], pre)
+
+
 def check_exportable(src: Source) -> None:
     """Everything the file could not hold, before anything is written."""
     check_architecture(src.config)
@@ -244,7 +275,10 @@ def float_tensor(name: str, t: Tensor, float_type: str, rows: np.ndarray | None)
     import gguf
 
     qtype = gguf.GGMLQuantizationType[ftype.upper()]
-    data = gguf.quants.quantize(a, qtype)
+    try:
+        data = gguf.quants.quantize(a, qtype)
+    except gguf.quants.QuantError as e:
+        raise QATError(f"{name}: --float-type {float_type}: {e}") from None
     change = float(np.abs(gguf.quants.dequantize(data, qtype) - a).max())
     return GGUFTensor(name, ftype.upper(), data, a.shape, stored, change)
 
@@ -326,13 +360,90 @@ def source_gguf(src: Source) -> Path | None:
     from qat.models.load import embedded_default_gguf
 
     embedded = cache_dir() / "smollm2-135m"
-    if src.config.get("qat_model_name") != EMBEDDED_NAME and src.folder.resolve() != embedded.resolve():
+    # exports record where the model came from (older ones only its name)
+    from_embedded = src.config.get("qat_model_source", "embedded" if src.config.get("qat_model_name") == EMBEDDED_NAME
+                                   else None) == "embedded"
+    if not from_embedded and src.folder.resolve() != embedded.resolve():
         return None
     return embedded_default_gguf()
 
 
+TOKEN_NORMAL, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED = 1, 3, 4, 5  # llama.cpp's token types
+
+
+def bpe_tokenizer_keys(tok: dict[str, Any], special: dict[str, Any], n_rows: int, pre: str | None
+                       ) -> dict[str, Any]:
+    """The `tokenizer.ggml.*` values of a byte-level BPE tokenizer (a tokenizer.json `tok` and its
+    tokenizer_config.json `special`), padded to the embedding's `n_rows`; one clear error for any
+    tokenizer llama.cpp would read differently."""
+    model = tok.get("model") or {}
+    decoder = (tok.get("decoder") or {}).get("type")
+    if model.get("type") != "BPE" or decoder != "ByteLevel":
+        raise QATError(f"a {model.get('type')} tokenizer with a {decoder} decoder: the GGUF exporter writes "
+                       "byte-level BPE (gpt2-style) tokenizers only")
+    vocab = dict(model["vocab"])
+    added = {a["content"]: a for a in tok.get("added_tokens", [])}
+    vocab.update({text: a["id"] for text, a in added.items()})
+    if max(vocab.values()) >= n_rows:
+        raise QATError(f"the tokenizer has ids up to {max(vocab.values())} but the embedding only {n_rows} rows")
+    tokens = [f"[PAD{i}]" for i in range(n_rows)]  # rows no token uses (a padded embedding), as llama.cpp's converter
+    types = [TOKEN_UNUSED] * n_rows
+    for text, i in vocab.items():
+        tokens[i] = text
+        types[i] = (TOKEN_CONTROL if added[text]["special"] else TOKEN_USER_DEFINED) if text in added else TOKEN_NORMAL
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    if not pre:
+        pre_tok = tok.get("pre_tokenizer") or {}
+        if not merges:
+            pre = "default"  # bytes only (the tiny test model): every byte is a token however text is split
+        elif pre_tok.get("type") == "ByteLevel" and pre_tok.get("use_regex", True):
+            pre = "gpt2"  # GPT-2's own split, which llama.cpp calls gpt2
+        else:
+            raise QATError(f"the tokenizer splits text with a {pre_tok.get('type')} pre-tokenizer, which llama.cpp "
+                           "knows by a name this exporter cannot infer: pass --pre NAME (export.gguf_pre=NAME), "
+                           "e.g. llama-bpe, qwen2, smollm, as llama.cpp's convert_hf_to_gguf.py names it")
+    if not merges and added:
+        # a bytes-only vocabulary: llama.cpp refuses a BPE vocab without merges and gguf cannot write
+        # an empty array; a merge of two special tokens never applies to text
+        merges = [f"{next(iter(added))} {next(iter(added))}"]
+
+    def token_id(key: str) -> int | None:
+        text = special.get(key)
+        text = text.get("content") if isinstance(text, dict) else text
+        return vocab.get(text)
+
+    # BOS added by the tokenizer: tokenizer_config's add_bos_token, or a special token ahead of the
+    # sequence in the post-processor's template (Llama-3 style)
+    single = (tok.get("post_processor") or {}).get("single") or []
+    template_bos = single[0]["SpecialToken"]["id"] if single and "SpecialToken" in single[0] else None
+    bos = token_id("bos_token") if template_bos is None else vocab.get(template_bos)
+    add_bos = bool(special.get("add_bos_token", template_bos is not None))
+    eos = token_id("eos_token")
+    if eos is None:
+        raise QATError("the tokenizer names no end-of-text token (tokenizer_config.json eos_token): llama.cpp "
+                       "would stop generating at an arbitrary one")
+    return {"tokens": tokens, "types": types, "merges": merges, "pre": pre, "bos": bos, "eos": eos,
+            "pad": token_id("pad_token"), "add_bos": add_bos}
+
+
+def tokenizer_files_keys(folder: Path, n_rows: int, pre: str | None) -> dict[str, Any]:
+    """bpe_tokenizer_keys of a folder's tokenizer.json + tokenizer_config.json."""
+    path = folder / "tokenizer.json"
+    if not path.exists():
+        raise QATError(f"{folder} has no tokenizer.json and the model did not come from a GGUF: "
+                       "the GGUF would have no tokenizer")
+    config = folder / "tokenizer_config.json"
+    try:
+        return bpe_tokenizer_keys(json.loads(path.read_text()), json.loads(config.read_text()) if config.exists()
+                                  else {}, n_rows, pre)
+    except QATError as e:
+        raise QATError(f"{path}: {e}") from None
+    except (ValueError, KeyError, TypeError, IndexError) as e:
+        raise QATError(f"{path} is not a tokenizer.json this exporter can read ({type(e).__name__}: {e})") from None
+
+
 def add_tokenizer(writer: Any, src: Source, pre: str | None) -> str:
-    """Write `tokenizer.*`: copied from the source GGUF, else built from a byte-level BPE
+    """Write `tokenizer.*`: copied from the source GGUF, else built from the folder's byte-level BPE
     tokenizer.json. Returns where it came from."""
     import gguf
 
@@ -344,44 +455,19 @@ def add_tokenizer(writer: Any, src: Source, pre: str | None) -> str:
                 main, sub = field.types[0], (field.types[-1] if len(field.types) > 1 else None)
                 writer.add_key_value(key, field.contents(), main, sub)
         return f"tokenizer from {from_gguf.name}"
-    path = src.folder / "tokenizer.json"
-    if not path.exists():
-        raise QATError(f"{src.folder} has no tokenizer.json and the model did not come from a GGUF: "
-                       "the GGUF would have no tokenizer")
-    tok = json.loads(path.read_text())
-    model = tok.get("model", {})
-    decoder = (tok.get("decoder") or {}).get("type")
-    if model.get("type") != "BPE" or decoder != "ByteLevel":
-        raise QATError(f"{path}: a {model.get('type')} tokenizer with a {decoder} decoder; the GGUF exporter "
-                       "writes byte-level BPE (gpt2-style) tokenizers only")
-    vocab = dict(model["vocab"])
-    added = {a["content"]: a for a in tok.get("added_tokens", [])}
-    for a in added.values():
-        vocab[a["content"]] = a["id"]
-    tokens = [""] * (max(vocab.values()) + 1)
-    for text, i in vocab.items():
-        tokens[i] = text
-    types = [(3 if added[t]["special"] else 4) if t in added else 1 for t in tokens]
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    keys = tokenizer_files_keys(src.folder, src.config["vocab_size"], pre)
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(pre or "default")
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    if not merges and added:
-        # a bytes-only vocabulary (the tiny test model's): llama.cpp refuses a BPE vocab without merges
-        # and gguf cannot write an empty array; a merge of two special tokens never applies to text
-        merges = [f"{next(iter(added))} {next(iter(added))}"]
-    writer.add_token_merges(merges)
-    special = json.loads((src.folder / "tokenizer_config.json").read_text()) \
-        if (src.folder / "tokenizer_config.json").exists() else {}
-    for key, add in (("bos_token", writer.add_bos_token_id), ("eos_token", writer.add_eos_token_id),
-                     ("pad_token", writer.add_pad_token_id)):
-        text = special.get(key)
-        text = text.get("content") if isinstance(text, dict) else text
-        if text in vocab:
-            add(vocab[text])
-    writer.add_add_bos_token(bool(special.get("add_bos_token", False)))
-    return "tokenizer from tokenizer.json" + ("" if pre else " (pre-tokenizer 'default': pass --pre NAME)")
+    writer.add_tokenizer_pre(keys["pre"])
+    writer.add_token_list(keys["tokens"])
+    writer.add_token_types(keys["types"])
+    writer.add_token_merges(keys["merges"])
+    writer.add_eos_token_id(keys["eos"])
+    if keys["bos"] is not None:
+        writer.add_bos_token_id(keys["bos"])
+    if keys["pad"] is not None:
+        writer.add_pad_token_id(keys["pad"])
+    writer.add_add_bos_token(keys["add_bos"])
+    return f"tokenizer from tokenizer.json (pre-tokenizer {keys['pre']!r})"
 
 
 # -- writing --------------------------------------------------------------------------------------
@@ -397,6 +483,12 @@ def file_type(tensors: list[GGUFTensor]) -> int:
     return int(gguf.LlamaFileType["ALL_F32" if main == "F32" else f"MOSTLY_{main}"])
 
 
+def default_out(path: Path) -> Path:
+    """RUN/model.gguf for a run folder or its export/; FOLDER/model.gguf for a model folder."""
+    return path.parent / "model.gguf" if path.name == "export" and (path / "config.json").exists() \
+        else path / "model.gguf"
+
+
 def write_gguf(path: Path, out: Path | None = None, float_type: str = "auto", pre: str | None = None
                ) -> dict[str, Any]:
     """Export `path` (run / export / model folder) to a GGUF file; returns the report: the file,
@@ -404,13 +496,18 @@ def write_gguf(path: Path, out: Path | None = None, float_type: str = "auto", pr
     import gguf
 
     check_choice("--float-type", float_type, FLOAT_TYPES)
+    path = Path(path).expanduser()
     src = read_source(path)
     check_exportable(src)
     tensors = gguf_tensors(src, float_type)
-    out = Path(out) if out else Path(path) / "model.gguf"
+    out = default_out(path) if out is None else Path(out).expanduser()
+    out = out / "model.gguf" if out.is_dir() else out
     if not out.parent.is_dir():
         raise QATError(f"--out {out}: folder {out.parent} does not exist")
-    tmp = out.with_name(out.name + ".tmp")
+    fd, tmp_name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(tmp_name)
+    writer = None
     try:
         writer = gguf.GGUFWriter(str(tmp), "llama")
         writer.add_name(str(src.config.get("qat_model_name") or src.folder.name))
@@ -426,10 +523,13 @@ def write_gguf(path: Path, out: Path | None = None, float_type: str = "auto", pr
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
+        writer = None
         os.replace(tmp, out)
     except OSError as e:
         raise QATError(f"could not write {out}: {e.strerror or e}") from None
     finally:
+        if writer is not None:
+            writer.close()
         tmp.unlink(missing_ok=True)
     n_params = sum(t.params for t in tensors)
     size = out.stat().st_size

@@ -70,7 +70,7 @@ def tiny_llama(cfg: dict) -> nn.Module:
         intermediate_size=cfg.get("intermediate_size", 128),
         num_hidden_layers=cfg.get("num_layers", 2), num_attention_heads=cfg.get("num_heads", 4),
         num_key_value_heads=cfg.get("num_kv_heads", 2), max_position_embeddings=2048,
-        tie_word_embeddings=True,
+        tie_word_embeddings=bool(cfg.get("tied", True)),
     )
     return LlamaForCausalLM(config)
 
