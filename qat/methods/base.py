@@ -88,12 +88,14 @@ class Method:
         PackedLinear computes them once and caches them. Default: none."""
         return {}
 
-    def weight_bits(self) -> float | None:
-        """The 'weight bits' a paper would quote, without scales (None: not quantizing)."""
-        return None
-
     def packed_weight_bits(self, packed: dict[str, Tensor], out_features: int, in_features: int) -> float:
-        """Weight bits of one packed layer as papers count them (values + scales, no positions)."""
+        """`bits.weight` of one packed layer (summed over layers, over their weights): the figure the
+        method's paper quotes for this setting, counted from the stored tensors — every value bit
+        and every stored scale / zero point, with positions and group ids left out unless the
+        paper counts them. Per method: fp16 16; gptq k + scales/zeros; rtn_binary / pbllm_qat
+        (1 − r)·1 + r·k + scales (positions left out, PB-LLM); dyngroup 1 + 16·G scales (ids left
+        out, WGM's (n + 16G)/n); w11a14 1 + 1 (its group bit counted, as the paper does) + scales.
+        `bits.storage` (storage_bits) is everything stored."""
         raise NotImplementedError
 
     @torch.no_grad()

@@ -35,8 +35,5 @@ class FP16(Method):
     def packed_linear(self, x: Tensor, packed: dict[str, Tensor], in_features: int) -> Tensor:
         return F.linear(x, packed["fp16_weight"].to(x.dtype))
 
-    def weight_bits(self) -> float:
-        return 16.0
-
     def packed_weight_bits(self, packed: dict[str, Tensor], out_features: int, in_features: int) -> float:
         return 16.0 * out_features * in_features

@@ -74,8 +74,5 @@ class KBit(Method):
         w = (codes - z.repeat_interleave(g, 1)) * s.repeat_interleave(g, 1)
         return F.linear(x, w.to(x.dtype))
 
-    def weight_bits(self) -> float:
-        return float(self.bits)
-
     def packed_weight_bits(self, packed: dict[str, Tensor], out_features: int, in_features: int) -> float:
         return out_features * in_features * self.bits + tensor_bits([packed["scale"], packed["zero"]])

@@ -182,10 +182,6 @@ class PartialBinary(Method):
             packed.get("salient_codes"), packed.get("salient_scale"), packed.get("salient_zero"),
         )
 
-    def weight_bits(self) -> float:
-        r, k = self.salient_ratio, self.salient_bits
-        return (1 - r) * 1 + r * k
-
     def packed_weight_bits(self, packed: dict[str, Tensor], out_features: int, in_features: int) -> float:
         """1 bit per binary weight + k per salient weight + every stored scale/zero point;
         the positions (bitmap or CSR) are left out, as PB-LLM's paper leaves them out."""
