@@ -38,7 +38,7 @@ from qat.fetch import atomic_write_bytes, cache_dir
 from qat.kernels import ops
 from qat.methods import build_method
 from qat.models import load_model
-from qat.nn import bits_report, convert, prepare, quantizable_linears
+from qat.nn import bits_report, convert, layer_stats_report, prepare, quantizable_linears
 from qat.nn.embedding import check_embedding_format, convert_embeddings, snap_embeddings
 from qat.ptq.gptq import SALIENCY_KINDS
 from qat.ptq.initializers import INITIALIZERS, initialize
@@ -379,6 +379,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     if kernels:
         log.info("packed ops ran through %s", kernels)
     bits = bits_report(model) or {"weight": 16.0, "storage": 16.0}
+    layer_stats = layer_stats_report(model)  # e.g. dyngroup's groups actually used per grouping
+    if layer_stats:
+        log.info("packed layers: %s", layer_stats)
     bits["model"] = model_bits(export_tensors(model, emb_fmt), n_params)
 
     if write_export:
@@ -405,7 +408,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         "embedding": emb_fmt, "parameters": n_params, "kernels": kernels,
         "precision": run_precision(cfg),
         "train_tokens": train_tokens, "seconds": seconds, "status": "ok",
-        **({"gguf": gguf} if gguf else {}),
+        **({"gguf": gguf} if gguf else {}), **layer_stats,
     }
     if init_name == "rtn" and getattr(method, "salient_metric", None) == "hessian":
         # no Hessians without calibration: the data-free seed ranks salient weights by |w| (recorded,

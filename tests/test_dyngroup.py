@@ -46,6 +46,7 @@ def test_greedy_and_windowed_never_beat_dp_and_stay_close(groups, algorithm, win
     for lam in (0.0, 0.75):
         for _ in range(2):
             w = torch.randn(2048, generator=gen) * 0.02
+            w = w / w.abs().mean()  # group_ids groups magnitudes in units of their mean: the oracle too
             a = torch.sort(w.abs())[0]
             exact = grouping_objective(a, dp_cuts(a, groups, lam), lam)
             ids = group_ids(w[None], groups, algorithm, window, lam)[0]
@@ -198,3 +199,27 @@ def test_tail_singletons_let_an_outlier_have_its_own_group():
         ids = group_ids(w, 4, "windowed", 64, 0.75, "row", 0, tail)
         q = torch.where(w >= 0, 1.0, -1.0) * gather_scales(group_scales(w, ids, 4, "row"), ids)
         assert torch.allclose(q[:, 7], w[:, 7]) == exact
+
+
+@pytest.mark.parametrize("algorithm", ["dp", "windowed"])
+def test_grouping_is_scale_free(algorithm):
+    """lambda means the same at any weight scale: the same matrix at 0.02 and at 37 gets the same
+    groups (with lambda in units of w², small weights merged far below G)."""
+    w = torch.randn(4, 256, generator=torch.Generator().manual_seed(0))
+    ids = [group_ids(w * scale, 4, algorithm, window=8, lambda_reg=0.75, scope="row") for scale in (0.02, 1.0, 37.0)]
+    assert torch.equal(ids[0], ids[1]) and torch.equal(ids[1], ids[2])
+
+
+def test_results_record_the_groups_each_grouping_uses():
+    from qat.nn import convert, layer_stats_report
+    from qat.nn.qat_linear import QATLinear
+    from qat.quant.grouping import groups_used
+
+    assert groups_used(torch.tensor([[0, 0, 3], [1, 1, 1]]), 4, "row").tolist() == [2, 1]
+    assert groups_used(torch.tensor([[0, 0, 3], [1, 1, 1]]), 4, "matrix").tolist() == [3]
+    method = build_method("dyngroup", groups=4)
+    w = torch.randn(8, 256, generator=torch.Generator().manual_seed(1)) * 0.02  # a real layer's scale
+    model = torch.nn.Sequential(QATLinear(256, 8, method, method.init_state(w), None))
+    convert(model)
+    stats = layer_stats_report(model)["groups_used"]
+    assert stats == {"min": 4.0, "mean": 4.0}  # every row uses all G scales it pays ids for

@@ -587,3 +587,10 @@ def test_resuming_a_checkpoint_of_another_method_or_setting_is_one_clear_error(c
         with pytest.raises(QATError, match=needle):
             run_cfg(compose, tmp_path / "again", overrides + [f"ckpt_path={ckpt}", "trainer.max_steps=4"])
         assert not (tmp_path / "again").exists()
+
+
+def test_dyngroup_results_record_the_groups_used(compose, tmp_path):
+    res, _ = run_cfg(compose, tmp_path, ["method=dyngroup", "method.groups=4", "trainer.max_steps=0"])
+    on_disk = json.loads((tmp_path / "results.json").read_text())
+    assert on_disk["groups_used"] == res["groups_used"]
+    assert 1 <= res["groups_used"]["min"] <= res["groups_used"]["mean"] <= 4

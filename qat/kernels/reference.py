@@ -64,10 +64,16 @@ def grouped_binary_weight(signs: Tensor, group_planes: Tensor, scales: Tensor, i
     """The dense fp32 weight [N, K] of a dynamically grouped binary layer: sign·alpha[row?, id],
     id = Σ_b 2^b·plane_b; scales [1 or N, G] fp16."""
     s = unpack_bits(signs, in_features).float() * 2 - 1
-    ids = torch.zeros_like(s, dtype=torch.long)
+    ids = group_ids_from_planes(group_planes, signs.shape[0], in_features)
+    return s * torch.gather(scales.float().expand(s.shape[0], -1), 1, ids)
+
+
+def group_ids_from_planes(group_planes: Tensor, rows: int, in_features: int) -> Tensor:
+    """Each weight's group id [rows, in_features] (int64), id = Σ_b 2^b·plane_b."""
+    ids = torch.zeros(rows, in_features, dtype=torch.long, device=group_planes.device)
     for b in range(group_planes.shape[0]):
         ids |= unpack_bits(group_planes[b], in_features).long() << b
-    return s * torch.gather(scales.float().expand(s.shape[0], -1), 1, ids)
+    return ids
 
 
 def grouped_binary_gemm(x: Tensor, signs: Tensor, group_planes: Tensor, scales: Tensor,

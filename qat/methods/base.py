@@ -88,6 +88,11 @@ class Method:
         PackedLinear computes them once and caches them. Default: none."""
         return {}
 
+    def layer_stats(self, packed: dict[str, Tensor], in_features: int) -> dict[str, Tensor]:
+        """Per-grouping figures of a packed layer that results.json summarises (min, mean over the
+        model), e.g. dyngroup's groups actually used. Default: none."""
+        return {}
+
     def packed_weight_bits(self, packed: dict[str, Tensor], out_features: int, in_features: int) -> float:
         """`bits.weight` of one packed layer (summed over layers, over their weights): the figure the
         method's paper quotes for this setting, counted from the stored tensors — every value bit

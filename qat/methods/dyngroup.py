@@ -25,11 +25,12 @@ from torch import Tensor
 
 from qat.errors import QATError, check_choice
 from qat.kernels import ops
+from qat.kernels.reference import group_ids_from_planes
 from qat.methods.base import Method, check_ste_clip
 from qat.ptq.gptq import GPTQResult, GroupedBinaryQuantizer
 from qat.quant.binarize import ste_sign
 from qat.quant.bits import tensor_bits
-from qat.quant.grouping import ALGORITHMS, SCOPES, gather_scales, group_ids, group_scales
+from qat.quant.grouping import ALGORITHMS, SCOPES, gather_scales, group_ids, group_scales, groups_used
 from qat.quant.packing import pack_bits
 
 MAX_GROUPS = 256   # ids fit 8 planes (and a uint8 buffer)
@@ -49,7 +50,7 @@ class DynamicGrouping(Method):
     algorithm: str = "windowed"  # dp | greedy | windowed
     window: int = 64             # sorted magnitudes per initial window (windowed)
     tail: int = 64               # the largest magnitudes per grouping that start as singletons (0: the paper's WGM)
-    lambda_reg: float = 0.75     # the objective's lambda/|A| term (in units of w²)
+    lambda_reg: float = 0.75     # the objective's lambda/|A| term (magnitudes in units of their mean |w|)
     scope: str = "row"           # row | matrix (the paper's code)
     refine_iters: int = 10       # Lloyd steps on the cut points after greedy merging
     regroup_every: int = 0       # QAT: re-group the latent weights every N steps (0: never)
@@ -133,6 +134,13 @@ class DynamicGrouping(Method):
 
     def packed_linear(self, x: Tensor, packed: dict[str, Tensor], in_features: int) -> Tensor:
         return ops.grouped_binary_gemm(x, packed["signs"], packed["group_planes"], packed["scales"], in_features)
+
+    def layer_stats(self, packed: dict[str, Tensor], in_features: int) -> dict[str, Tensor]:
+        """groups_used: how many of the G scales each grouping's weights use (lambda can merge below G)."""
+        if "group_planes" not in packed:
+            return {}
+        ids = group_ids_from_planes(packed["group_planes"], packed["signs"].shape[0], in_features)
+        return {"groups_used": groups_used(ids, self.groups, self.scope)}
 
     def packed_weight_bits(self, packed: dict[str, Tensor], out_features: int, in_features: int) -> float:
         """The paper's count: 1 sign bit per weight + the fp16 scales, group ids left out

@@ -89,3 +89,13 @@ def bits_report(model: nn.Module) -> dict[str, float]:
     weight = sum(m.method.packed_weight_bits(m.packed(), m.out_features, m.in_features) for m in layers)
     return {"weight": weight / n, "storage": sum(m.storage_bits() for m in layers) / n,
             "quantized_weights": n}
+
+
+def layer_stats_report(model: nn.Module) -> dict[str, dict[str, float]]:
+    """Each figure of the methods' layer_stats over every grouping of the model: {name: {min, mean}}."""
+    values: dict[str, list[Tensor]] = {}
+    for m in model.modules():
+        if isinstance(m, PackedLinear):
+            for key, v in m.method.layer_stats(m.packed(), m.in_features).items():
+                values.setdefault(key, []).append(v.reshape(-1).float())
+    return {key: {"min": float(torch.cat(v).min()), "mean": float(torch.cat(v).mean())} for key, v in values.items()}

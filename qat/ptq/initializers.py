@@ -29,7 +29,7 @@ from qat.quant.activations import ACT_CLIP_START, fake_quant_act
 log = logging.getLogger(__name__)
 INITIALIZERS = ["rtn", "gptq_hessian"]
 # bump when the PTQ algorithms change what they produce, so stale cached states are not reused
-PTQ_CACHE_VERSION = 5  # 5: W(1+1)'s EM starts at the magnitude quartiles
+PTQ_CACHE_VERSION = 6  # 5: W(1+1)'s EM starts at the magnitude quartiles; 6: dyngroup's lambda is scale-free
 
 
 def weights_fingerprint(model: nn.Module, samples: int = 4096) -> str:

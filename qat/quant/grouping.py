@@ -6,7 +6,8 @@ members and the weight becomes sign(w)·alpha_g. The objective of a grouping is
 
     sum_g  |A_g|·Var(A_g) + lambda/|A_g|    (|A|·Var(A) = sum a² - (sum a)²/|A|)
 
-so a group's cost is O(1) from its count, sum and sum of squares. Three algorithms:
+over the magnitudes divided by their grouping's mean |w| (so that lambda is scale-free), so a
+group's cost is O(1) from its count, sum and sum of squares. Three algorithms:
   dp        exact dynamic programme over cut points, O(G·n²): small inputs, the tests' oracle
   greedy    from singletons, merge the adjacent pair whose merge increases the total cost least
   windowed  the paper's WGM: from windows of `window` sorted magnitudes, then greedy
@@ -138,6 +139,11 @@ def group_ids(weight: Tensor, max_groups: int, algorithm: str = "windowed", wind
         raise ValueError(f"scope={scope!r}: allowed {SCOPES}")
     mag = weight.detach().abs().float()
     rows = mag.reshape(1, -1) if scope == "matrix" else mag
+    # magnitudes in units of their grouping's mean |w|: the objective's lambda/|A| term then means
+    # the same on every layer and model (in units of w² it outweighed the errors of small weights,
+    # and merges went on below G while the ids still cost ceil(log2 G) bits); the cuts are the same
+    # for any scale of the magnitudes otherwise
+    rows = rows / rows.mean(dim=1, keepdim=True).clamp_min(torch.finfo(rows.dtype).tiny)
     sorted_mag, order = torch.sort(rows, dim=1)
     n_rows, n = sorted_mag.shape
     if algorithm == "dp":
@@ -154,6 +160,14 @@ def group_ids(weight: Tensor, max_groups: int, algorithm: str = "windowed", wind
     ids_sorted = torch.searchsorted(cuts[:, 1:max_groups].contiguous(), positions.contiguous(), right=True)
     ids = torch.empty_like(ids_sorted).scatter_(1, order, ids_sorted)
     return ids.reshape(weight.shape)
+
+
+def groups_used(ids: Tensor, max_groups: int, scope: str) -> Tensor:
+    """How many of the `max_groups` ids occur in each grouping (each row, or the whole matrix)."""
+    rows = ids.reshape(1, -1) if scope == "matrix" else ids
+    seen = torch.zeros(rows.shape[0], max_groups, dtype=torch.bool, device=ids.device)
+    seen.scatter_(1, rows.long(), True)
+    return seen.sum(dim=1)
 
 
 def greedy_cuts(sorted_mag: Tensor, max_groups: int, width: int, lambda_reg: float, tail: int = 0) -> Tensor:
