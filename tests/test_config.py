@@ -54,7 +54,7 @@ def test_precision_auto_is_bf16_only_where_the_cpu_computes_it(monkeypatch):
 
 
 def test_experiment_preset_is_the_paper_setting(compose):
-    cfg = compose(["experiment=pbllm_llama2_7b"])
+    cfg = compose(["experiment=pbllm_llama2_7b_wikitext2"])
     assert cfg.optim.lr == 2e-5 and cfg.optim.weight_decay == 0 and cfg.optim.name == "adamw8bit"
     assert cfg.trainer.max_steps == 10000 and cfg.data.seq_len == 2048
     assert cfg.trainer.precision == "bf16-mixed"
