@@ -35,3 +35,27 @@ def test_pareto_front_and_plot(tmp_path):
             for i, (m, b, p) in enumerate([("pbllm_qat", 2.9, 125.0), ("dyngroup", 3.1, 35.0), ("gptq", 3.3, 189.0)])]
     plot_pareto(rows, str(tmp_path / "pareto.png"))
     assert (tmp_path / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_pareto_plot_separates_ptq_from_qat_and_labels_only_front_points_without_overlaps(tmp_path):
+    """The committed runs: every label is a point of its kind's front, no two labels overlap."""
+    import pytest
+
+    pytest.importorskip("matplotlib")
+    from pathlib import Path
+
+    from qat.eval.report import load_results, pareto_front, plot_pareto, run_kind
+
+    rows = load_results([str(Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "runs")])
+    done = [r for r in rows if r.get("status", "ok") == "ok" and r.get("bits") and r["ppl"].get("final")]
+    assert {run_kind(r) for r in done} == {"PTQ", "QAT"} and len(done) > 20
+    labels = plot_pareto(rows, str(tmp_path / "pareto.png"))
+    fronts = {kind: set(pareto_front([(r["bits"]["storage"], r["ppl"]["final"]) for r in done if run_kind(r) == kind]))
+              for kind in ("PTQ", "QAT")}
+    on_front = {r["run"] for r in done if (r["bits"]["storage"], r["ppl"]["final"]) in fronts[run_kind(r)]}
+    names = [name for name, _ in labels]
+    assert names and set(names) <= on_front
+    boxes = [b for _, b in labels]
+    for i, (x0, y0, w0, h0) in enumerate(boxes):
+        for x1, y1, w1, h1 in boxes[i + 1:]:
+            assert x0 + w0 <= x1 or x1 + w1 <= x0 or y0 + h0 <= y1 or y1 + h1 <= y0  # disjoint

@@ -61,32 +61,74 @@ def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]
     return front
 
 
-def plot_pareto(rows: list[dict], path: str) -> None:
-    """Final perplexity (log) against storage bits per weight, one labelled point per run, the
-    Pareto front as a line, fp as a dashed level."""
+def run_kind(r: dict) -> str:
+    """QAT when the run trained (train_tokens > 0), else PTQ: different budgets, different fronts."""
+    return "QAT" if (r.get("train_tokens") or 0) > 0 else "PTQ"
+
+
+MARKERS = {"PTQ": "o", "QAT": "^"}
+FRONT_STYLE = {"PTQ": ":", "QAT": "-"}
+LABEL_OFFSETS = [(6, 6), (6, -12), (-6, 6), (-6, -12), (6, 18), (6, -24)]  # points; tried in turn
+
+
+def draw_pareto(ax, rows: list[dict]) -> list[tuple[str, tuple[float, float, float, float]]]:
+    """Final perplexity (log) against storage bits: one colour per method, one marker per kind
+    (PTQ o, QAT ^), a Pareto front per kind, labels on the front points only, each placed where
+    it overlaps no other label (or left out). Returns the labels drawn and their display boxes."""
+    done = [r for r in rows if r.get("status", "ok") == "ok" and r.get("bits") and r["ppl"].get("final")]
+    colours = {m: f"C{i}" for i, m in enumerate(sorted({r["method"] for r in done}))}
+    for (method, kind) in sorted({(r["method"], run_kind(r)) for r in done}):
+        pts = [r for r in done if r["method"] == method and run_kind(r) == kind]
+        ax.scatter([r["bits"]["storage"] for r in pts], [r["ppl"]["final"] for r in pts], c=colours[method],
+                   marker=MARKERS[kind], s=28, label=f"{method} ({kind})")
+    ax.set_yscale("log")
+    fronts = {}
+    for kind in ("PTQ", "QAT"):
+        pts = [r for r in done if run_kind(r) == kind]
+        front = pareto_front([(r["bits"]["storage"], r["ppl"]["final"]) for r in pts])
+        if front:
+            ax.plot([b for b, _ in front], [p for _, p in front], "k", ls=FRONT_STYLE[kind], lw=0.8,
+                    label=f"{kind} Pareto front")
+        fronts[kind] = [next(r for r in pts if (r["bits"]["storage"], r["ppl"]["final"]) == f) for f in front]
+    if done:
+        ax.axhline(done[0]["ppl"]["fp"], color="grey", ls="--", lw=0.8, label="fp")
+    ax.set_xlabel("storage bits per quantized weight (packed tensors)")
+    ax.set_ylabel("test perplexity (log)")
+    ax.legend(fontsize=7)
+    renderer = ax.figure.canvas.get_renderer()
+    placed: list[tuple[str, tuple[float, float, float, float]]] = []
+    for r in fronts["QAT"] + fronts["PTQ"]:
+        for offset in LABEL_OFFSETS:
+            text = ax.annotate(r["run"], (r["bits"]["storage"], r["ppl"]["final"]), xytext=offset,
+                               textcoords="offset points", fontsize=6,
+                               ha="left" if offset[0] > 0 else "right")
+            box = text.get_window_extent(renderer)
+            if not any(box.overlaps(other) for _, other in placed) and _inside(box, ax, renderer):
+                placed.append((r["run"], box))
+                break
+            text.remove()
+    return [(name, tuple(box.bounds)) for name, box in placed]
+
+
+def _inside(box, ax, renderer) -> bool:
+    area = ax.get_window_extent(renderer)
+    return area.x0 <= box.x0 and box.x1 <= area.x1 and area.y0 <= box.y0 and box.y1 <= area.y1
+
+
+def plot_pareto(rows: list[dict], path: str) -> list[tuple[str, tuple[float, float, float, float]]]:
+    """draw_pareto into a PNG at `path` (matplotlib, headless). Returns the labels drawn."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         raise SystemExit("--plot needs matplotlib: pip install -e '.[notebooks]'") from None
-    done = [r for r in rows if r.get("status", "ok") == "ok" and r.get("bits") and r["ppl"].get("final")]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for method in sorted({r["method"] for r in done}):
-        pts = [(r["bits"]["storage"], r["ppl"]["final"], r["run"]) for r in done if r["method"] == method]
-        ax.scatter([p[0] for p in pts], [p[1] for p in pts], label=method)
-        for b, p, name in pts:
-            ax.annotate(name, (b, p), fontsize=6, alpha=0.7)
-    front = pareto_front([(r["bits"]["storage"], r["ppl"]["final"]) for r in done])
-    ax.plot([b for b, _ in front], [p for _, p in front], "k--", lw=0.8, label="Pareto front")
-    if done:
-        ax.axhline(done[0]["ppl"]["fp"], color="grey", ls=":", label="fp")
-    ax.set_xlabel("storage bits per quantized weight (packed tensors)")
-    ax.set_ylabel("test perplexity (log)")
-    ax.set_yscale("log")
-    ax.legend(fontsize=7)
+    fig, ax = plt.subplots(figsize=(8, 5))
+    labels = draw_pareto(ax, rows)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return labels
 
 
 if __name__ == "__main__":
