@@ -33,6 +33,12 @@ def main(cfg: DictConfig) -> float:
         # the run folder stays: its last good checkpoint and results.json (status "diverged")
         print(f"error: {e} ({run_dir / 'results.json'})", file=sys.stderr)
         sys.exit(3)
+    except OSError as e:
+        # a full disk or a vanished folder while writing the run's files: every file is written
+        # under a temp name and renamed, so none is half-written; what was written stays
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"error: could not write the run's files: {e.strerror or e}{where}", file=sys.stderr)
+        sys.exit(4)
     except TrainingInterrupted as e:
         # the run folder stays: its checkpoints and results.json (status "interrupted")
         print(f"error: {e} ({run_dir / 'results.json'})", file=sys.stderr)

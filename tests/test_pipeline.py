@@ -594,3 +594,25 @@ def test_dyngroup_results_record_the_groups_used(compose, tmp_path):
     on_disk = json.loads((tmp_path / "results.json").read_text())
     assert on_disk["groups_used"] == res["groups_used"]
     assert 1 <= res["groups_used"]["min"] <= res["groups_used"]["mean"] <= 4
+
+
+def test_a_full_disk_under_the_run_folder_is_one_line_and_no_half_written_file(tmp_path):
+    """train.py's own entry point with the disk filling up when results.json is written."""
+    code = (
+        "import errno, runpy, sys\n"
+        "import qat.pipeline as p\n"
+        "real = p.atomic_write_bytes\n"
+        "def full(path, data):\n"
+        "    if path.name == 'results.json':\n"
+        "        raise OSError(errno.ENOSPC, 'No space left on device', str(path))\n"
+        "    real(path, data)\n"
+        "p.atomic_write_bytes = full\n"
+        f"sys.argv = ['train.py', *{TINY!r}, 'trainer.max_steps=0', 'method=rtn_binary', 'hydra.run.dir={tmp_path}']\n"
+        f"runpy.run_path({str(ROOT / 'train.py')!r}, run_name='__main__')\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                         env=dict(os.environ, WANDB_MODE="disabled"))
+    assert res.returncode == 4, res.stderr[-2000:]
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: could not write the run's files: No space left on device") and "Traceback" not in res.stderr
+    assert not (tmp_path / "results.json").exists() and not list(tmp_path.glob("*.tmp"))
+    assert (tmp_path / "config.yaml").exists() and (tmp_path / "export" / "model.safetensors").exists()  # kept
