@@ -14,22 +14,45 @@ from qat.ptq.gptq import (
     saliency_denominator,
 )
 from qat.ptq.initializers import initialize
-from qat.quant.binarize import expand_groups, optimal_alpha
-from qat.quant.kbit import minmax_params
-from qat.quant.salient import salient_mask_topk
+
+
+def without_dead_inputs(W, H):
+    """The paper's treatment of dead inputs (H_jj = 0): H_jj = 1 and W[:, j] = 0 (float64 copies)."""
+    W, H = W.double().clone(), H.double().clone()
+    dead = torch.nonzero(H.diagonal() == 0).flatten()
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    return W, H
+
+
+def reference_hinv_factor(H, percdamp=0.01):
+    """U, the upper Cholesky factor of (H + λI)^-1 with λ = percdamp·mean(diag H), computed
+    directly (float64, an explicit inverse), not by the code under test."""
+    H = H.double()
+    damped = H + percdamp * H.diagonal().mean() * torch.eye(H.shape[0], dtype=H.dtype)
+    return torch.linalg.cholesky(torch.linalg.inv(damped), upper=True)
 
 
 def plain_gptq(W, H, quantize, percdamp=0.01):
-    """Written out per column, no blocks: quantize column i, spread its error over the rest."""
-    W, H = prepare_hessian(W, H)
-    U, _, _ = inverse_hessian_factor(H, percdamp)
+    """GPTQ as the paper writes it, per column, no blocks, no lazy updates (the independent
+    oracle): damp H, invert, upper Cholesky factor U of the inverse; quantize column i, then
+    W[:, i:] -= (w_i - q_i) / U_ii ⊗ U[i, i:]."""
+    W, H = without_dead_inputs(W, H)
+    U = reference_hinv_factor(H, percdamp)
     Q = torch.zeros_like(W)
     for i in range(W.shape[1]):
-        q = quantize(W[:, i], i)
+        q = quantize(W[:, i].float(), i).double()
         Q[:, i] = q
         err = (W[:, i] - q) / U[i, i]
         W[:, i:] -= err[:, None] * U[i, i:][None, :]
-    return Q
+    return Q.float()
+
+
+def minmax_rows(W, bits):
+    """Per-row asymmetric min/max grid over the row's range widened to 0, fp16 scale and zero."""
+    lo, hi = W.amin(1).clamp(max=0), W.amax(1).clamp(min=0)
+    scale = ((hi - lo) / (2**bits - 1)).half().float()
+    return scale, torch.round(-lo / scale).clamp(0, 2**bits - 1).half().float()
 
 
 def random_layer(out_f=24, in_f=160, n=400, seed=0):
@@ -44,16 +67,33 @@ def out_err(W, Q, X):
     return float(((X @ (W - Q).t()) ** 2).sum())
 
 
+def topk_mask(score, ratio):
+    """The round(ratio·n) highest-scoring entries of `score` (n = its size)."""
+    k = round(ratio * score.numel())
+    mask = torch.zeros(score.numel(), dtype=torch.bool)
+    mask[torch.argsort(score.flatten(), descending=True)[:k]] = True
+    return mask.view_as(score)
+
+
+def masked_mean_abs(W, keep, group_size):
+    """Per row (group_size 0) or per row and group of columns: mean |w| over the kept entries,
+    as an [out, in] tensor (each group's value repeated over its columns)."""
+    g = group_size or W.shape[1]
+    a = (W.abs() * keep).reshape(W.shape[0], -1, g).sum(-1)
+    n = keep.reshape(W.shape[0], -1, g).sum(-1).clamp_min(1)
+    return (a / n).repeat_interleave(g, dim=1)
+
+
 def test_blocked_equals_plain_kbit_per_row():
     W, H, X = random_layer()
-    scale, zero = minmax_params(prepare_hessian(W, H)[0], 3)
+    Wp = without_dead_inputs(W, H)[0].float()
+    scale, zero = minmax_rows(Wp, 3)
 
     def q(w, i):
         return (torch.clamp(torch.round(w / scale) + zero, 0, 7) - zero) * scale
 
-    blocked = gptq(W, H, KBitQuantizer(prepare_hessian(W, H)[0], 3), block_size=32).quantized
+    blocked = gptq(W, H, KBitQuantizer(Wp, 3), block_size=32).quantized
     torch.testing.assert_close(blocked, plain_gptq(W, H, q), rtol=1e-4, atol=1e-4)
-    Wp = prepare_hessian(W, H)[0]
     rtn = (torch.clamp(torch.round(Wp / scale[:, None]) + zero[:, None], 0, 7) - zero[:, None]) * scale[:, None]
     assert out_err(W, blocked, X) < out_err(W, rtn, X)
 
@@ -61,15 +101,14 @@ def test_blocked_equals_plain_kbit_per_row():
 @pytest.mark.parametrize("group_size", [0, 32])
 def test_blocked_equals_plain_partial_binary(group_size):
     W, H, X = random_layer(seed=1)
-    Wp = prepare_hessian(W, H)[0]
+    Wp = without_dead_inputs(W, H)[0].float()
     # block = whole matrix: mask and alpha fixed once from the start, as in the plain form
     quantizer = PartialBinaryQuantizer(Wp, 0.1, 8, group_size=group_size, block_size=W.shape[1])
     blocked = gptq(W, H, quantizer, block_size=W.shape[1])
-    mask = salient_mask_topk(Wp.abs(), 0.1)
+    mask = topk_mask(Wp.abs(), 0.1)
     assert torch.equal(quantizer.mask, mask)
-    s, z = minmax_params(Wp, 8)  # salient scale/zero: per row, over the row's initial range
-    alpha = optimal_alpha(Wp, ~mask, group_size).half().float()
-    alpha_full = expand_groups(alpha, W.shape[1])
+    s, z = minmax_rows(Wp, 8)  # salient scale/zero: per row, over the row's initial range
+    alpha_full = masked_mean_abs(Wp, ~mask, group_size).half().float()
 
     def q(w, i):
         sal = (torch.clamp(torch.round(w / s) + z, 0, 255) - z) * s
@@ -86,22 +125,43 @@ def test_blocked_equals_plain_partial_binary(group_size):
 @pytest.mark.parametrize("metric", ["magnitude", "hessian"])
 @pytest.mark.parametrize("group_size", [0, 16])
 def test_pbgptq_mask_is_fixed_per_block_from_the_compensated_weights(metric, group_size):
+    """Oracle: each block's weights as GPTQ's error feedback left them when the block starts,
+    W0[:, b] − Σ_{k < b's first column} err_k ⊗ U[k, b] (err_k = (w'_k − q_k) / U_kk from the
+    result's own compensated and quantized columns, U computed here), and the top-r of that
+    block's score. A mask from the fp weights, or from each column's value when it is
+    quantized, is a different mask."""
     W, H, X = random_layer(seed=2)
-    Wp, Hp = prepare_hessian(W, H)
-    U = inverse_hessian_factor(Hp, 0.01)[0]
+    W0, H0 = without_dead_inputs(W, H)
+    U = reference_hinv_factor(H0)
+    d = (U**2).sum(0)  # diag(H^-1): the OBS denominator
     method = build_method("pbllm_qat", salient_ratio=0.1, salient_metric=metric, group_size=group_size)
-    quantizer = method.gptq_quantizer(Wp, saliency_denominator(U, "obs"), 32)
+    quantizer = method.gptq_quantizer(W0.float(), d.float(), 32)
     result = gptq(W, H, quantizer, block_size=32)
-    mask = quantizer.mask
-    for i1 in range(0, W.shape[1], 32):
-        m = mask[:, i1:i1 + 32]
-        assert int(m.sum()) == round(0.1 * m.numel())
-    # after the first block the mask follows the compensated weights, not the fp ones
-    assert not torch.equal(mask[:, 32:], salient_mask_topk(Wp[:, 32:].abs(), 0.1))
-    if metric == "magnitude":
-        # the first block's mask is chosen before any compensation reached it
-        assert torch.equal(mask[:, :32], salient_mask_topk(Wp[:, :32].abs(), 0.1))
-    assert out_err(W, result.quantized, X) < out_err(W, rtn_pbllm(method, Wp), X)
+    err = (result.compensated.double() - result.quantized.double()) / U.diagonal()
+
+    def score(block, cols):
+        return block.abs() if metric == "magnitude" else block**2 / d[cols]
+
+    n = W.shape[1]
+    oracle, fp_mask, starts = [], [], []
+    for i1 in range(0, n, 32):
+        cols = slice(i1, i1 + 32)
+        start = W0[:, cols] - err[:, :i1] @ U[:i1, cols]
+        starts.append(start)
+        oracle.append(topk_mask(score(start, cols), 0.1))
+        fp_mask.append(topk_mask(score(W0[:, cols], cols), 0.1))
+    oracle, fp_mask, start = torch.cat(oracle, 1), torch.cat(fp_mask, 1), torch.cat(starts, 1)
+    # the oracle can tell the two apart: compensation has moved the later blocks' masks
+    assert torch.equal(oracle[:, :32], fp_mask[:, :32]) and not torch.equal(oracle[:, 32:], fp_mask[:, 32:])
+    assert torch.equal(quantizer.mask, oracle)
+    # alpha: per group, from its block's start (the same weights and mask); per row, up front from
+    # the fp weights under the per-block mask rule
+    if group_size:
+        want = masked_mean_abs(start, ~oracle, group_size)[:, ::group_size]
+    else:
+        want = masked_mean_abs(W0, ~fp_mask, 0)[:, :1]
+    torch.testing.assert_close(quantizer.alpha, want.half().float(), rtol=1e-3, atol=0)
+    assert out_err(W, result.quantized, X) < out_err(W, rtn_pbllm(method, W0.float()), X)
 
 
 def rtn_pbllm(method, W):

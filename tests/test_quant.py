@@ -4,7 +4,8 @@ import math
 import pytest
 import torch
 
-from qat.quant.binarize import binarize_ste, optimal_alpha, sign_pm1, ste_sign
+from qat.quant.activations import fake_quant_act, quantize_act_per_token
+from qat.quant.binarize import binarize_ste, optimal_alpha, rescale_to_alpha, sign_pm1, ste_sign
 from qat.quant.salient import dequantize_kbit_rows, quantize_kbit_rows, salient_mask_topk
 
 
@@ -92,3 +93,42 @@ def test_salient_kbit_keeps_rows_of_one_sign(row):
     deq = dequantize_kbit_rows(codes, scale, zero)[mask]
     assert (deq - w[mask]).abs().max() <= 1.0 / 255  # half a step of 8 bits over a range <= 2
     assert len(set(deq.tolist())) == len(row)
+
+
+def test_per_token_activation_quantization_hand_case():
+    """x ≈ s·(q − z) per token (row): range [min(x, 0), max(x, 0)], s = range / 15, z = round(-lo/s)."""
+    x = torch.tensor([[-1.5, 0.0, 1.0, 6.0],    # s = 7.5/15 = 0.5, z = 3: exact
+                      [-1.0, 0.0, 2.0, 3.5],    # s = 0.3, -lo/s = 3.33 -> z = 3; x/s = -3.33, 6.67, 11.67
+                      [0.3, 0.6, 1.5, 0.9],     # one sign: lo widened to 0, s = 0.1, z = 0
+                      [-3.0, -1.0, -2.0, 0.0],  # lo = -3, hi = 0: s = 0.2, z = 15
+                      [0.0, 0.0, 0.0, 0.0]])    # no range: s floored at 1e-8, everything 0
+    q, s, z = quantize_act_per_token(x, 4)
+    assert s.shape == z.shape == (5, 1)
+    torch.testing.assert_close(s[:, 0], torch.tensor([0.5, 0.3, 0.1, 0.2, 1e-8]))
+    assert z[:, 0].tolist() == [3, 3, 0, 15, 0]
+    assert q.tolist() == [[0, 3, 5, 15], [0, 3, 10, 15], [3, 6, 15, 9], [0, 10, 5, 15], [0, 0, 0, 0]]
+    torch.testing.assert_close(fake_quant_act(x, 4), torch.tensor(
+        [[-1.5, 0.0, 1.0, 6.0], [-0.9, 0.0, 2.1, 3.6], [0.3, 0.6, 1.5, 0.9], [-3.0, -1.0, -2.0, 0.0], [0.0] * 4]))
+    # a clip of 0.5 halves the range, [-0.75, 3]: s = 0.25, z = 3; the ends are clamped to 0 and 15
+    q, s, z = quantize_act_per_token(x[:1], 4, clip=0.5)
+    assert (s.item(), z.item()) == (0.25, 3.0) and q.tolist() == [[0, 3, 7, 15]]
+    assert fake_quant_act(x[:1], 4, 0.5).tolist() == [[-0.75, 0.0, 1.0, 3.0]]
+    # 2 bits, leading dims kept: [-1, 2] -> s = 1, z = 1, q = x + 1
+    q, s, z = quantize_act_per_token(torch.tensor([[[-1.0, 2.0, 1.0, 0.0]]]), 2)
+    assert q.shape == (1, 1, 4) and q.tolist() == [[[0, 3, 2, 1]]] and s.shape == (1, 1, 1)
+
+
+def test_rescale_to_alpha_hand_case():
+    """Each group's binarized entries scaled by alpha / (their mean |w|), signs kept; a group
+    whose binarized entries are all 0 gets alpha (+); entries outside keep are left as they are."""
+    w = torch.tensor([[1.0, -2.0, 3.0, 10.0],   # per row, the kept mean is 2: factor 4 / 2
+                      [0.0, 0.0, -6.0, 2.0]])   # kept mean 0 (all kept entries 0): they become alpha
+    keep = torch.tensor([[True, True, True, False], [True, True, False, False]])
+    out = rescale_to_alpha(w, keep, torch.tensor([[4.0], [0.5]]))
+    assert out.tolist() == [[2.0, -4.0, 6.0, 10.0], [0.5, 0.5, -6.0, 2.0]]
+    # groups of 2 columns: [1, -3] mean 2 -> alpha 1: x0.5; [0, 0] -> alpha 5; [2, -2] -> alpha 3: x1.5;
+    # a group with no kept entry is returned unchanged
+    w = torch.tensor([[1.0, -3.0, 0.0, 0.0], [2.0, -2.0, 7.0, -7.0]])
+    keep = torch.tensor([[True, True, True, True], [True, True, False, False]])
+    out = rescale_to_alpha(w, keep, torch.tensor([[1.0, 5.0], [3.0, 9.0]]), group_size=2)
+    assert out.tolist() == [[0.5, -1.5, 5.0, 5.0], [3.0, -3.0, 7.0, -7.0]]

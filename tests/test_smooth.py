@@ -7,7 +7,7 @@ from qat.methods import build_method
 from qat.models.load import tiny_llama
 from qat.nn import PackedLinear, QATLinear, convert, prepare
 from qat.ptq.initializers import initialize
-from qat.ptq.smooth import best_smoothing, smooth_model
+from qat.ptq.smooth import best_smoothing, smooth_model, smoothing_factors
 
 
 def outlier_model():
@@ -28,6 +28,20 @@ def quantizer(method):
         state = method.init_state(w)
         return method.fake_quant(state.pop("latent"), state)
     return quantize
+
+
+def test_smoothing_factors_hand_case():
+    """s_j = max|x_j|^a / max|W_:j|^(1-a): maxima floored at 1e-5, s clamped to [1e-4, 1e4], fp16."""
+    act = torch.tensor([16.0, 1.0, 2.0, 0.0, 1e6])
+    wmax = torch.tensor([1.0, 16.0, 1.0, 4.0, 1.0])
+    # a = 0.75: 16^0.75 = 8; 1 / 16^0.25 = 0.5; 2^0.75 = 1.6818 -> fp16 1.6816; 1e-5^0.75 / 4^0.25 = 1.26e-4
+    # -> fp16 1.2600e-4 (subnormal step 6e-8); 1e6^0.75 = 31623 -> 1e4
+    want = torch.tensor([8.0, 0.5, 2**0.75, 1e-5**0.75 / 4**0.25, 1e4]).half().float()
+    assert smoothing_factors(act, wmax, 0.75).tolist() == want.tolist()
+    assert want[2].item() == 1.681640625  # rounded to fp16, not 2^0.75 = 1.68179
+    # a = 1: s = max|x| (the 0-activation channel's 1e-5 clamped up to 1e-4); a = 0: s = 1 / max|W|
+    assert smoothing_factors(act, wmax, 1.0).tolist() == torch.tensor([16.0, 1.0, 2.0, 1e-4, 1e4]).half().float().tolist()
+    assert smoothing_factors(act, wmax, 0.0).tolist() == [1.0, 0.0625, 1.0, 0.25, 1.0]
 
 
 def test_search_picks_a_strength_that_lowers_the_quantized_output_error():

@@ -62,21 +62,46 @@ def test_one_group_is_rtn_binary():
     assert torch.equal(method.fake_quant(state["latent"], {"group_ids": state["group_ids"]}), rtn.fake_quant(w, buffers))
 
 
-def test_activation_quantization_is_real_and_its_clip_trains():
+def int4_per_token_oracle(x, c):
+    """Per-token asymmetric INT4 written out: the token's range [min(x, 0), max(x, 0)] shrunk by
+    the clip c, s = range / 15, z = round(-lo / s), q = clamp(round(x / s) + z, 0, 15).
+    Returns (s·(q − z), the entries that were not clamped)."""
+    lo = x.amin(-1, keepdim=True).clamp(max=0) * c
+    hi = x.amax(-1, keepdim=True).clamp(min=0) * c
+    s = (hi - lo) / 15
+    z = torch.round(-lo / s)
+    r = torch.round(x / s) + z
+    return s * (r.clamp(0, 15) - z), (r >= 0) & (r <= 15)
+
+
+def test_activation_quantization_is_per_token_int4_and_its_clip_gradient_is_the_ste_one():
     torch.manual_seed(0)
     method = build_method("pbllm_qat", salient_ratio=0.1, act_bits=4)
     lin = torch.nn.Linear(64, 16)
     q = QATLinear(64, 16, method, method.init_state(lin.weight.detach()), lin.bias.detach().clone())
-    fp = QATLinear(64, 16, build_method("pbllm_qat", salient_ratio=0.1),
-                   build_method("pbllm_qat", salient_ratio=0.1).init_state(lin.weight.detach()), lin.bias.detach().clone())
-    x = torch.randn(5, 64)
-    assert not torch.allclose(q(x), fp(x))  # INT4 inputs change the output
-    q(x).pow(2).sum().backward()
-    assert q.act_clip.grad is not None and q.act_clip.grad != 0
+    fp_method = build_method("pbllm_qat", salient_ratio=0.1)
+    fp = QATLinear(64, 16, fp_method, fp_method.init_state(lin.weight.detach()), lin.bias.detach().clone())
+    x = torch.randn(5, 64) * torch.linspace(0.2, 3, 5)[:, None]  # tokens of different ranges
+    x[1] = x[1].abs()  # a token of one sign: its range is widened to 0 (z = 0)
+    c = torch.sigmoid(torch.tensor(4.0))  # the clip at the start
+    assert q.act_clip.item() == 4.0
+    xq, inside = int4_per_token_oracle(x, c)
+    assert not inside.all()  # the clip < 1 clamps each token's extremes
+    y = q(x)
+    with torch.no_grad():
+        torch.testing.assert_close(y, fp(xq), rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(y, fp(x), rtol=1e-3, atol=1e-3)
+    # d(sum y²)/d logit through the rounding STE: dx̂/dc = (x̂ − x)/c inside the grid, x̂/c where
+    # clamped (the zero point −lo/s does not depend on c), dc/dlogit = c(1 − c)
+    xr = xq.clone().requires_grad_(True)
+    fp(xr).pow(2).sum().backward()  # dL/dx̂ through the (fixed) weights
+    want = ((xr.grad * (xq - x * inside)).sum() * (1 - c)).item()
+    y.pow(2).sum().backward()
+    assert q.act_clip.grad.item() == pytest.approx(want, rel=1e-4)
 
 
 @pytest.mark.parametrize("block", [0, 64])
-def test_gptq_hand_over_is_exact_and_hessian_weighting_is_used(block):
+def test_gptq_hand_over_is_exact(block):
     torch.manual_seed(0)
     W = torch.randn(32, 256) * 0.02
     X = torch.randn(512, 256) * torch.linspace(0.1, 3, 256)
@@ -86,8 +111,37 @@ def test_gptq_hand_over_is_exact_and_hessian_weighting_is_used(block):
     result = gptq(W, H, quantizer, block_size=64)
     state = method.state_from_gptq(result, quantizer)
     assert torch.equal(method.fake_quant(state["latent"], {"group_ids": state["group_ids"]}), result.quantized)
-    unweighted = method.gptq_quantizer(W, torch.ones(256), 64, hdiag=None)
-    assert not torch.equal(quantizer.levels, unweighted.levels)
+
+
+@pytest.mark.parametrize("block", [0, 64])
+def test_gptq_levels_are_the_hessian_weighted_means_of_their_members(block):
+    """methods.md §6's M-step at the EM's fixed point: each of a row (row-block)'s two levels is
+    the diag(H)-weighted mean |w| of its members, the weights nearer to it; without a Hessian
+    (data-free) the plain mean. Both computed here from the levels the quantizer fixed."""
+    torch.manual_seed(0)
+    W = torch.randn(32, 256) * 0.02
+    hdiag = 2 * torch.linspace(0.1, 3, 256) ** 2  # diag(H) of inputs with these scales
+    nb = 256 // block if block else 1
+    mag = W.abs().double().reshape(32, nb, -1)
+
+    def check(levels, h):
+        """levels [32, nb·2] (fp16 values) against the h-weighted means of their members. The
+        members are |w| above the levels' midpoint; a weight within fp16 rounding of it may go
+        either way (the EM split at the unrounded midpoint): both choices are tried."""
+        lv = levels.double().reshape(32, nb, 2)
+        mid, tol = lv.mean(-1, keepdim=True), lv.amax(-1, keepdim=True) * 2**-11  # fp16: half an ulp
+        h = h.double().reshape(nb, -1)
+        match = torch.zeros(32, nb, dtype=torch.bool)
+        for upper in (mag > mid - tol, mag > mid + tol):
+            want = torch.stack([(h * mag * m).sum(-1) / (h * m).sum(-1) for m in (~upper, upper)], -1)
+            match |= ((lv - want.half().double()).abs() <= 1e-3 * want).all(-1)
+        assert match.all(), (~match).nonzero()
+        return lv
+
+    method = build_method("w11a14", block=block, em_iters=100)
+    lv = check(method.gptq_quantizer(W, torch.ones(256), 64, hdiag=hdiag).levels, hdiag)
+    lv_plain = check(method.gptq_quantizer(W, torch.ones(256), 64, hdiag=None).levels, torch.ones(256))
+    assert (lv - lv_plain).abs().amax() > 0.05 * lv.abs().amax()  # the weighting matters here
 
 
 def test_row_blocks_have_their_own_two_scales():
