@@ -119,7 +119,13 @@ def test_no_module_of_qat_holds_a_tensor_made_at_import():
     import importlib
     import pkgutil
 
-    for info in pkgutil.walk_packages(qat.__path__, "qat."):
-        module = importlib.import_module(info.name)
+    names = [info.name for info in pkgutil.walk_packages(qat.__path__, "qat.")]
+    for name in names:
+        module = importlib.import_module(name)
         tensors = [k for k, v in vars(module).items() if isinstance(v, torch.Tensor)]
-        assert not tensors, f"{info.name} holds module-level tensors {tensors}"
+        assert not tensors, f"{name} holds module-level tensors {tensors}"
+    # and every module imports under a meta-device context, as transformers' from_pretrained runs it
+    code = "import importlib, torch\nwith torch.device('meta'):\n" + "".join(
+        f"    importlib.import_module({n!r})\n" for n in names)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]

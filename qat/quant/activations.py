@@ -6,6 +6,8 @@ shrinks each token's [min, max] range before the grid is laid on it: x ≈ s·(q
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -13,9 +15,10 @@ from qat.quant.packing import pack_bits
 
 ACT_BITS = (4, 8, 16)       # 16: activations stay as they are
 ACT_CLIP_INIT = 4.0         # logit of the clipping factor at the start: sigmoid(4) = 0.982
-# the factor itself (calibration, smoothing): a Python float (the fp32 sigmoid's value, so results
-# are unchanged), never a module-level tensor, which an import under a meta-device context misplaces
-ACT_CLIP_START = float(torch.sigmoid(torch.tensor(ACT_CLIP_INIT)))
+# the factor itself (calibration, smoothing): a Python float computed without torch — a tensor
+# made at import lives on whatever device context the import runs under (transformers builds
+# models under a meta-device one, where even reading it back fails); as fp32 it is sigmoid(4)'s value
+ACT_CLIP_START = 1.0 / (1.0 + math.exp(-ACT_CLIP_INIT))
 
 
 def round_ste(x: Tensor) -> Tensor:
