@@ -284,3 +284,23 @@ def test_indefinite_hessian_falls_back_to_rtn_for_that_layer_and_is_recorded(mon
     down = {n for n in states if n.endswith("mlp.down_proj")}
     assert fell_back == down and down
     assert all(torch.isfinite(states[n]["latent"]).all() for n in states)
+
+
+def test_one_architecture_table_serves_calibration_and_smoothing():
+    """Calibration's groups and smoothing's readers of each norm are the same entries
+    (qat.models.arch): an architecture it does not know is one clear error for both."""
+    import pytest
+
+    from qat.errors import QATError
+    from qat.models.arch import architecture, decoder_layers
+    from qat.models.load import tiny_llama
+
+    model = tiny_llama({})
+    arch = architecture(model)
+    assert [g.norm for g in arch.groups] == ["input_layernorm", None, "post_attention_layernorm", None]
+    readers = {n for g in arch.groups for n in g.linears}
+    layer_linears = {n for n, m in decoder_layers(model)[1][0].named_modules() if isinstance(m, torch.nn.Linear)}
+    assert readers == layer_linears  # every linear of a layer is in exactly one group
+    model.config.model_type = "gpt2"
+    with pytest.raises(QATError, match="method.smooth=true does not know model_type='gpt2'.*known: llama"):
+        architecture(model, "method.smooth=true")

@@ -14,28 +14,9 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from qat.errors import QATError
+from qat.models.arch import architecture, decoder_layers
 
 log = logging.getLogger(__name__)
-
-_ATTN_MLP = [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
-             ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
-# Sequential groups per architecture (config.model_type): the linears that see the same input.
-SEQUENTIAL_GROUPS: dict[str, list[list[str]]] = {
-    "llama": _ATTN_MLP, "mistral": _ATTN_MLP, "qwen2": _ATTN_MLP, "qwen3": _ATTN_MLP,
-    "opt": [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.out_proj"],
-            ["fc1"], ["fc2"]],
-}
-
-
-def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    for path in ("model.layers", "model.decoder.layers"):
-        try:
-            return path, model.get_submodule(path)
-        except AttributeError:
-            continue
-    raise QATError(f"calibration does not know where the decoder layers of {type(model).__name__} are")
-
 
 class _Stop(Exception):
     pass
@@ -110,11 +91,7 @@ def sequential_quantize(model: nn.Module, calib: Tensor, skip: list[str], quanti
     `true_sequential=False`: one pass per layer collects every linear's Hessian from the fp
     layer (GPTQ's original order; about 2.5x fewer layer forwards, later groups do not see
     the earlier groups' quantization)."""
-    model_type = getattr(model.config, "model_type", "")
-    if model_type not in SEQUENTIAL_GROUPS:
-        raise QATError(f"no sequential groups for model_type={model_type!r}; "
-                       f"known: {', '.join(sorted(SEQUENTIAL_GROUPS))}")
-    groups = SEQUENTIAL_GROUPS[model_type]
+    groups = [list(g.linears) for g in architecture(model).groups]  # the linears that see the same input
     if not true_sequential:
         groups = [[name for group in groups for name in group]]
     prefix, layers = decoder_layers(model)

@@ -17,8 +17,9 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from qat.errors import QATError
+from qat.models.arch import decoder_layers
 from qat.nn.qat_linear import QATLinear
-from qat.ptq.calibrate import capture_layer0_inputs, decoder_layers, run_layer
+from qat.ptq.calibrate import capture_layer0_inputs, run_layer
 
 log = logging.getLogger(__name__)
 

@@ -21,33 +21,23 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from qat.errors import QATError
 from qat.methods.base import Method
-from qat.ptq.calibrate import capture_layer0_inputs, decoder_layers, feed_inputs, run_layer
+from qat.models.arch import ReaderGroup, architecture, decoder_layers
+from qat.ptq.calibrate import capture_layer0_inputs, feed_inputs, run_layer
 from qat.ptq.initializers import data_free_method
 from qat.quant.activations import ACT_CLIP_START, fake_quant_act
 
 log = logging.getLogger(__name__)
 
-_LLAMA = [("input_layernorm", ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]),
-          (None, ["self_attn.o_proj"]),
-          ("post_attention_layernorm", ["mlp.gate_proj", "mlp.up_proj"]),
-          (None, ["mlp.down_proj"])]
-# per architecture: (the norm that feeds the group, or None, [the linears that read its output])
-SMOOTH_GROUPS: dict[str, list[tuple[str | None, list[str]]]] = {
-    "llama": _LLAMA, "mistral": _LLAMA, "qwen2": _LLAMA, "qwen3": _LLAMA,
-    "opt": [("self_attn_layer_norm", ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]),
-            (None, ["self_attn.out_proj"]), ("final_layer_norm", ["fc1"]), (None, ["fc2"])],
-}
 
-
-def layer_groups(spec: list[tuple[str | None, list[str]]], layer_prefix: str,
+def layer_groups(spec: tuple[ReaderGroup, ...], layer_prefix: str,
                  skip: list[str]) -> list[tuple[str | None, list[str], list[str]]]:
     """(norm, the linears searched on: the quantized ones, every linear that reads the group's
     input) per group of one decoder layer, leaving out groups with no quantized linear. A linear is
     skipped when a `skip` entry is part of its full name."""
     out = []
-    for norm, readers in spec:
+    for group in spec:
+        norm, readers = group.norm, list(group.linears)
         # without a norm, s becomes one linear's explicit input_scale: such a group is that linear alone
         assert norm is not None or len(readers) == 1, readers
         quantized = [n for n in readers if not any(s in f"{layer_prefix}.{n}" for s in skip)]
@@ -113,10 +103,7 @@ def smooth_model(model: nn.Module, calib: Tensor, method: Method, skip: list[str
     """Smooth `model` in place (method.smooth_alphas searched per group). Returns the explicit
     input scales by linear name (hooked on those nn.Linears so the model stays fp-equivalent until
     QATLinear takes them over) and one row per group: the chosen strength and the errors tried."""
-    model_type = getattr(model.config, "model_type", "")
-    if model_type not in SMOOTH_GROUPS:
-        raise QATError(f"method.smooth=true: no smoothing groups for model_type={model_type!r}; "
-                       f"known: {', '.join(sorted(SMOOTH_GROUPS))}")
+    arch = architecture(model, "method.smooth=true")
 
     seed_method = data_free_method(method)  # the seed the search can run without data
 
@@ -130,7 +117,7 @@ def smooth_model(model: nn.Module, calib: Tensor, method: Method, skip: list[str
     explicit: dict[str, Tensor] = {}
     rows: list[dict] = []
     for li, layer in enumerate(tqdm(layers, desc="smooth layers", leave=False)):
-        groups = layer_groups(SMOOTH_GROUPS[model_type], f"{prefix}.{li}", skip)
+        groups = layer_groups(arch.groups, f"{prefix}.{li}", skip)
         stats = {names[0]: _InputStats(keep) for _, names, _ in groups}
         feed_inputs(layer, {layer.get_submodule(n): st for n, st in stats.items()}, inputs, kwargs)
         for norm_name, names, readers in groups:

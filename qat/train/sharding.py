@@ -36,7 +36,7 @@ def shard_model(model: nn.Module, mesh: Any) -> None:
     """fully_shard each decoder layer, then the root (once: Lightning may call configure_model again)."""
     from torch.distributed.fsdp import fully_shard
 
-    from qat.ptq.calibrate import decoder_layers
+    from qat.models.arch import decoder_layers
 
     if is_sharded(model):
         return
