@@ -121,3 +121,20 @@ def test_bad_smoothing_settings_are_clear_errors(params, needle):
     with pytest.raises(QATError) as e:
         build_method("gptq", bits=2, **params)
     assert needle in str(e.value)
+
+
+def test_binary_column_factors_recover_a_row_times_column_scaled_sign_matrix():
+    """W = diag(a)·B·diag(c) exactly: the factors are 1/c (up to the fp16 rounding and the mean-1
+    normalisation), and W·s is then one scale per row times signs."""
+    from qat.ptq.smooth import binary_column_factors
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.rand(12, generator=g) + 0.5
+    c = torch.rand(40, generator=g) * 3 + 0.2
+    B = torch.where(torch.rand(12, 40, generator=g) < 0.5, -1.0, 1.0)
+    W = a[:, None] * B * c[None, :]
+    s = binary_column_factors([W[:5], W[5:]])  # two linears reading the same input: stacked rows
+    torch.testing.assert_close(s, (c.mean() / c).half().float(), rtol=2e-3, atol=0)
+    Ws = W * s
+    row_scale = Ws.abs().mean(dim=1, keepdim=True)
+    torch.testing.assert_close(Ws, row_scale * B, rtol=2e-3, atol=0)

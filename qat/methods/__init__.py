@@ -47,9 +47,10 @@ def check_smoothing(method: Method) -> None:
         raise QATError(f"method.smooth={method.smooth!r}: must be true or false")
     alphas = method.smooth_alphas
     if (not isinstance(alphas, (list, tuple)) or not alphas
-            or not all(is_number(a) and 0 <= a <= 1 for a in alphas)):
-        raise QATError(f"method.smooth_alphas={alphas!r}: must be a non-empty list of numbers in [0, 1]")
-    method.smooth_alphas = tuple(float(a) for a in alphas)
+            or not all(a == "rc" or (is_number(a) and 0 <= a <= 1) for a in alphas)):
+        raise QATError(f"method.smooth_alphas={alphas!r}: must be a non-empty list of numbers in [0, 1] "
+                       "and/or rc (ARB-RC's column scales)")
+    method.smooth_alphas = tuple(a if a == "rc" else float(a) for a in alphas)
 
 
 __all__ = ["REGISTRY", "Method", "QATError", "build_method", "register"]

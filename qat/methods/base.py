@@ -44,7 +44,8 @@ class Method:
     packs_activations: ClassVar[bool] = False
     act_bits: int = 16  # inputs per token asymmetric INT-k (4 or 8; 16: not quantized), any method
     smooth: bool = False  # per-input-channel factors moved from the inputs into the weights (qat.ptq.smooth)
-    smooth_alphas: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)  # strengths searched
+    # strengths searched: SmoothQuant's in [0, 1], and "rc" (ARB-RC's column scales, for binary weights)
+    smooth_alphas: tuple[float | str, ...] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
     def validate(self) -> None:
         """Raise QATError on a bad setting."""

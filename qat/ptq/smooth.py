@@ -52,6 +52,20 @@ def smoothing_factors(act_absmax: Tensor, weight_absmax: Tensor, strength: float
     return s.clamp(1e-4, 1e4).half().float()
 
 
+def binary_column_factors(weights: list[Tensor], iters: int = 15) -> Tensor:
+    """ARB-RC's column scales as smoothing factors: W ≈ diag(a)·sign(W)·diag(c) by alternating least
+    squares over the stacked rows of the linears that read one input (W∘sign(W) = |W|), c scaled to
+    mean 1; s = 1/c, so that W·s is as close to one scale per row times signs as this form allows.
+    The candidate `rc` of method.smooth_alphas (for binary methods)."""
+    mag = torch.cat([w.float() for w in weights]).abs()
+    c = torch.ones(mag.shape[1], dtype=mag.dtype, device=mag.device)
+    for _ in range(iters):
+        a = (mag * c).sum(dim=1) / (c * c).sum()
+        c = (mag * a[:, None]).sum(dim=0) / (a * a).sum().clamp_min(1e-30)
+        c = c / c.mean().clamp_min(1e-30)
+    return (1.0 / c.clamp_min(1e-4)).clamp(1e-4, 1e4).half().float()
+
+
 def quantized_output_error(x: Tensor, weights: list[Tensor], s: Tensor | None,
                            quantize_weight: Callable[[Tensor], Tensor], act_bits: int) -> float:
     """Σ ||x Wᵀ − Q(x/s) Q(W·s)ᵀ||² / Σ ||x Wᵀ||² over the linears that read x (s None: no smoothing)."""
@@ -67,16 +81,17 @@ def quantized_output_error(x: Tensor, weights: list[Tensor], s: Tensor | None,
     return num / max(den, 1e-12)
 
 
-def best_smoothing(x: Tensor, act_absmax: Tensor, weights: list[Tensor], strengths: list[float],
+def best_smoothing(x: Tensor, act_absmax: Tensor, weights: list[Tensor], strengths: list[float | str],
                    quantize_weight: Callable[[Tensor], Tensor],
                    act_bits: int) -> tuple[float | None, Tensor | None, dict]:
-    """(strength, s) with the lowest quantized output error; (None, None) when not smoothing wins."""
+    """(strength, s) with the lowest quantized output error; (None, None) when not smoothing wins.
+    A strength is SmoothQuant's migration strength in [0, 1], or "rc" (binary_column_factors)."""
     weight_absmax = torch.stack([w.abs().amax(dim=0) for w in weights]).amax(dim=0)
     errors = {"none": quantized_output_error(x, weights, None, quantize_weight, act_bits)}
     best, best_s, best_err = None, None, errors["none"]
     for a in strengths:
-        s = smoothing_factors(act_absmax, weight_absmax, a)
-        errors[f"{a:g}"] = err = quantized_output_error(x, weights, s, quantize_weight, act_bits)
+        s = binary_column_factors(weights) if a == "rc" else smoothing_factors(act_absmax, weight_absmax, a)
+        errors[a if a == "rc" else f"{a:g}"] = err = quantized_output_error(x, weights, s, quantize_weight, act_bits)
         if err < best_err:
             best, best_s, best_err = a, s, err
     return best, best_s, errors
@@ -143,5 +158,5 @@ def smooth_model(model: nn.Module, calib: Tensor, method: Method, skip: list[str
         inputs = [run_layer(layer, x, kwargs) for x in inputs]
     chosen = [r["strength"] for r in rows]
     log.info("smoothing: %d of %d groups smoothed; strengths %s", sum(a is not None for a in chosen), len(chosen),
-             sorted({a for a in chosen if a is not None}))
+             sorted({a for a in chosen if a is not None}, key=str))
     return explicit, rows
