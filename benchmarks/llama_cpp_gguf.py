@@ -1,7 +1,8 @@
 """The GGUF export in the real llama.cpp (llama-cpp-python, 2 threads), side by side in one run:
 trained runs' model.gguf against the fp model written by the same exporter as F16, Q8_0 and Q4_0.
 
-Per file: size, bits per weight of the whole file, llama.cpp's perplexity on the same test windows
+Each run's GGUF is written again here by the same exporter as export.gguf=true (a run need not
+have set it). Per file: size, bits per weight of the whole file, llama.cpp's perplexity on the same test windows
 as the run's packed perplexity (results.json ppl.final; the fp model's: ppl.fp), prefill tokens/s of
 one 512-token prompt and decode tokens/s of 64 greedy tokens (medians of --repeats). Writes
 benchmarks/results/llama_cpp_gguf-<cpu>-<date>.json and prints a markdown table.
@@ -43,9 +44,9 @@ def main() -> None:
     args = p.parse_args()
 
     from qat.export.gguf import type_shares, write_gguf
-    from qat.fetch import cache_dir
+    from qat.models.load import embedded_cache_path
 
-    _, tokens = test_tokens(str(cache_dir() / "smollm2-135m"))
+    _, tokens = test_tokens(str(embedded_cache_path()))
     rows, fp_ppl = [], None
     with tempfile.TemporaryDirectory() as tmp:
         files = []
@@ -56,7 +57,7 @@ def main() -> None:
             report = write_gguf(Path(run), Path(tmp) / f"{name}.gguf")  # the same exporter as export.gguf=true
             files.append((name, Path(report["file"]), results["ppl"]["final"], report))
         for ftype in ("f16", "q8_0", "q4_0"):
-            report = write_gguf(cache_dir() / "smollm2-135m", Path(tmp) / f"fp-{ftype}.gguf", float_type=ftype)
+            report = write_gguf(embedded_cache_path(), Path(tmp) / f"fp-{ftype}.gguf", float_type=ftype)
             files.append((f"fp {ftype.upper()}", Path(report["file"]), fp_ppl, report))
         for name, gguf, packed, report in files:
             row = measure(name, gguf, packed, tokens, args)

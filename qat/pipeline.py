@@ -232,7 +232,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     # the unquantized fp reference (method=fp16) keeps its weights as they are; its export is fp16
     emb_fmt = str(cfg.quantize.get("embedding", "fp32")) if method.quantizes else "fp16"
     gptq_block = int(cfg.init.get("block_size", 128)) if cfg.init.name == "gptq_hessian" else None
-    for name, lin in quantizable_linears(model, skip):  # shape checks: before the run folder exists
+    linears = quantizable_linears(model, skip)
+    for name, lin in linears:  # shape checks: before the run folder exists
         method.check_layer(name, lin.out_features, lin.in_features, gptq_block)
     # the GGUF is written from the export folder: export.gguf=true writes it too (method=fp16 included)
     write_export = method.quantizes if cfg.export.get("folder") is None else bool(cfg.export.folder)
@@ -241,7 +242,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             raise QATError("export.gguf=true is written from the export folder: drop export.folder=false")
         write_export = True
         gguf_export.check_run(method.name, dataclasses.asdict(method), model.config.to_dict(),
-                              {n: lin.in_features for n, lin in quantizable_linears(model, skip)}, emb_fmt,
+                              {n: lin.in_features for n, lin in linears}, emb_fmt,
                               None if cfg.model.get("source") == "embedded" else loaded.tokenizer,
                               cfg.export.get("gguf_pre"))
 

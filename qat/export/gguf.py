@@ -38,7 +38,6 @@ from qat.errors import QATError, check_choice
 from qat.export import ggml_blocks as blocks
 
 FLOAT_TYPES = ["auto", "f32", "f16", "q8_0", "q4_0"]
-EMBEDDED_NAME = "smollm2-135m"  # the embedded default (qat.models.load): loaded from a GGUF
 
 # Hugging Face Llama names -> llama.cpp's
 _GLOBAL_NAMES = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
@@ -297,16 +296,17 @@ def gguf_tensors(src: Source, float_type: str = "auto") -> list[GGUFTensor]:
         # tied: llama.cpp reads the embedding as the head when the file has no output.weight
         head = tensors.pop("lm_head.weight")
         tensors.setdefault("model.embed_tokens.weight", head)
-    modules = sorted({k.rsplit(".", 1)[0] for k in tensors}, key=_natural)
+    by_module: dict[str, dict[str, Tensor]] = {}
+    for key, value in tensors.items():
+        module, _, part = key.rpartition(".")
+        by_module.setdefault(module, {})[part] = value
+    rotary_heads = {"q_proj": n_head, "k_proj": n_kv}  # rows llama.cpp wants in its rotary order
     out = []
-    for module in modules:
-        name = gguf_name(module) + ".weight"
-        rows = None
-        if module.endswith("q_proj"):
-            rows = rotary_row_order(layers.get(module, [0])[0] or tensors[f"{module}.weight"].shape[0], n_head)
-        elif module.endswith("k_proj"):
-            rows = rotary_row_order(layers.get(module, [0])[0] or tensors[f"{module}.weight"].shape[0], n_kv)
-        t = {k.rsplit(".", 1)[1]: v for k, v in tensors.items() if k.rsplit(".", 1)[0] == module}
+    for module in sorted(by_module, key=_natural):
+        name, t = gguf_name(module) + ".weight", by_module[module]
+        heads, rows = rotary_heads.get(module.rpartition(".")[2]), None
+        if heads:
+            rows = rotary_row_order(layers[module][0] if module in layers else t["weight"].shape[0], heads)
         if module in layers:
             out_f, in_f = layers[module]
             rows = np.arange(out_f) if rows is None else rows
@@ -356,14 +356,12 @@ def llama_metadata(cfg: dict[str, Any]) -> dict[str, Any]:
 def source_gguf(src: Source) -> Path | None:
     """The GGUF the model was loaded from, when it was (the embedded default): its tokenizer keys
     are carried over as they are."""
-    from qat.fetch import cache_dir
-    from qat.models.load import embedded_default_gguf
+    from qat.models.load import EMBEDDED_NAME, embedded_cache_path, embedded_default_gguf
 
-    embedded = cache_dir() / "smollm2-135m"
     # exports record where the model came from (older ones only its name)
     from_embedded = src.config.get("qat_model_source", "embedded" if src.config.get("qat_model_name") == EMBEDDED_NAME
                                    else None) == "embedded"
-    if not from_embedded and src.folder.resolve() != embedded.resolve():
+    if not from_embedded and src.folder.resolve() != embedded_cache_path().resolve():
         return None
     return embedded_default_gguf()
 

