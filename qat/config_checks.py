@@ -70,6 +70,7 @@ KNOBS = [
     Knob("trainer.gradient_clip_val", "number", 0, lo_open=True, nullable=True),
     positive("optim.lr", "number"),
     positive("optim.lr_fp", "number", nullable=True),
+    positive("optim.lr_clip", "number", nullable=True),
     at_least("optim.weight_decay", 0, "number"),
     positive("optim.eps", "number"),
     at_least("optim.warmup_steps", 0),

@@ -254,8 +254,11 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     data = LMDataModule(data_cfg, loaded.tokenizer, getattr(loaded.tokenizer, "name_or_path", loaded.name),
                         seed=int(cfg.seed))
     test = data.test_tokens
-    if cfg.init.get("needs_calibration", False) or (method.smooth and method.quantizes):  # before the run folder
+    smooth_key = "init.n_samples (method.smooth=true calibrates on them; method.smooth=false needs none)"
+    if cfg.init.get("needs_calibration", False):  # before the run folder
         data.check_windows(int(cfg.init.get("n_samples", 32)), int(cfg.init.get("seq_len", 512)), "init.n_samples")
+    elif method.smooth and method.quantizes:
+        data.check_windows(int(cfg.init.get("n_samples", 32)), int(cfg.init.get("seq_len", 512)), smooth_key)
     if int(cfg.reconstruct.epochs) > 0 and method.quantizes:
         data.check_windows(int(cfg.reconstruct.n_samples), int(cfg.reconstruct.seq_len), "reconstruct.n_samples")
 
@@ -291,7 +294,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     input_scales: dict = {}
     if method.smooth and method.quantizes:  # before the PTQ seed: it quantizes the smoothed weights
         smooth_calib = calib if calib is not None else data.calibration(
-            int(init_cfg.get("n_samples", 32)), int(init_cfg.get("seq_len", 512)))
+            int(init_cfg.get("n_samples", 32)), int(init_cfg.get("seq_len", 512)), key=smooth_key)
         input_scales, smooth_rows = smooth_model(model, smooth_calib, method, skip)
         if rank_zero():
             atomic_write_bytes(run_dir / "smoothing.json", json.dumps(smooth_rows, indent=1).encode())

@@ -160,3 +160,23 @@ def test_derived_tensors_follow_the_stored_ones():
         a(x)  # derives and caches a's sums
         a.load_state_dict(b.state_dict())  # copies b's tensors into a's, in place
         assert torch.equal(a(x), b(x))
+
+
+def test_optimizer_groups_never_decay_latent_weights_and_give_clips_their_lr():
+    """Weight decay would shrink alpha* = mean |w| of a binarized layer directly: latent weights are
+    never decayed; the activation clips train at optim.lr_clip; fp 2-D parameters are decayed."""
+    from qat.train.lit import param_groups
+
+    method = build_method("pbllm_qat", salient_ratio=0.1, act_bits=4)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 8))
+    model[0] = layer(method)
+    groups = param_groups(model, {"lr": 1e-3, "lr_fp": 2e-4, "lr_clip": 5e-2, "weight_decay": 0.1})
+    by_id = {id(p): (g["lr"], g["weight_decay"]) for g in groups for p in g["params"]}
+    assert by_id[id(model[0].weight)] == (1e-3, 0.0)
+    assert by_id[id(model[0].act_clip)] == (5e-2, 0.0)
+    assert by_id[id(model[2].weight)] == (2e-4, 0.1) and by_id[id(model[1].weight)] == (2e-4, 0.0)
+    opt = torch.optim.AdamW(groups)
+    before = model[0].weight.detach().abs().mean()
+    model[0].weight.grad = torch.zeros_like(model[0].weight)  # decay alone would move it
+    opt.step()
+    assert torch.equal(model[0].weight.detach().abs().mean(), before)

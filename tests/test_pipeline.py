@@ -248,6 +248,7 @@ BAD_VALUES = [
     (["optim.lr=-1"], "optim.lr=-1: must be a number > 0"),
     (["optim.lr=abc"], "optim.lr='abc': must be a number > 0"),
     (["optim.lr_fp=0"], "optim.lr_fp=0: must be a number > 0 (or null)"),
+    (["optim.lr_clip=-1"], "optim.lr_clip=-1: must be a number > 0 (or null)"),
     (["optim.weight_decay=-0.1"], "optim.weight_decay=-0.1: must be a number >= 0"),
     (["optim.warmup_steps=-1"], "optim.warmup_steps=-1: must be an integer >= 0"),
     (["optim.min_lr_ratio=2"], "optim.min_lr_ratio=2: must be a number >= 0 and <= 1"),
