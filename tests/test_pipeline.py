@@ -44,7 +44,7 @@ def test_pbgptq_seed_block_reconstruction_and_quantized_only_training(compose, t
         "method=pbllm_qat", "method.salient_metric=hessian", "init=gptq_hessian", "init.n_samples=4",
         "init.seq_len=32", "init.cache=false", "init.true_sequential=false", "reconstruct.epochs=1",
         "reconstruct.n_samples=4", "reconstruct.seq_len=32", "reconstruct.eval_ptq=true",
-        "train.params=quantized", "trainer.max_steps=3", "trainer.val_check_interval=3"])
+        "train.params=quantized", "trainer.max_steps=3", "trainer.val_check_interval=3", "method.smooth=false"])
     assert res["seconds"]["reconstruct"] > 0 and "ptq" in res["ppl"]
     recon = json.loads((tmp_path / "reconstruction.json").read_text())
     assert len(recon) == 2 and all(r["rel_error_after"] < r["rel_error_before"] for r in recon)
