@@ -34,7 +34,8 @@ from qat.eval import perplexity
 from qat.eval.perplexity import cached_perplexity
 from qat.export import export_tensors, model_bits, round_unquantized, save_export
 from qat.export import gguf as gguf_export
-from qat.fetch import atomic_write_bytes, cache_dir
+from qat.fetch import cache_dir
+from qat.io import atomic_write_bytes
 from qat.kernels import ops
 from qat.methods import build_method
 from qat.models import load_model
