@@ -140,11 +140,11 @@ def check_method(method: str, params: dict[str, Any]) -> None:
     if params.get("act_bits", 16) < 16:
         raise QATError(f"{setting} act_bits={params['act_bits']}: llama.cpp quantizes activations its own way "
                        "(Q8_0), so a model trained on INT-k activations would compute something else; "
-                       "export a run with act_bits=16")
+                       "export a run with act=none (act_bits=16)")
     if params.get("smooth"):
         raise QATError(f"{setting} smooth=true: smoothing divides some layers' inputs by stored factors "
                        "(where no norm absorbs them) and llama.cpp has no such op; export a run with "
-                       "method.smooth=false")
+                       "smooth=none")
 
 
 def check_layer(name: str, in_features: int, group_size: int) -> None:
