@@ -1,8 +1,8 @@
-"""The whole flow of a run, top to bottom (docs/architecture.md):
+"""The whole flow of a run, top to bottom (docs/architecture.md), one function per stage:
 
-  load model -> data -> ppl(fp) -> PTQ init -> prepare (QATLinear) -> ppl(init)
-  -> QAT (Lightning; skipped when trainer.max_steps=0) -> convert (PackedLinear)
-  -> ppl(final, through the packed ops) -> export/ + results.json + table + logger
+  load (the fp model) -> load_data -> ppl(fp) -> seed (smoothing, PTQ init, QATLinear, reconstruction;
+  ppl(init)) -> train (QAT, Lightning; skipped when trainer.max_steps=0) -> pack (PackedLinear,
+  ppl(final) through the packed ops, export/, model.gguf) -> results_record -> results.json + table + logger
 """
 from __future__ import annotations
 
@@ -22,7 +22,6 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import TQDMProgressBar
-from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
@@ -50,7 +49,7 @@ from qat.ptq.smooth import smooth_model
 from qat.train import AtomicModelCheckpoint, LitQAT, QuantHealth, Regroup
 from qat.train.lit import OPTIMIZERS, TRAINABLE, select_trainable
 from qat.train.precision import resolve_precision
-from qat.train.sharding import fsdp_strategy, full_state_dict, is_sharded
+from qat.train.sharding import full_state_dict, is_sharded
 
 log = logging.getLogger(__name__)
 
@@ -175,12 +174,8 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
     t = OmegaConf.to_container(cfg.trainer, resolve=True)
     t["precision"] = run_precision(cfg)
     log.info("trainer.precision=%s -> %s", cfg.trainer.precision, t["precision"])
-    if t.get("strategy") == "fsdp":  # torch FSDP2 through Lightning's ModelParallelStrategy (CPU or GPU)
-        t["strategy"] = fsdp_strategy(t.get("devices", 1), int(t.get("num_nodes", 1)))
-    elif t.get("strategy") == "ddp":
-        # the methods' frozen buffers (salient masks and codes, group ids: ~2 bytes a weight) are
-        # equal on every rank; DDP's default would resend them all before every forward
-        t["strategy"] = DDPStrategy(broadcast_buffers=False)
+    if t.get("strategy") in cfg.strategies:  # ddp | fsdp (conf/train.yaml); absent: Lightning's auto
+        t["strategy"] = instantiate(cfg.strategies[t["strategy"]])
     logger = build_logger(cfg)
     callbacks = [QuantHealth(every=int(cfg.quant_health_every))]
     if int(cfg.method.get("regroup_every", 0) or 0) > 0:
