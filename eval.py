@@ -53,7 +53,7 @@ def evaluate(cfg: DictConfig) -> dict:
         out["lm_eval"] = run_lm_eval(model, tok, list(le.tasks), le.include_path, le.limit, le.num_fewshot,
                                      int(le.batch_size), cfg.device)
         if results.exists():  # the accuracies join the run's results
-            from qat.fetch import atomic_write_bytes
+            from qat.io import atomic_write_bytes
 
             recorded = json.loads(results.read_text())
             recorded["lm_eval"] = out["lm_eval"]

@@ -46,4 +46,10 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
+    from qat.config_checks import moved_knob_error
+
+    moved = moved_knob_error(sys.argv[1:])  # before Hydra, whose own message would not name the new knob
+    if moved:
+        print(f"error: {moved}", file=sys.stderr)
+        sys.exit(2)
     main()

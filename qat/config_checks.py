@@ -13,7 +13,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from qat.errors import QATError
+from qat.errors import QATError, check_choice, is_number
+from qat.quant.activations import ACT_BITS
 
 MISSING = object()
 
@@ -110,3 +111,44 @@ def check_config(cfg: DictConfig) -> None:
     if betas is not None:
         if len(betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas):
             raise QATError(f"optim.betas={list(betas)!r}: must be two numbers in [0, 1)")
+
+    check_choice("act.bits", OmegaConf.select(cfg, "act.bits"), list(ACT_BITS))
+    check_smoothing(cfg)
+
+
+def check_smoothing(cfg: DictConfig) -> None:
+    enabled = OmegaConf.select(cfg, "smooth.enabled")
+    if not isinstance(enabled, bool):
+        raise QATError(f"smooth.enabled={enabled!r}: must be true or false")
+    alphas = OmegaConf.select(cfg, "smooth.alphas", default=None)
+    if enabled and (not OmegaConf.is_list(alphas) or not alphas
+                    or not all(a == "rc" or (is_number(a) and 0 <= a <= 1) for a in alphas)):
+        shown = list(alphas) if OmegaConf.is_list(alphas) else alphas
+        raise QATError(f"smooth.alphas={shown!r}: must be a non-empty list of numbers in [0, 1] "
+                       "and/or rc (ARB-RC's column scales)")
+
+
+# knobs that moved out of conf/method/*.yaml into their own groups: the old name is one clear error
+MOVED_METHOD_KNOBS = {
+    "act_bits": "act=int4 | int8 | none (the act group; act.bits=4|8|16)",
+    "smooth": "smooth=rc | smoothquant | none (the smooth group)",
+    "smooth_alphas": "smooth.alphas=[...] (with smooth=smoothquant or smooth=rc)",
+}
+
+
+def check_moved_method_knobs(method_params: dict[str, Any]) -> None:
+    """A method yaml or `+method.<knob>=` that still sets a moved knob."""
+    for key, instead in MOVED_METHOD_KNOBS.items():
+        if key in method_params:
+            raise QATError(f"method.{key} is now {instead}")
+
+
+def moved_knob_error(overrides: list[str]) -> str | None:
+    """The command line's first override of a moved knob (`method.act_bits=4`, `+method.smooth=true`),
+    as one line naming the new one; None when there is none. Checked by train.py before Hydra
+    composes, which would otherwise reject the key with its own multi-line message."""
+    for override in overrides:
+        key = override.split("=", 1)[0].lstrip("+~")
+        if key.startswith("method.") and key[len("method."):] in MOVED_METHOD_KNOBS:
+            return f"{key} is now {MOVED_METHOD_KNOBS[key[len('method.'):]]}"
+    return None

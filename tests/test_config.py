@@ -27,15 +27,31 @@ def test_headline_overrides(compose):
 
 
 @pytest.mark.parametrize("method", sorted(y.stem for y in (CONF / "method").glob("*.yaml")))
-def test_every_method_takes_the_activation_and_smoothing_knobs(compose, method):
-    """The README's `method=<any> method.act_bits=4 method.smooth=true` composes and builds."""
+def test_every_method_takes_the_activation_and_smoothing_groups(compose, method):
+    """The README's `method=<any> act=int4 smooth=smoothquant` composes and builds."""
     from qat.pipeline import method_from_cfg
 
-    cfg = compose([f"method={method}", "method.act_bits=4", "method.smooth=true",
-                   "method.smooth_alphas=[0.25,0.5]"])
+    cfg = compose([f"method={method}", "act=int4", "smooth=smoothquant", "smooth.alphas=[0.25,0.5]"])
     built = method_from_cfg(cfg)
     assert built.act_bits == 4 and built.smooth is True and built.smooth_alphas == (0.25, 0.5)
     assert built.quantizes  # fp16 with INT4 inputs is W16A4: its layers are wrapped too
+    assert not {"act_bits", "smooth", "smooth_alphas"} & set(cfg.method)  # one place each: the groups
+
+
+def test_a_method_yaml_picks_its_own_activation_and_smoothing_defaults(compose):
+    """pbllm_qat smooths with ARB-RC's column scales, w11a14 has INT4 inputs, the others neither;
+    the command line (and an experiment preset) beats the method's default."""
+    from qat.pipeline import method_from_cfg
+
+    built = {m: method_from_cfg(compose([f"method={m}"])) for m in ("pbllm_qat", "w11a14", "gptq")}
+    assert built["pbllm_qat"].smooth and built["pbllm_qat"].smooth_alphas == ("rc",) and built["pbllm_qat"].act_bits == 16
+    assert built["w11a14"].act_bits == 4 and not built["w11a14"].smooth
+    assert built["gptq"].act_bits == 16 and not built["gptq"].smooth
+    assert method_from_cfg(compose(["method=w11a14", "act=none"])).act_bits == 16
+    assert not method_from_cfg(compose(["method=pbllm_qat", "smooth=none"])).smooth
+    assert not compose(["experiment=q1_0"]).smooth.enabled  # llama.cpp has no input scales
+    rc = method_from_cfg(compose(["method=gptq", "smooth=rc"]))
+    assert rc.smooth and rc.smooth_alphas == ("rc",)
 
 
 def test_precision_auto_is_bf16_only_where_the_cpu_computes_it(monkeypatch):

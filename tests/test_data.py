@@ -91,7 +91,7 @@ def test_own_text_files_train_and_eval_on_other_text(compose, tmp_path):
     texts = write_texts(tmp_path / "texts")
     run_dir = tmp_path / "run"
     cfg = compose(["model=tiny", "data=text", f"data.train={texts}/train*.txt", f"data.test={texts}/test.txt",
-                   "data.seq_len=64", "data.val_chars=500", "logger=none", "init=rtn", "method.smooth=false",
+                   "data.seq_len=64", "data.val_chars=500", "logger=none", "init=rtn", "smooth=none",
                    "trainer.max_steps=2", "eval.seq_len=64", "eval.max_windows=4", f"hydra.run.dir={run_dir}"])
     res = run(cfg, run_dir)
     assert res["status"] == "ok" and res["eval_tokens"] > 0

@@ -44,7 +44,7 @@ def test_pbgptq_seed_block_reconstruction_and_quantized_only_training(compose, t
         "method=pbllm_qat", "method.salient_metric=hessian", "init=gptq_hessian", "init.n_samples=4",
         "init.seq_len=32", "init.cache=false", "init.true_sequential=false", "reconstruct.epochs=1",
         "reconstruct.n_samples=4", "reconstruct.seq_len=32", "reconstruct.eval_ptq=true",
-        "train.params=quantized", "trainer.max_steps=3", "trainer.val_check_interval=3", "method.smooth=false"])
+        "train.params=quantized", "trainer.max_steps=3", "trainer.val_check_interval=3", "smooth=none"])
     assert res["seconds"]["reconstruct"] > 0 and "ptq" in res["ppl"]
     recon = json.loads((tmp_path / "reconstruction.json").read_text())
     assert len(recon) == 2 and all(r["rel_error_after"] < r["rel_error_before"] for r in recon)
@@ -209,6 +209,10 @@ def cli(args, tmp_path):
     (["method=dyngroup", "method.groups=0"], "method.groups=0: must be an integer >= 1"),
     (["method=dyngroup", "method.algorithm=kmeans"], "unknown method.algorithm 'kmeans'; allowed: dp, greedy, windowed"),
     (["init=gptq_hessian", "init.saliency=diag"], "unknown init.saliency 'diag'; allowed: obs, obs_gptq_order, hinv_sq"),
+    # the knobs the act and smooth groups replaced: one line naming the new one, before Hydra composes
+    (["method.act_bits=4"], "method.act_bits is now act=int4 | int8 | none"),
+    (["method=w11a14", "method.smooth=true"], "method.smooth is now smooth=rc | smoothquant | none"),
+    (["+method.smooth_alphas=[0.5]"], "method.smooth_alphas is now smooth.alphas=[...]"),
 ])
 def test_bad_input_is_one_clear_line_and_leaves_no_run_folder(args, needle, tmp_path):
     run_dir = tmp_path / "run"
@@ -274,6 +278,11 @@ BAD_VALUES = [
     (["quantize.skip=5"], "quantize.skip=5: must be a list of linear-name substrings"),
     (["quantize.embedding=int2"], "unknown quantize.embedding 'int2'; allowed: fp32, fp16, int8, int4"),
     (["quantize.embedding=int8", "train.params=all"], "train.params=all trains the embedding"),
+    (["act.bits=5"], "unknown act.bits 5; allowed: 4, 8, 16"),
+    (["smooth=smoothquant", "smooth.alphas=[0.5,1.5]"], "smooth.alphas=[0.5, 1.5]: must be a non-empty list of numbers"),
+    (["smooth.enabled=yes"], "smooth.enabled='yes': must be true or false"),
+    (["+method.act_bits=4"], "method.act_bits is now act=int4 | int8 | none"),
+    (["method=w11a14", "+method.window=32"], "method.window=32: not a knob of method=w11a14"),
 ]
 
 
@@ -385,8 +394,8 @@ def test_ptq_cache_is_keyed_on_the_weights_not_the_name(tmp_path, monkeypatch):
                                     ["method=pbllm_qat", "salient_ratio=0.1", "method.salient_bits=4"],  # a code stream
                                     ["method=dyngroup", "method.groups=4", "init=rtn"],
                                     ["method=w11a14", "init=rtn"],
-                                    ["method=w11a14", "init=rtn", "method.smooth=true", "method.block=32"],
-                                    ["method=fp16", "method.act_bits=4"]])
+                                    ["method=w11a14", "init=rtn", "smooth=smoothquant", "method.block=32"],
+                                    ["method=fp16", "act=int4"]])
 def test_export_size_matches_storage_bits_and_eval_cli(method, compose, tmp_path):
     from safetensors import safe_open
 
@@ -483,7 +492,7 @@ def test_a_data_free_method_runs_no_calibration_and_records_rtn(compose, tmp_pat
         raise AssertionError("calibration windows were cut for a data-free method")
 
     monkeypatch.setattr(LMDataModule, "calibration", no_calibration)
-    res, _ = run_cfg(compose, tmp_path, ["method=fp16", "method.act_bits=4", "init=gptq_hessian", "trainer.max_steps=0"])
+    res, _ = run_cfg(compose, tmp_path, ["method=fp16", "act=int4", "init=gptq_hessian", "trainer.max_steps=0"])
     assert res["init"] == "rtn" and res["status"] == "ok"
 
 

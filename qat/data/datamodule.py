@@ -12,7 +12,8 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorData
 
 from qat.data.corpora import load_corpus
 from qat.errors import QATError
-from qat.fetch import atomic_write_bytes, cache_dir
+from qat.fetch import cache_dir
+from qat.io import atomic_write_bytes
 from qat.models.load import encode
 
 

@@ -69,7 +69,7 @@ def cached_perplexity(model: nn.Module, tokens: torch.Tensor, seq_len: int, max_
         pass  # no entry (or a damaged one): measure
     value, count = compute()
     try:
-        from qat.fetch import atomic_write_bytes
+        from qat.io import atomic_write_bytes
 
         atomic_write_bytes(path, json.dumps({"ppl": value, "count": count}).encode())
     except OSError as e:  # a cache is an optimisation: a full or read-only disk must not end the run

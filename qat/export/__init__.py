@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from qat.errors import QATError
-from qat.fetch import atomic_dir
+from qat.io import atomic_dir
 from qat.methods import build_method
 from qat.models.tokenizer import ByteTokenizer, hf_byte_tokenizer
 from qat.nn.embedding import (

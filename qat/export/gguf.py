@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import sys
 import tempfile
@@ -36,6 +35,7 @@ from torch import Tensor
 
 from qat.errors import QATError, check_choice
 from qat.export import ggml_blocks as blocks
+from qat.io import atomic_file
 
 FLOAT_TYPES = ["auto", "f32", "f16", "q8_0", "q4_0"]
 
@@ -140,11 +140,11 @@ def check_method(method: str, params: dict[str, Any]) -> None:
     if params.get("act_bits", 16) < 16:
         raise QATError(f"{setting} act_bits={params['act_bits']}: llama.cpp quantizes activations its own way "
                        "(Q8_0), so a model trained on INT-k activations would compute something else; "
-                       "export a run with act_bits=16")
+                       "export a run with act=none (act_bits=16)")
     if params.get("smooth"):
         raise QATError(f"{setting} smooth=true: smoothing divides some layers' inputs by stored factors "
                        "(where no norm absorbs them) and llama.cpp has no such op; export a run with "
-                       "method.smooth=false")
+                       "smooth=none")
 
 
 def check_layer(name: str, in_features: int, group_size: int) -> None:
@@ -502,33 +502,29 @@ def write_gguf(path: Path, out: Path | None = None, float_type: str = "auto", pr
     out = out / "model.gguf" if out.is_dir() else out
     if not out.parent.is_dir():
         raise QATError(f"--out {out}: folder {out.parent} does not exist")
-    fd, tmp_name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(tmp_name)
     writer = None
     try:
-        writer = gguf.GGUFWriter(str(tmp), "llama")
-        writer.add_name(str(src.config.get("qat_model_name") or src.folder.name))
-        for key, value in llama_metadata(src.config).items():  # each key is a GGUFWriter.add_<key>
-            getattr(writer, f"add_{key}")(value)
-        writer.add_file_type(file_type(tensors))
-        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        tokenizer = add_tokenizer(writer, src, pre)
-        for t in tensors:
-            raw = None if t.ggml_type in ("F16", "F32") else gguf.GGMLQuantizationType[t.ggml_type]
-            writer.add_tensor(t.name, t.data, raw_dtype=raw)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        writer = None
-        os.replace(tmp, out)
+        with atomic_file(out) as tmp:
+            writer = gguf.GGUFWriter(str(tmp), "llama")
+            writer.add_name(str(src.config.get("qat_model_name") or src.folder.name))
+            for key, value in llama_metadata(src.config).items():  # each key is a GGUFWriter.add_<key>
+                getattr(writer, f"add_{key}")(value)
+            writer.add_file_type(file_type(tensors))
+            writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+            tokenizer = add_tokenizer(writer, src, pre)
+            for t in tensors:
+                raw = None if t.ggml_type in ("F16", "F32") else gguf.GGMLQuantizationType[t.ggml_type]
+                writer.add_tensor(t.name, t.data, raw_dtype=raw)
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+            writer.close()
+            writer = None
     except OSError as e:
         raise QATError(f"could not write {out}: {e.strerror or e}") from None
     finally:
-        if writer is not None:
+        if writer is not None:  # the failure was inside the writer: release its file
             writer.close()
-        tmp.unlink(missing_ok=True)
     n_params = sum(t.params for t in tensors)
     size = out.stat().st_size
     return {"file": str(out), "bytes": size, "parameters": n_params, "bits_per_weight": size * 8 / n_params,

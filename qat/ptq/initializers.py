@@ -19,7 +19,8 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from qat.errors import QATError, check_choice
-from qat.fetch import atomic_write_bytes, cache_dir
+from qat.fetch import cache_dir
+from qat.io import atomic_write_bytes
 from qat.methods.base import Method
 from qat.nn.qat_linear import quantizable_linears
 from qat.ptq.calibrate import sequential_quantize

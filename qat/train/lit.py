@@ -1,4 +1,5 @@
-"""The LightningModule: LM loss (CE, KL to a frozen fp teacher, or a mix), AdamW, cosine."""
+"""The LightningModule: LM loss (CE, KL to a frozen fp teacher, or a mix); the optimizer and the
+cosine schedule are built from conf/optim (hydra.utils.instantiate)."""
 from __future__ import annotations
 
 import math
@@ -6,6 +7,8 @@ import math
 import lightning as L
 import torch
 import torch.nn.functional as F
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
 from torch import nn
 
 from qat.errors import QATError, TrainingDiverged, check_choice
@@ -59,17 +62,22 @@ def select_trainable(model: nn.Module, which: str) -> dict[str, int]:
 OPTIMIZERS = ["adamw", "adamw8bit"]
 
 
+def cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int,
+                    min_lr_ratio: float) -> torch.optim.lr_scheduler.LambdaLR:
+    """optim.scheduler's target: cosine_with_warmup per step."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: cosine_with_warmup(s, int(warmup_steps), total_steps, float(min_lr_ratio)))
+
+
 def build_optimizer(params: list[dict], cfg: dict) -> torch.optim.Optimizer:
-    name = cfg.get("name", "adamw")
-    check_choice("optim.name", name, OPTIMIZERS)
-    kw = dict(lr=float(cfg["lr"]), betas=tuple(cfg.get("betas", (0.9, 0.95))), eps=float(cfg.get("eps", 1e-8)))
-    if name == "adamw8bit":
-        try:
-            import bitsandbytes as bnb
-        except ImportError:
-            raise QATError("optim.name=adamw8bit needs bitsandbytes") from None
-        return bnb.optim.AdamW8bit(params, **kw)
-    return torch.optim.AdamW(params, **kw)
+    """optim.optimizer (a `_partial_` target) on the parameter groups; optim.lr is its default lr."""
+    check_choice("optim.name", cfg["name"], OPTIMIZERS)
+    target = cfg["optimizer"]["_target_"]
+    try:
+        make = instantiate(cfg["optimizer"], _convert_="all")
+    except InstantiationException:  # the target's package is not installed (bitsandbytes)
+        raise QATError(f"optim.name={cfg['name']} needs {target.split('.')[0]}") from None
+    return make(params, lr=float(cfg["lr"]))
 
 
 def param_groups(model: nn.Module, cfg: dict) -> list[dict]:
@@ -79,9 +87,9 @@ def param_groups(model: nn.Module, cfg: dict) -> list[dict]:
     sigmoid' = 0.018: at 1e-3 a clip would stay within 0.2 % of its start over 100 steps); fp
     parameters (norms, embedding) at optim.lr_fp (null: lr), decayed by optim.weight_decay where 2-D."""
     lr = float(cfg["lr"])
-    lr_fp = lr if cfg.get("lr_fp") is None else float(cfg["lr_fp"])
-    lr_clip = lr if cfg.get("lr_clip") is None else float(cfg["lr_clip"])
-    wd = float(cfg.get("weight_decay", 0.0))
+    lr_fp = lr if cfg["lr_fp"] is None else float(cfg["lr_fp"])
+    lr_clip = lr if cfg["lr_clip"] is None else float(cfg["lr_clip"])
+    wd = float(cfg["weight_decay"])
     kinds: dict[int, tuple[float, float]] = {}
     for m in model.modules():
         if isinstance(m, QATLinear):
@@ -102,7 +110,7 @@ class LitQAT(L.LightningModule):
         self.model, self.optim_cfg, self.distill_cfg = model, optim, distill
         self.method_record = method  # {"name", "params"}: saved in checkpoints, checked on resume
         self.total_steps = total_steps
-        self.alpha = float(distill.get("alpha", 0.0))
+        self.alpha = float(distill["alpha"])
         if not 0.0 <= self.alpha <= 1.0:
             raise QATError(f"distill.alpha={self.alpha} is outside [0, 1]")
         if self.alpha > 0 and teacher is None:
@@ -134,7 +142,7 @@ class LitQAT(L.LightningModule):
             teacher = self.teacher[0].to(tokens.device)
             with torch.no_grad():
                 t_logits = teacher(tokens).logits
-            kd = distill_loss(logits, t_logits, float(self.distill_cfg.get("temperature", 1.0)))
+            kd = distill_loss(logits, t_logits, float(self.distill_cfg["temperature"]))
             loss = (1 - self.alpha) * ce + self.alpha * kd
             self.log("train/kd", kd)
         if not torch.isfinite(loss):
@@ -166,8 +174,5 @@ class LitQAT(L.LightningModule):
 
     def configure_optimizers(self):
         opt = build_optimizer(param_groups(self.model, self.optim_cfg), self.optim_cfg)
-        warmup = int(self.optim_cfg.get("warmup_steps", 0))
-        min_ratio = float(self.optim_cfg.get("min_lr_ratio", 0.1))
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: cosine_with_warmup(s, warmup, self.total_steps, min_ratio))
+        sched = instantiate(self.optim_cfg["scheduler"])(opt, total_steps=self.total_steps)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
