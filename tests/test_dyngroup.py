@@ -141,7 +141,7 @@ def test_gptq_hand_over_is_exact(scope):
     method = build_method("dyngroup", groups=4, scope=scope, lambda_reg=0.0)
     quantizer = method.gptq_quantizer(W, torch.ones(256), block_size=64)
     result = gptq(W, H, quantizer, block_size=64)
-    state = method.state_from_gptq(result, quantizer)
+    state = method.state_from_gptq(result, quantizer.record())
     q = method.fake_quant(state["latent"], {"group_ids": state["group_ids"]})
     assert torch.equal(q, result.quantized)
     # error compensation pays: lower output error than the data-free grouping

@@ -3,11 +3,11 @@ import pytest
 import torch
 
 from qat.methods import build_method
+from qat.methods.kbit import KBitQuantizer
+from qat.methods.pbllm import PartialBinaryQuantizer
 from qat.models.load import tiny_llama
 from qat.nn import convert, prepare
 from qat.ptq.gptq import (
-    KBitQuantizer,
-    PartialBinaryQuantizer,
     gptq,
     inverse_hessian_factor,
     prepare_hessian,
@@ -106,7 +106,7 @@ def test_blocked_equals_plain_partial_binary(group_size):
     quantizer = PartialBinaryQuantizer(Wp, 0.1, 8, group_size=group_size, block_size=W.shape[1])
     blocked = gptq(W, H, quantizer, block_size=W.shape[1])
     mask = topk_mask(Wp.abs(), 0.1)
-    assert torch.equal(quantizer.mask, mask)
+    assert torch.equal(quantizer.record().mask, mask)
     s, z = minmax_rows(Wp, 8)  # salient scale/zero: per row, over the row's initial range
     alpha_full = masked_mean_abs(Wp, ~mask, group_size).half().float()
 
@@ -153,14 +153,14 @@ def test_pbgptq_mask_is_fixed_per_block_from_the_compensated_weights(metric, gro
     oracle, fp_mask, start = torch.cat(oracle, 1), torch.cat(fp_mask, 1), torch.cat(starts, 1)
     # the oracle can tell the two apart: compensation has moved the later blocks' masks
     assert torch.equal(oracle[:, :32], fp_mask[:, :32]) and not torch.equal(oracle[:, 32:], fp_mask[:, 32:])
-    assert torch.equal(quantizer.mask, oracle)
+    assert torch.equal(quantizer.record().mask, oracle)
     # alpha: per group, from its block's start (the same weights and mask); per row, up front from
     # the fp weights under the per-block mask rule
     if group_size:
         want = masked_mean_abs(start, ~oracle, group_size)[:, ::group_size]
     else:
         want = masked_mean_abs(W0, ~fp_mask, 0)[:, :1]
-    torch.testing.assert_close(quantizer.alpha, want.half().float(), rtol=1e-3, atol=0)
+    torch.testing.assert_close(quantizer.record().alpha, want.half().float(), rtol=1e-3, atol=0)
     assert out_err(W, result.quantized, X) < out_err(W, rtn_pbllm(method, W0.float()), X)
 
 
@@ -207,7 +207,7 @@ def test_pbgptq_state_fake_quantizes_to_gptqs_own_output(real_layer, metric, gro
     method = build_method("pbllm_qat", salient_ratio=0.1, salient_metric=metric, group_size=group_size)
     quantizer = method.gptq_quantizer(Wp, saliency_denominator(U, "obs"), 128)
     result = gptq(W, H, quantizer, block_size=128)
-    state = method.state_from_gptq(result, quantizer)
+    state = method.state_from_gptq(result, quantizer.record())
     buffers = {k: v for k, v in state.items() if k != "latent"}
     assert torch.equal(method.fake_quant(state["latent"], buffers), result.quantized)
     # the latent weights keep GPTQ's signs (and so their magnitudes rank the next sign flips)

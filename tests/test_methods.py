@@ -180,3 +180,20 @@ def test_optimizer_groups_never_decay_latent_weights_and_give_clips_their_lr():
     model[0].weight.grad = torch.zeros_like(model[0].weight)  # decay alone would move it
     opt.step()
     assert torch.equal(model[0].weight.detach().abs().mean(), before)
+
+
+def test_methods_import_only_the_pure_packages():
+    """qat/methods depends on qat.quant, qat.kernels and qat.errors alone (qat.ptq imports the
+    methods, never the other way round): no import cycle, no lazy-import workaround."""
+    import ast
+    from pathlib import Path
+
+    import qat.methods
+
+    allowed = ("qat.quant", "qat.kernels", "qat.errors", "qat.methods")
+    for path in Path(qat.methods.__file__).parent.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        names = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+        names += [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module]
+        bad = [n for n in names if n.split(".")[0] == "qat" and not n.startswith(allowed)]
+        assert not bad, f"{path.name} imports {bad}"

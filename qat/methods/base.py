@@ -9,6 +9,11 @@ which QATLinear fake-quantizes with a learnable clipping factor and PackedLinear
 and, optionally, derived(packed): tensors the kernels read that are functions of the stored ones
 (computed once per layer by PackedLinear, never stored, so never counted in the bits).
 QATLinear and PackedLinear never look at a method's name.
+
+With init=gptq_hessian a method also supplies a ColumnQuantizer (gptq_quantizer): the generic
+GPTQ loop (qat.ptq.gptq) calls it column by column, and state_from_gptq turns the loop's
+GPTQResult and the quantizer's record() into the QATLinear state. Both types live here, so that
+qat.ptq imports qat.methods and never the other way round.
 """
 from __future__ import annotations
 
@@ -19,6 +24,34 @@ import torch
 from torch import Tensor
 
 from qat.errors import QATError
+
+
+@dataclass
+class GPTQResult:
+    """What the GPTQ loop returns for one matrix (original column order)."""
+    quantized: Tensor     # Q: [out, in], the dequantized weights
+    compensated: Tensor   # W': each column's value right before it was quantized
+    hinv_diag: Tensor     # diagonal of the upper Cholesky factor of H^-1
+    damp: float           # the damping that made H positive definite
+    retries: int = 0
+
+
+class ColumnQuantizer:
+    """The per-method part of GPTQ. The loop calls begin_block once per block of columns, then
+    column for each of them; afterwards record() is what state_from_gptq reads (the parameters
+    and choices the quantizer made, as a small dataclass of the method's own)."""
+
+    def begin_block(self, W: Tensor, i1: int, i2: int, cols: Tensor) -> None:
+        """Fix per-block parameters. W is the whole matrix in GPTQ's column order as of this
+        block's start (earlier blocks' lazy updates applied); cols = original column indices."""
+
+    def column(self, w: Tensor, pos: int, col: int) -> Tensor:
+        """Quantize the column at position `pos` of GPTQ's order (original index `col`)."""
+        raise NotImplementedError
+
+    def record(self) -> Any:
+        """What the quantizer chose (scales, masks, ids): state_from_gptq's input."""
+        raise NotImplementedError
 
 
 def check_ste_clip(clip: object) -> None:
@@ -56,13 +89,14 @@ class Method:
     data_free_only: ClassVar[bool] = False
 
     def gptq_quantizer(self, weight: Tensor, denominator: Tensor, block_size: int = 128,
-                       hdiag: Tensor | None = None) -> Any:
-        """The column quantizer GPTQ runs with (qat.ptq.gptq.Quantizer). `denominator`: the Hessian
-        saliency's d_j; `hdiag`: diag(H), for methods that weight by it."""
+                       hdiag: Tensor | None = None) -> ColumnQuantizer:
+        """The column quantizer GPTQ runs with. `denominator`: the Hessian saliency's d_j;
+        `hdiag`: diag(H), for methods that weight by it."""
         raise NotImplementedError
 
-    def state_from_gptq(self, result: Any, quantizer: Any) -> dict[str, Tensor]:
-        """The QATLinear state whose fake_quant is GPTQ's output (result.quantized) exactly."""
+    def state_from_gptq(self, result: GPTQResult, record: Any) -> dict[str, Tensor]:
+        """The QATLinear state whose fake_quant is GPTQ's output (result.quantized) exactly;
+        `record`: the quantizer's record()."""
         raise NotImplementedError
 
     def check_layer(self, name: str, out_features: int, in_features: int, gptq_block: int | None) -> None:

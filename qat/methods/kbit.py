@@ -15,10 +15,44 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from qat.errors import QATError, check_int
-from qat.methods.base import Method, check_group_size
-from qat.ptq.gptq import GPTQResult, KBitQuantizer
+from qat.methods.base import ColumnQuantizer, GPTQResult, Method, check_group_size
 from qat.quant.bits import tensor_bits
 from qat.quant.kbit import fake_quant_kbit, kbit_codes, minmax_params, pack_codes, unpack_codes
+
+
+@dataclass
+class KBitRecord:
+    """The grid GPTQ quantized with: scale and zero [out, groups]."""
+    scale: Tensor
+    zero: Tensor
+
+
+class KBitQuantizer(ColumnQuantizer):
+    """Asymmetric min/max k-bit per row, or per group of `group_size` columns whose parameters
+    are set when the group starts, from the matrix as of the current block's start (as the
+    reference does). Columns are in GPTQ's (possibly permuted) order."""
+
+    def __init__(self, W: Tensor, bits: int, group_size: int = 0):
+        self.bits, self.group_size = bits, group_size
+        out_f, in_f = W.shape
+        self.n_groups = 1 if group_size == 0 else in_f // group_size
+        self.scale = torch.zeros(out_f, self.n_groups, device=W.device)
+        self.zero = torch.zeros(out_f, self.n_groups, device=W.device)
+        if group_size == 0:
+            self.scale[:, 0], self.zero[:, 0] = minmax_params(W, bits)
+
+    def begin_block(self, W: Tensor, i1: int, i2: int, cols: Tensor) -> None:
+        self.W = W
+
+    def column(self, w: Tensor, pos: int, col: int) -> Tensor:
+        g = 0 if self.group_size == 0 else pos // self.group_size
+        if self.group_size and pos % self.group_size == 0:
+            self.scale[:, g], self.zero[:, g] = minmax_params(self.W[:, pos: pos + self.group_size], self.bits)
+        s, z = self.scale[:, g], self.zero[:, g]
+        return (torch.clamp(torch.round(w / s) + z, 0, 2**self.bits - 1) - z) * s
+
+    def record(self) -> KBitRecord:
+        return KBitRecord(self.scale, self.zero)
 
 
 @dataclass
@@ -55,8 +89,8 @@ class KBit(Method):
                        hdiag: Tensor | None = None) -> KBitQuantizer:
         return KBitQuantizer(weight.float(), self.bits, self.group_size)
 
-    def state_from_gptq(self, result: GPTQResult, quantizer: KBitQuantizer) -> dict[str, Tensor]:
-        return {"latent": result.compensated, "scale": quantizer.scale.clone(), "zero": quantizer.zero.clone()}
+    def state_from_gptq(self, result: GPTQResult, record: KBitRecord) -> dict[str, Tensor]:
+        return {"latent": result.compensated, "scale": record.scale.clone(), "zero": record.zero.clone()}
 
     def fake_quant(self, latent: Tensor, buffers: dict[str, Tensor]) -> Tensor:
         return fake_quant_kbit(latent, buffers["scale"], buffers["zero"], self.bits)

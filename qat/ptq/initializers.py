@@ -80,7 +80,7 @@ def gptq_hessian_states(model: nn.Module, method: Method, init_cfg: dict, skip: 
             return data_free.init_state(lin.weight.detach().float())
         if result.retries:
             log.warning("%s: Cholesky needed percdamp=%g", name, result.damp)
-        return method.state_from_gptq(result, quantizer)
+        return method.state_from_gptq(result, quantizer.record())
 
     def fake_quant(state: dict[str, Tensor]) -> Tensor:
         buffers = {k: v for k, v in state.items() if k != "latent"}
