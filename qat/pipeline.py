@@ -44,7 +44,7 @@ from qat.ptq.gptq import SALIENCY_KINDS
 from qat.ptq.initializers import INITIALIZERS, initialize
 from qat.ptq.reconstruct import reconstruct_blocks
 from qat.ptq.smooth import smooth_model
-from qat.train import AtomicModelCheckpoint, LitQAT, QuantHealth, Regroup
+from qat.train import AtomicModelCheckpoint, LitQAT, QuantHealth, RefreshBuffers
 from qat.train.lit import OPTIMIZERS, TRAINABLE, select_trainable
 from qat.train.precision import resolve_precision
 from qat.train.sharding import fsdp_strategy, full_state_dict, is_sharded
@@ -174,8 +174,9 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
         t["strategy"] = DDPStrategy(broadcast_buffers=False)
     logger = build_logger(cfg)
     callbacks = [QuantHealth(every=int(cfg.quant_health_every))]
-    if int(cfg.method.get("regroup_every", 0) or 0) > 0:
-        callbacks.append(Regroup(int(cfg.method.regroup_every)))
+    refresh_every = method_from_cfg(cfg).refresh_every()  # e.g. dyngroup's method.regroup_every
+    if refresh_every > 0:
+        callbacks.append(RefreshBuffers(refresh_every))
     if not sys.stdout.isatty():  # the rich bar draws nothing into a log file; tqdm lines do
         callbacks.append(TQDMProgressBar(refresh_rate=5))
     if cfg.checkpoint.enabled:
@@ -298,11 +299,11 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         input_scales, smooth_rows = smooth_model(model, smooth_calib, method, skip)
         if rank_zero():
             atomic_write_bytes(run_dir / "smoothing.json", json.dumps(smooth_rows, indent=1).encode())
-    states = initialize(model, method, init_name, skip, calib, init_cfg, loaded.name,
-                        use_cache=bool(init_cfg.get("cache", False)))
+    seed = initialize(model, method, init_name, skip, calib, init_cfg, loaded.name,
+                      use_cache=bool(init_cfg.get("cache", False)))
+    states, errors = seed.states, seed.errors
     for name, scale in input_scales.items():  # no norm before these linears: they keep the factor
         states[name]["input_scale"] = scale
-    errors = getattr(initialize, "last_errors", None) if calib is not None else None
     if errors and rank_zero():
         atomic_write_bytes(run_dir / "calibration_errors.json", json.dumps(errors, indent=1).encode())
     prepare(model, method, states)
@@ -404,7 +405,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     seconds["total"] = time.time() - started
     results = {
         "method": method.name, "init": init_name, "model": loaded.name,
-        "salient_ratio": getattr(method, "salient_ratio", None),
+        **method.report_fields(calibrated=init_name != "rtn"),  # salient_ratio; a data-free seed's settings
         "ppl": {"fp": ppl_fp, "init": ppl_init, "final": ppl_final, **({"ptq": ppl_ptq} if ppl_ptq else {}),
                 **({"val_last": ppl_val} if ppl_val is not None else {})},
         "eval_tokens": eval_tokens,
@@ -414,12 +415,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         "train_tokens": train_tokens, "seconds": seconds, "status": "ok",
         **({"gguf": gguf} if gguf else {}), **layer_stats,
     }
-    if init_name == "rtn" and getattr(method, "salient_metric", None) == "hessian":
-        # no Hessians without calibration: the data-free seed ranks salient weights by |w| (recorded,
-        # not only logged)
-        results["salient_metric"] = "magnitude (init=rtn: no calibration Hessians)"
     if errors:  # GPTQ layers, and those whose Hessian stayed indefinite and got the data-free seed
-        results["calibration"] = {"layers": len(errors), "rtn_fallback": sum(1 for e in errors if e.get("fallback"))}
+        results["calibration"] = seed.calibration_counts()
     atomic_write_bytes(run_dir / "results.json", json.dumps(results, indent=1).encode())
     print_table(results)
     wandb_run = log_results(cfg, results, errors, trainer.logger if trainer is not None else None,

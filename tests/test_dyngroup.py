@@ -120,7 +120,7 @@ def test_alpha_gets_gradients_through_the_ste():
 def test_storage_counts_the_group_ids_and_the_paper_count_leaves_them_out(groups, planes):
     method = build_method("dyngroup", groups=groups, scope="matrix")  # the paper's count: G scales per matrix
     model = tiny_llama({})
-    prepare(model, method, initialize(model, method, "rtn", ["lm_head"]))
+    prepare(model, method, initialize(model, method, "rtn", ["lm_head"]).states)
     convert(model)
     layer = next(m for m in model.modules() if isinstance(m, PackedLinear))
     assert layer.group_planes.shape[0] == planes

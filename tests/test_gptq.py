@@ -244,9 +244,9 @@ def test_engine_states_seed_qat_and_pack(params):
     method = build_method(**params)
     calib = torch.randint(0, 257, (4, 32), generator=torch.Generator().manual_seed(0))
     torch.manual_seed(0)
-    states = initialize(tiny_llama({}), method, "gptq_hessian", ["lm_head"], calib)
+    seed = initialize(tiny_llama({}), method, "gptq_hessian", ["lm_head"], calib)
+    states, errors = seed.states, seed.errors
     assert len(states) == 14  # 7 linears x 2 layers
-    errors = initialize.last_errors
     assert len(errors) == 14 and all(0 <= e["rel_output_error"] < 1 for e in errors)
     model = tiny_llama({})
     prepare(model, method, states)
@@ -278,8 +278,8 @@ def test_indefinite_hessian_falls_back_to_rtn_for_that_layer_and_is_recorded(mon
     model = tiny_llama({})
     method = build_method("pbllm_qat", salient_ratio=0.1, salient_metric="hessian")
     calib = torch.randint(0, 257, (4, 32))
-    states = initialize(model, method, "gptq_hessian", ["lm_head"], calib, {"true_sequential": False})
-    errors = initialize.last_errors
+    seed = initialize(model, method, "gptq_hessian", ["lm_head"], calib, {"true_sequential": False})
+    states, errors = seed.states, seed.errors
     fell_back = {e["layer"] for e in errors if e.get("fallback") == "rtn"}
     down = {n for n in states if n.endswith("mlp.down_proj")}
     assert fell_back == down and down
@@ -304,3 +304,27 @@ def test_one_architecture_table_serves_calibration_and_smoothing():
     model.config.model_type = "gpt2"
     with pytest.raises(QATError, match="method.smooth=true does not know model_type='gpt2'.*known: llama"):
         architecture(model, "method.smooth=true")
+
+
+def test_act_order_is_an_init_setting_for_any_method_without_column_groups():
+    """GPTQ's column order is set in one place, init.act_order: method.act_order (a field kept so
+    that exports written before still load) is an error, a method with scale groups of contiguous
+    columns refuses act order, and a per-row one hands GPTQ's act-order output over exactly."""
+    from qat.errors import QATError
+
+    with pytest.raises(QATError, match="init.act_order=true"):
+        build_method("gptq", act_order=True)
+    calib = torch.randint(0, 257, (2, 32), generator=torch.Generator().manual_seed(0))
+    for params in (dict(name="gptq", bits=3, group_size=32), dict(name="pbllm_qat", group_size=32)):
+        with pytest.raises(QATError, match="init.act_order=true with a method group_size > 0"):
+            initialize(tiny_llama({}), build_method(**params), "gptq_hessian", ["lm_head"], calib,
+                       {"act_order": True})
+    W, H, _ = random_layer(seed=4)
+    Wp = prepare_hessian(W, H)[0]
+    for params in (dict(name="gptq", bits=3), dict(name="pbllm_qat", salient_ratio=0.1), dict(name="dyngroup")):
+        method = build_method(**params)
+        quantizer = method.gptq_quantizer(Wp, torch.ones(W.shape[1]), 32)
+        result = gptq(W, H, quantizer, block_size=32, act_order=True)
+        state = method.state_from_gptq(result, quantizer.record())
+        buffers = {k: v for k, v in state.items() if k != "latent"}
+        assert torch.equal(method.fake_quant(state["latent"], buffers), result.quantized), method.name

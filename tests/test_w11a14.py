@@ -164,7 +164,8 @@ def test_calibration_sees_the_quantized_activations():
     states = {}
     for bits in (4, 16):
         method = build_method("pbllm_qat", salient_ratio=0.1, salient_metric="hessian", act_bits=bits)
-        states[bits] = initialize(tiny_llama({}), method, "gptq_hessian", ["lm_head"], calib, {"true_sequential": False})
+        states[bits] = initialize(tiny_llama({}), method, "gptq_hessian", ["lm_head"], calib,
+                                  {"true_sequential": False}).states
     name = "model.layers.1.mlp.down_proj"
     assert not torch.equal(states[4][name]["latent"], states[16][name]["latent"])
 

@@ -8,6 +8,8 @@ which QATLinear fake-quantizes with a learnable clipping factor and PackedLinear
   packed_linear(x, packed)      -> the inference form's output, through qat.kernels ops
 and, optionally, derived(packed): tensors the kernels read that are functions of the stored ones
 (computed once per layer by PackedLinear, never stored, so never counted in the bits).
+The rest of the code asks a method through the hooks at the end of the class (data_free,
+check_act_order, frozen_mask, refresh, report_fields), each with a default, never by its fields.
 QATLinear and PackedLinear never look at a method's name.
 
 With init=gptq_hessian a method also supplies a ColumnQuantizer (gptq_quantizer): the generic
@@ -17,6 +19,7 @@ qat.ptq imports qat.methods and never the other way round.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -142,3 +145,43 @@ class Method:
     def health(self, latent: Tensor, buffers: dict[str, Tensor]) -> dict[str, Tensor]:
         """Per-layer statistics for the quantization-health log (optional)."""
         return {}
+
+    # -- what the generic code asks a method (instead of reading its fields by name) -----------
+    def data_free(self) -> Method:
+        """The method as a seed without calibration Hessians runs it (init=rtn, smoothing's
+        search, layers the calibration engine does not reach). Default: itself."""
+        return self
+
+    def check_act_order(self) -> None:
+        """Raise QATError if GPTQ cannot visit this method's columns in descending diag(H)
+        order (init.act_order=true), e.g. scale groups of contiguous columns."""
+
+    def frozen_mask(self, buffers: dict[str, Tensor]) -> Tensor | None:
+        """Weights training does not move (e.g. PB-LLM's salient ones, stored as codes): the
+        health log leaves them out of the sign-flip rate. None: every weight trains."""
+        return None
+
+    def refresh_every(self) -> int:
+        """QAT steps between calls of `refresh` (0: never)."""
+        return 0
+
+    def refresh(self, latent: Tensor, buffers: dict[str, Tensor]) -> dict[str, Tensor]:
+        """New values for some of the frozen buffers, from the current latent weights (e.g.
+        dyngroup's regrouping), copied in place during QAT every `refresh_every` steps."""
+        return {}
+
+    def report_fields(self, calibrated: bool) -> dict[str, Any]:
+        """What results.json records of the method besides its name: `salient_ratio` (a column
+        of the runs' table; None where the method has none) and, for a seed run without
+        calibration (`calibrated` false), each setting it ran with instead of the configured one."""
+        fields: dict[str, Any] = {"salient_ratio": None}
+        if not calibrated:
+            fields.update({k: f"{v} (init=rtn: no calibration Hessians)"
+                           for k, v in changed_settings(self, self.data_free()).items()})
+        return fields
+
+
+def changed_settings(method: Method, other: Method) -> dict[str, Any]:
+    """The settings (dataclass fields) in which `other` differs from `method`, with other's values."""
+    return {f.name: getattr(other, f.name) for f in dataclasses.fields(method)
+            if getattr(other, f.name) != getattr(method, f.name)}

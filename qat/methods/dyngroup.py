@@ -132,6 +132,12 @@ class DynamicGrouping(Method):
         """New group ids from the current latent weights (method.regroup_every)."""
         return self.grouping(latent.detach()).to(torch.uint8)
 
+    def refresh_every(self) -> int:
+        return self.regroup_every
+
+    def refresh(self, latent: Tensor, buffers: dict[str, Tensor]) -> dict[str, Tensor]:
+        return {"group_ids": self.regroup(latent)}
+
     # -- training form ---------------------------------------------------------------------
     def init_state(self, weight: Tensor, hessian: Tensor | None = None) -> dict[str, Tensor]:
         return {"latent": weight.detach().clone(), "group_ids": self.grouping(weight).to(torch.uint8)}

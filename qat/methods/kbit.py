@@ -61,14 +61,21 @@ class KBit(Method):
     supports_gptq: ClassVar[bool] = True
     bits: int = 4
     group_size: int = 0   # 0: per row
+    # GPTQ's column order is init.act_order (a GPTQ setting, for every method); the field stays so
+    # that exports written with method.act_order=false still load
     act_order: bool = False
 
     def validate(self) -> None:
         if self.bits not in (2, 3, 4, 8):
             raise QATError(f"bits={self.bits!r}: allowed 2, 3, 4, 8")
         check_int("method.group_size", self.group_size, 0)
-        if self.act_order and self.group_size:
-            raise QATError("act_order=true with group_size>0 is not supported (groups would not be contiguous)")
+        if self.act_order:
+            raise QATError("method.act_order is set by init.act_order=true (GPTQ's column order, any method)")
+
+    def check_act_order(self) -> None:
+        if self.group_size:
+            raise QATError("init.act_order=true with a method group_size > 0 is not supported "
+                           "(groups would not be contiguous)")
 
     def check_layer(self, name: str, out_features: int, in_features: int, gptq_block: int | None) -> None:
         check_group_size(self.group_size, name, in_features, None)

@@ -16,8 +16,9 @@ stream (k bits each); the kernels read bytes / int16, so a stream is unpacked on
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -256,6 +257,23 @@ class PartialBinary(Method):
         nnz = salient_count(packed)
         scale_bits = tensor_bits(packed[k] for k in ("scales", "salient_scale", "salient_zero") if k in packed)
         return (n - nnz) + nnz * self.salient_bits + scale_bits
+
+    # -- hooks ------------------------------------------------------------------------------
+    def data_free(self) -> PartialBinary:
+        """Hessian saliency needs calibration: without it salient weights are chosen by |w|."""
+        if self.salient_metric == "hessian":
+            return dataclasses.replace(self, salient_metric="magnitude")
+        return self
+
+    def check_act_order(self) -> None:
+        if self.group_size:
+            raise QATError("init.act_order=true with a method group_size > 0 is not supported")
+
+    def frozen_mask(self, buffers: dict[str, Tensor]) -> Tensor:
+        return buffers["salient_mask"]
+
+    def report_fields(self, calibrated: bool) -> dict[str, Any]:
+        return {**super().report_fields(calibrated), "salient_ratio": self.salient_ratio}
 
     @torch.no_grad()
     def health(self, latent: Tensor, buffers: dict[str, Tensor]) -> dict[str, Tensor]:
