@@ -17,7 +17,15 @@ from torch import Tensor
 from qat.errors import QATError, check_int
 from qat.methods.base import ColumnQuantizer, GPTQResult, Method, check_group_size
 from qat.quant.bits import tensor_bits
-from qat.quant.kbit import fake_quant_kbit, kbit_codes, minmax_params, pack_codes, unpack_codes
+from qat.quant.kbit import (
+    dequantize_kbit,
+    fake_quant_kbit,
+    kbit_codes,
+    minmax_params,
+    pack_codes,
+    quantize_kbit,
+    unpack_codes,
+)
 
 
 @dataclass
@@ -49,7 +57,7 @@ class KBitQuantizer(ColumnQuantizer):
         if self.group_size and pos % self.group_size == 0:
             self.scale[:, g], self.zero[:, g] = minmax_params(self.W[:, pos: pos + self.group_size], self.bits)
         s, z = self.scale[:, g], self.zero[:, g]
-        return (torch.clamp(torch.round(w / s) + z, 0, 2**self.bits - 1) - z) * s
+        return dequantize_kbit(quantize_kbit(w, s, z, self.bits), s, z)
 
     def record(self) -> KBitRecord:
         return KBitRecord(self.scale, self.zero)
@@ -112,7 +120,7 @@ class KBit(Method):
         codes = unpack_codes(packed["codes"], self.bits, in_features).float()
         s, z = packed["scale"].float(), packed["zero"].float()
         g = in_features // s.shape[1]
-        w = (codes - z.repeat_interleave(g, 1)) * s.repeat_interleave(g, 1)
+        w = dequantize_kbit(codes, s.repeat_interleave(g, 1), z.repeat_interleave(g, 1))
         return F.linear(x, w.to(x.dtype))
 
     def packed_weight_bits(self, packed: dict[str, Tensor], out_features: int, in_features: int) -> float:

@@ -28,7 +28,7 @@ from qat.kernels import ops
 from qat.methods.base import ColumnQuantizer, GPTQResult, Method, check_group_size, check_ste_clip
 from qat.quant.binarize import binarize_ste, optimal_alpha, rescale_to_alpha
 from qat.quant.bits import tensor_bits
-from qat.quant.kbit import minmax_params, pack_code_stream, unpack_code_stream
+from qat.quant.kbit import dequantize_kbit, minmax_params, pack_code_stream, quantize_kbit, unpack_code_stream
 from qat.quant.packing import pack_bits, packed_words
 from qat.quant.salient import (
     dequantize_kbit_rows,
@@ -117,9 +117,8 @@ class PartialBinaryQuantizer(ColumnQuantizer):
     def column(self, w: Tensor, pos: int, col: int) -> Tensor:
         alpha = self.alpha[:, 0 if self.group_size == 0 else col // self.group_size]
         binary = torch.where(w >= 0, alpha, -alpha)
-        qmax = 2**self.bits - 1
-        salient = (torch.clamp(torch.round(w / self.salient_scale) + self.salient_zero, 0, qmax)
-                   - self.salient_zero) * self.salient_scale
+        s, z = self.salient_scale, self.salient_zero
+        salient = dequantize_kbit(quantize_kbit(w, s, z, self.bits), s, z)
         return torch.where(self.mask[:, col], salient, binary)
 
     def record(self) -> PartialBinaryRecord:
@@ -182,9 +181,8 @@ class PartialBinary(Method):
         (its per-row scale/zero) and a latent weight that keeps the compensated weights' signs
         and magnitudes, rescaled per alpha group so that alpha* recomputed from it is GPTQ's."""
         mask, Wc = record.mask, result.compensated
-        qmax = 2**self.salient_bits - 1
         scale, zero = record.salient_scale, record.salient_zero
-        codes = torch.clamp(torch.round(Wc / scale[:, None]) + zero[:, None], 0, qmax)
+        codes = quantize_kbit(Wc, scale[:, None], zero[:, None], self.salient_bits)
         codes = torch.where(mask, codes, torch.zeros_like(codes))
         code_dtype = torch.uint8 if self.salient_bits <= 8 else torch.int32
         latent = rescale_to_alpha(Wc, ~mask, record.alpha, self.group_size)
