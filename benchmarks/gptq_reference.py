@@ -107,7 +107,7 @@ def main() -> None:
         method = build_method("gptq", bits=bits, group_size=group)
         t0 = time.time()
         states = initialize(model, method, "gptq_hessian", skip, calib, OmegaConf.to_container(cfg.init, resolve=True),
-                            loaded.name)
+                            loaded.name).states
         prepare(model, method, states)
         row["project_seconds"] = time.time() - t0
         row["project_ppl"] = perplexity(model, data.test_tokens, seq_len, windows, desc=f"ppl project {spec}")[0]

@@ -68,7 +68,7 @@ def main() -> None:
     rows = {"fp": time_steps(fp, batch, args.steps)}
     teacher = copy.deepcopy(fp).eval().requires_grad_(False)
     method = build_method("pbllm_qat", salient_ratio=0.1)
-    qat = prepare(fp, method, initialize(fp, method, "rtn", ["lm_head"]))
+    qat = prepare(fp, method, initialize(fp, method, "rtn", ["lm_head"]).states)
     for which in ("all", "quantized+norms", "quantized"):
         select_trainable(qat, which)
         rows[f"qat[{which}]"] = time_steps(qat, batch, args.steps)

@@ -43,10 +43,10 @@ from qat.models import load_model
 from qat.nn import bits_report, convert, layer_stats_report, prepare, quantizable_linears
 from qat.nn.embedding import check_embedding_format, convert_embeddings, snap_embeddings
 from qat.ptq.gptq import SALIENCY_KINDS
-from qat.ptq.initializers import INITIALIZERS, initialize
+from qat.ptq.initializers import INITIALIZERS, InitResult, initialize
 from qat.ptq.reconstruct import reconstruct_blocks
 from qat.ptq.smooth import smooth_model
-from qat.train import AtomicModelCheckpoint, LitQAT, QuantHealth, Regroup
+from qat.train import AtomicModelCheckpoint, LitQAT, QuantHealth, RefreshBuffers
 from qat.train.lit import OPTIMIZERS, TRAINABLE, select_trainable
 from qat.train.precision import resolve_precision
 from qat.train.sharding import full_state_dict, is_sharded
@@ -178,8 +178,9 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
         t["strategy"] = instantiate(cfg.strategies[t["strategy"]])
     logger = build_logger(cfg)
     callbacks = [QuantHealth(every=int(cfg.quant_health_every))]
-    if int(cfg.method.get("regroup_every", 0) or 0) > 0:
-        callbacks.append(Regroup(int(cfg.method.regroup_every)))
+    refresh_every = method_from_cfg(cfg).refresh_every()  # e.g. dyngroup's method.regroup_every
+    if refresh_every > 0:
+        callbacks.append(RefreshBuffers(refresh_every))
     if not sys.stdout.isatty():  # the rich bar draws nothing into a log file; tqdm lines do
         callbacks.append(TQDMProgressBar(refresh_rate=5))
     if cfg.checkpoint.enabled:
@@ -238,7 +239,7 @@ class Seeded:
     states: dict[str, dict[str, torch.Tensor]]
     init: str                                # the seed that ran: rtn for a method that takes no data-dependent one
     teacher: nn.Module | None                # the frozen fp copy that QAT distills from (distill.alpha > 0)
-    calibration_errors: list[dict] | None    # GPTQ's per-layer errors (calibration_errors.json)
+    calibration: InitResult                  # the seed's states and GPTQ's per-layer errors (calibration_errors.json)
     ppl_ptq: float | None                    # before reconstruction (reconstruct.eval_ptq)
     ppl_init: float | None                   # None: the method quantizes nothing (the fp perplexity)
     seconds_calibrate: float
@@ -350,11 +351,11 @@ def seed(cfg: DictConfig, method: Method, loaded: Loaded, data: LMDataModule, ev
         input_scales, smooth_rows = smooth_model(model, smooth_calib, method, skip)
         if rank_zero():
             atomic_write_bytes(run_dir / "smoothing.json", json.dumps(smooth_rows, indent=1).encode())
-    states = initialize(model, method, init_name, skip, calib, init_cfg, loaded.name,
-                        use_cache=bool(init_cfg.get("cache", False)))  # init=rtn has no cache
+    init = initialize(model, method, init_name, skip, calib, init_cfg, loaded.name,
+                      use_cache=bool(init_cfg.get("cache", False)))  # init=rtn has no cache
+    states, errors = init.states, init.errors
     for name, scale in input_scales.items():  # no norm before these linears: they keep the factor
         states[name]["input_scale"] = scale
-    errors = getattr(initialize, "last_errors", None) if calib is not None else None
     if errors and rank_zero():
         atomic_write_bytes(run_dir / "calibration_errors.json", json.dumps(errors, indent=1).encode())
     prepare(model, method, states)
@@ -374,7 +375,7 @@ def seed(cfg: DictConfig, method: Method, loaded: Loaded, data: LMDataModule, ev
         seconds_reconstruct = time.time() - t0
     ppl_init = evaluate(model, "ppl init")[0] if method.quantizes else None
     log.info("ppl ptq = %s, ppl init = %s", ppl_ptq, ppl_init)
-    return Seeded(model, states, init_name, fp_model if kd else None, errors, ppl_ptq, ppl_init,
+    return Seeded(model, states, init_name, fp_model if kd else None, init, ppl_ptq, ppl_init,
                   seconds_calibrate, seconds_reconstruct)
 
 
@@ -471,7 +472,7 @@ def results_record(cfg: DictConfig, method: Method, loaded: Loaded, ppl_fp: floa
                 "seconds": seconds, **trained.stop_record}
     results = {
         **head,
-        "salient_ratio": getattr(method, "salient_ratio", None),
+        **method.report_fields(calibrated=seeded.init != "rtn"),  # salient_ratio; a data-free seed's settings
         "ppl": {"fp": ppl_fp, "init": ppl_init, "final": packed.ppl_final,
                 **({"ptq": seeded.ppl_ptq} if seeded.ppl_ptq else {}),
                 **({"val_last": trained.ppl_val} if trained.ppl_val is not None else {})},
@@ -482,13 +483,9 @@ def results_record(cfg: DictConfig, method: Method, loaded: Loaded, ppl_fp: floa
         "train_tokens": trained.tokens, "seconds": seconds, "status": "ok",
         **({"gguf": packed.gguf} if packed.gguf else {}), **packed.layer_stats,
     }
-    if seeded.init == "rtn" and getattr(method, "salient_metric", None) == "hessian":
-        # no Hessians without calibration: the data-free seed ranks salient weights by |w| (recorded,
-        # not only logged)
-        results["salient_metric"] = "magnitude (init=rtn: no calibration Hessians)"
-    errors = seeded.calibration_errors
-    if errors:  # GPTQ layers, and those whose Hessian stayed indefinite and got the data-free seed
-        results["calibration"] = {"layers": len(errors), "rtn_fallback": sum(1 for e in errors if e.get("fallback"))}
+    counts = seeded.calibration.calibration_counts()
+    if counts:  # GPTQ layers, and those whose Hessian stayed indefinite and got the data-free seed
+        results["calibration"] = counts
     return results
 
 
@@ -540,7 +537,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     write_results(run_dir, results)
     print_table(results)
     logger = trained.trainer.logger if trained.trainer is not None else None
-    wandb_run = log_results(cfg, results, seeded.calibration_errors, logger,
+    wandb_run = log_results(cfg, results, seeded.calibration.errors, logger,
                             run_dir / "export" if loaded.write_export else None)
     if wandb_run:  # so that eval.py's later accuracies join the same W&B run
         results["wandb"] = wandb_run

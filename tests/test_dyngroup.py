@@ -120,7 +120,7 @@ def test_alpha_gets_gradients_through_the_ste():
 def test_storage_counts_the_group_ids_and_the_paper_count_leaves_them_out(groups, planes):
     method = build_method("dyngroup", groups=groups, scope="matrix")  # the paper's count: G scales per matrix
     model = tiny_llama({})
-    prepare(model, method, initialize(model, method, "rtn", ["lm_head"]))
+    prepare(model, method, initialize(model, method, "rtn", ["lm_head"]).states)
     convert(model)
     layer = next(m for m in model.modules() if isinstance(m, PackedLinear))
     assert layer.group_planes.shape[0] == planes
@@ -141,7 +141,7 @@ def test_gptq_hand_over_is_exact(scope):
     method = build_method("dyngroup", groups=4, scope=scope, lambda_reg=0.0)
     quantizer = method.gptq_quantizer(W, torch.ones(256), block_size=64)
     result = gptq(W, H, quantizer, block_size=64)
-    state = method.state_from_gptq(result, quantizer)
+    state = method.state_from_gptq(result, quantizer.record())
     q = method.fake_quant(state["latent"], {"group_ids": state["group_ids"]})
     assert torch.equal(q, result.quantized)
     # error compensation pays: lower output error than the data-free grouping

@@ -3,11 +3,11 @@ import pytest
 import torch
 
 from qat.methods import build_method
+from qat.methods.kbit import KBitQuantizer
+from qat.methods.pbllm import PartialBinaryQuantizer
 from qat.models.load import tiny_llama
 from qat.nn import convert, prepare
 from qat.ptq.gptq import (
-    KBitQuantizer,
-    PartialBinaryQuantizer,
     gptq,
     inverse_hessian_factor,
     prepare_hessian,
@@ -106,7 +106,7 @@ def test_blocked_equals_plain_partial_binary(group_size):
     quantizer = PartialBinaryQuantizer(Wp, 0.1, 8, group_size=group_size, block_size=W.shape[1])
     blocked = gptq(W, H, quantizer, block_size=W.shape[1])
     mask = topk_mask(Wp.abs(), 0.1)
-    assert torch.equal(quantizer.mask, mask)
+    assert torch.equal(quantizer.record().mask, mask)
     s, z = minmax_rows(Wp, 8)  # salient scale/zero: per row, over the row's initial range
     alpha_full = masked_mean_abs(Wp, ~mask, group_size).half().float()
 
@@ -153,14 +153,14 @@ def test_pbgptq_mask_is_fixed_per_block_from_the_compensated_weights(metric, gro
     oracle, fp_mask, start = torch.cat(oracle, 1), torch.cat(fp_mask, 1), torch.cat(starts, 1)
     # the oracle can tell the two apart: compensation has moved the later blocks' masks
     assert torch.equal(oracle[:, :32], fp_mask[:, :32]) and not torch.equal(oracle[:, 32:], fp_mask[:, 32:])
-    assert torch.equal(quantizer.mask, oracle)
+    assert torch.equal(quantizer.record().mask, oracle)
     # alpha: per group, from its block's start (the same weights and mask); per row, up front from
     # the fp weights under the per-block mask rule
     if group_size:
         want = masked_mean_abs(start, ~oracle, group_size)[:, ::group_size]
     else:
         want = masked_mean_abs(W0, ~fp_mask, 0)[:, :1]
-    torch.testing.assert_close(quantizer.alpha, want.half().float(), rtol=1e-3, atol=0)
+    torch.testing.assert_close(quantizer.record().alpha, want.half().float(), rtol=1e-3, atol=0)
     assert out_err(W, result.quantized, X) < out_err(W, rtn_pbllm(method, W0.float()), X)
 
 
@@ -207,7 +207,7 @@ def test_pbgptq_state_fake_quantizes_to_gptqs_own_output(real_layer, metric, gro
     method = build_method("pbllm_qat", salient_ratio=0.1, salient_metric=metric, group_size=group_size)
     quantizer = method.gptq_quantizer(Wp, saliency_denominator(U, "obs"), 128)
     result = gptq(W, H, quantizer, block_size=128)
-    state = method.state_from_gptq(result, quantizer)
+    state = method.state_from_gptq(result, quantizer.record())
     buffers = {k: v for k, v in state.items() if k != "latent"}
     assert torch.equal(method.fake_quant(state["latent"], buffers), result.quantized)
     # the latent weights keep GPTQ's signs (and so their magnitudes rank the next sign flips)
@@ -244,9 +244,9 @@ def test_engine_states_seed_qat_and_pack(params):
     method = build_method(**params)
     calib = torch.randint(0, 257, (4, 32), generator=torch.Generator().manual_seed(0))
     torch.manual_seed(0)
-    states = initialize(tiny_llama({}), method, "gptq_hessian", ["lm_head"], calib)
+    seed = initialize(tiny_llama({}), method, "gptq_hessian", ["lm_head"], calib)
+    states, errors = seed.states, seed.errors
     assert len(states) == 14  # 7 linears x 2 layers
-    errors = initialize.last_errors
     assert len(errors) == 14 and all(0 <= e["rel_output_error"] < 1 for e in errors)
     model = tiny_llama({})
     prepare(model, method, states)
@@ -278,8 +278,8 @@ def test_indefinite_hessian_falls_back_to_rtn_for_that_layer_and_is_recorded(mon
     model = tiny_llama({})
     method = build_method("pbllm_qat", salient_ratio=0.1, salient_metric="hessian")
     calib = torch.randint(0, 257, (4, 32))
-    states = initialize(model, method, "gptq_hessian", ["lm_head"], calib, {"true_sequential": False})
-    errors = initialize.last_errors
+    seed = initialize(model, method, "gptq_hessian", ["lm_head"], calib, {"true_sequential": False})
+    states, errors = seed.states, seed.errors
     fell_back = {e["layer"] for e in errors if e.get("fallback") == "rtn"}
     down = {n for n in states if n.endswith("mlp.down_proj")}
     assert fell_back == down and down
@@ -304,3 +304,27 @@ def test_one_architecture_table_serves_calibration_and_smoothing():
     model.config.model_type = "gpt2"
     with pytest.raises(QATError, match="method.smooth=true does not know model_type='gpt2'.*known: llama"):
         architecture(model, "method.smooth=true")
+
+
+def test_act_order_is_an_init_setting_for_any_method_without_column_groups():
+    """GPTQ's column order is set in one place, init.act_order: method.act_order (a field kept so
+    that exports written before still load) is an error, a method with scale groups of contiguous
+    columns refuses act order, and a per-row one hands GPTQ's act-order output over exactly."""
+    from qat.errors import QATError
+
+    with pytest.raises(QATError, match="init.act_order=true"):
+        build_method("gptq", act_order=True)
+    calib = torch.randint(0, 257, (2, 32), generator=torch.Generator().manual_seed(0))
+    for params in (dict(name="gptq", bits=3, group_size=32), dict(name="pbllm_qat", group_size=32)):
+        with pytest.raises(QATError, match="init.act_order=true with a method group_size > 0"):
+            initialize(tiny_llama({}), build_method(**params), "gptq_hessian", ["lm_head"], calib,
+                       {"act_order": True})
+    W, H, _ = random_layer(seed=4)
+    Wp = prepare_hessian(W, H)[0]
+    for params in (dict(name="gptq", bits=3), dict(name="pbllm_qat", salient_ratio=0.1), dict(name="dyngroup")):
+        method = build_method(**params)
+        quantizer = method.gptq_quantizer(Wp, torch.ones(W.shape[1]), 32)
+        result = gptq(W, H, quantizer, block_size=32, act_order=True)
+        state = method.state_from_gptq(result, quantizer.record())
+        buffers = {k: v for k, v in state.items() if k != "latent"}
+        assert torch.equal(method.fake_quant(state["latent"], buffers), result.quantized), method.name

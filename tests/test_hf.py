@@ -17,7 +17,7 @@ from qat.ptq.initializers import initialize
 def packed_tiny(method_name: str, **params) -> torch.nn.Module:
     model = tiny_llama({})
     method = build_method(method_name, **params)
-    prepare(model, method, initialize(model, method, "rtn", ["lm_head"]))
+    prepare(model, method, initialize(model, method, "rtn", ["lm_head"]).states)
     return convert(model).eval()
 
 

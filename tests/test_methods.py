@@ -41,7 +41,7 @@ def test_packed_model_equals_fake_quant_model(params):
     method = build_method(**params)
     model = tiny_llama({})
     x = torch.randint(0, 257, (2, 40))
-    prepare(model, method, initialize(model, method, "rtn", ["lm_head"]))
+    prepare(model, method, initialize(model, method, "rtn", ["lm_head"]).states)
     with torch.no_grad():
         fake = model(x).logits
         convert(model)
@@ -180,3 +180,65 @@ def test_optimizer_groups_never_decay_latent_weights_and_give_clips_their_lr():
     model[0].weight.grad = torch.zeros_like(model[0].weight)  # decay alone would move it
     opt.step()
     assert torch.equal(model[0].weight.detach().abs().mean(), before)
+
+
+def test_methods_import_only_the_pure_packages():
+    """qat/methods depends on qat.quant, qat.kernels and qat.errors alone (qat.ptq imports the
+    methods, never the other way round): no import cycle, no lazy-import workaround."""
+    import ast
+    from pathlib import Path
+
+    import qat.methods
+
+    allowed = ("qat.quant", "qat.kernels", "qat.errors", "qat.methods")
+    for path in Path(qat.methods.__file__).parent.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        names = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+        names += [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module]
+        bad = [n for n in names if n.split(".")[0] == "qat" and not n.startswith(allowed)]
+        assert not bad, f"{path.name} imports {bad}"
+
+
+def test_training_callbacks_ask_the_method_through_its_hooks():
+    """RefreshBuffers copies the method's refresh() into every QATLinear each refresh_every steps
+    (dyngroup's regroup_every); QuantHealth leaves the method's frozen_mask (PB-LLM's salient
+    weights, stored as codes) out of the sign-flip rate."""
+    from types import SimpleNamespace
+
+    from qat.train.callbacks import QuantHealth, RefreshBuffers
+
+    def qat_model(method):
+        model = tiny_llama({})
+        prepare(model, method, initialize(model, method, "rtn", ["lm_head"]).states)
+        return model, [m for m in model.modules() if isinstance(m, QATLinear)]
+
+    step = lambda n: SimpleNamespace(global_step=n)  # noqa: E731
+    method = build_method("dyngroup", groups=2, lambda_reg=0.0, regroup_every=2)
+    assert method.refresh_every() == 2 and build_method("dyngroup").refresh_every() == 0
+    model, layers = qat_model(method)
+    with torch.no_grad():
+        for q in layers:
+            q.weight[q.group_ids.bool()] *= 0.01  # the large-magnitude group shrinks below the rest
+    before = [q.group_ids.clone() for q in layers]
+    refresh = RefreshBuffers(method.refresh_every())
+    refresh.on_train_batch_end(step(1), SimpleNamespace(model=model), None, None, 0)
+    assert all(torch.equal(q.group_ids, b) for q, b in zip(layers, before))
+    refresh.on_train_batch_end(step(2), SimpleNamespace(model=model), None, None, 0)
+    assert all(torch.equal(q.group_ids, method.regroup(q.weight)) for q in layers)
+    assert not all(torch.equal(q.group_ids, b) for q, b in zip(layers, before))
+
+    model, layers = qat_model(build_method("pbllm_qat", salient_ratio=0.5))
+    logged: dict = {}
+    module = SimpleNamespace(model=model, log_dict=logged.update)
+    health = QuantHealth(every=1)
+    health.on_train_start(None, module)
+    with torch.no_grad():
+        for q in layers:
+            q.weight[q.salient_mask] *= -1
+    health.on_train_batch_end(step(1), module, None, None, 0)
+    assert logged["quant/sign_flip_rate"] == 0  # only frozen weights flipped
+    with torch.no_grad():
+        for q in layers:
+            q.weight.mul_(-1)
+    health.on_train_batch_end(step(2), module, None, None, 0)
+    assert logged["quant/sign_flip_rate"] == 1

@@ -382,9 +382,10 @@ def test_ptq_cache_is_keyed_on_the_weights_not_the_name(tmp_path, monkeypatch):
     with torch.no_grad():
         for p in b.parameters():
             p.mul_(1.5)
-    states_a = initialize(a, method, "gptq_hessian", ["lm_head"], calib, init_cfg, "same/name", use_cache=True)
-    states_b = initialize(b, method, "gptq_hessian", ["lm_head"], calib, init_cfg, "same/name", use_cache=True)
-    assert initialize.last_errors is not None  # computed, not read from a's cache entry
+    states_a = initialize(a, method, "gptq_hessian", ["lm_head"], calib, init_cfg, "same/name", use_cache=True).states
+    seed_b = initialize(b, method, "gptq_hessian", ["lm_head"], calib, init_cfg, "same/name", use_cache=True)
+    assert seed_b.errors is not None  # computed, not read from a's cache entry
+    states_b = seed_b.states
     name = next(iter(states_a))
     assert not torch.equal(states_a[name]["latent"], states_b[name]["latent"])
     assert len(list((tmp_path / "ptq").glob("name-*.pt"))) == 2
@@ -513,7 +514,8 @@ def test_a_full_disk_under_the_ptq_cache_warns_and_the_run_goes_on(tmp_path, mon
     method = build_method("pbllm_qat", salient_ratio=0.1)
     with caplog.at_level(logging.WARNING, logger="qat.ptq.initializers"):
         states = initializers.initialize(tiny_llama({}), method, "gptq_hessian", ["lm_head"],
-                                         torch.randint(0, 257, (2, 32)), {"true_sequential": False}, "t", use_cache=True)
+                                         torch.randint(0, 257, (2, 32)), {"true_sequential": False}, "t",
+                                         use_cache=True).states
     assert states and all("latent" in s for s in states.values())
     assert any("PTQ cache not written" in r.message and "No space left on device" in r.message for r in caplog.records)
 

@@ -18,7 +18,7 @@ def quantized_tiny(seed=0):
     fp = tiny_llama({})
     student = copy.deepcopy(fp)
     method = build_method("pbllm_qat", salient_ratio=0.1)
-    prepare(student, method, initialize(student, method, "rtn", ["lm_head"]))
+    prepare(student, method, initialize(student, method, "rtn", ["lm_head"]).states)
     return fp, student
 
 

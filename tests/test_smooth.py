@@ -76,7 +76,7 @@ def test_smoothing_keeps_the_fp_model_and_packed_equals_fake_quant():
     assert not torch.equal(model.model.layers[0].input_layernorm.weight, norm_before)  # folded into the norm
     assert explicit and all(n.endswith(("o_proj", "down_proj")) for n in explicit)
 
-    states = initialize(model, method, "rtn", ["lm_head"])
+    states = initialize(model, method, "rtn", ["lm_head"]).states
     for name, s in explicit.items():
         states[name]["input_scale"] = s
     prepare(model, method, states)

@@ -109,7 +109,7 @@ def test_gptq_hand_over_is_exact(block):
     method = build_method("w11a14", block=block)
     quantizer = method.gptq_quantizer(W, torch.ones(256), 64, hdiag=torch.diag(H))
     result = gptq(W, H, quantizer, block_size=64)
-    state = method.state_from_gptq(result, quantizer)
+    state = method.state_from_gptq(result, quantizer.record())
     assert torch.equal(method.fake_quant(state["latent"], {"group_ids": state["group_ids"]}), result.quantized)
 
 
@@ -139,8 +139,8 @@ def test_gptq_levels_are_the_hessian_weighted_means_of_their_members(block):
         return lv
 
     method = build_method("w11a14", block=block, em_iters=100)
-    lv = check(method.gptq_quantizer(W, torch.ones(256), 64, hdiag=hdiag).levels, hdiag)
-    lv_plain = check(method.gptq_quantizer(W, torch.ones(256), 64, hdiag=None).levels, torch.ones(256))
+    lv = check(method.gptq_quantizer(W, torch.ones(256), 64, hdiag=hdiag).record().levels, hdiag)
+    lv_plain = check(method.gptq_quantizer(W, torch.ones(256), 64, hdiag=None).record().levels, torch.ones(256))
     assert (lv - lv_plain).abs().amax() > 0.05 * lv.abs().amax()  # the weighting matters here
 
 
@@ -164,7 +164,8 @@ def test_calibration_sees_the_quantized_activations():
     states = {}
     for bits in (4, 16):
         method = build_method("pbllm_qat", salient_ratio=0.1, salient_metric="hessian", act_bits=bits)
-        states[bits] = initialize(tiny_llama({}), method, "gptq_hessian", ["lm_head"], calib, {"true_sequential": False})
+        states[bits] = initialize(tiny_llama({}), method, "gptq_hessian", ["lm_head"], calib,
+                                  {"true_sequential": False}).states
     name = "model.layers.1.mlp.down_proj"
     assert not torch.equal(states[4][name]["latent"], states[16][name]["latent"])
 

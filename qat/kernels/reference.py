@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from qat.quant.kbit import unpack_nibbles
+from qat.quant.kbit import dequantize_kbit, unpack_nibbles
 from qat.quant.packing import unpack_bits
 
 SALIENT_NONE, SALIENT_CSR, SALIENT_BITMAP = 0, 1, 2
@@ -36,7 +36,7 @@ def binary_weight(
     if fmt != SALIENT_NONE:
         rows, cols = salient_positions(fmt, row_ptr, positions, n, in_features)
         c = codes.to(torch.int64) & 0xFFFF
-        w[rows, cols] = (c.float() - sal_zero.float()[rows]) * sal_scale.float()[rows]
+        w[rows, cols] = dequantize_kbit(c.float(), sal_scale.float()[rows], sal_zero.float()[rows])
     return w
 
 

@@ -8,10 +8,18 @@ which QATLinear fake-quantizes with a learnable clipping factor and PackedLinear
   packed_linear(x, packed)      -> the inference form's output, through qat.kernels ops
 and, optionally, derived(packed): tensors the kernels read that are functions of the stored ones
 (computed once per layer by PackedLinear, never stored, so never counted in the bits).
+The rest of the code asks a method through the hooks at the end of the class (data_free,
+check_act_order, frozen_mask, refresh, report_fields), each with a default, never by its fields.
 QATLinear and PackedLinear never look at a method's name.
+
+With init=gptq_hessian a method also supplies a ColumnQuantizer (gptq_quantizer): the generic
+GPTQ loop (qat.ptq.gptq) calls it column by column, and state_from_gptq turns the loop's
+GPTQResult and the quantizer's record() into the QATLinear state. Both types live here, so that
+qat.ptq imports qat.methods and never the other way round.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -19,6 +27,34 @@ import torch
 from torch import Tensor
 
 from qat.errors import QATError
+
+
+@dataclass
+class GPTQResult:
+    """What the GPTQ loop returns for one matrix (original column order)."""
+    quantized: Tensor     # Q: [out, in], the dequantized weights
+    compensated: Tensor   # W': each column's value right before it was quantized
+    hinv_diag: Tensor     # diagonal of the upper Cholesky factor of H^-1
+    damp: float           # the damping that made H positive definite
+    retries: int = 0
+
+
+class ColumnQuantizer:
+    """The per-method part of GPTQ. The loop calls begin_block once per block of columns, then
+    column for each of them; afterwards record() is what state_from_gptq reads (the parameters
+    and choices the quantizer made, as a small dataclass of the method's own)."""
+
+    def begin_block(self, W: Tensor, i1: int, i2: int, cols: Tensor) -> None:
+        """Fix per-block parameters. W is the whole matrix in GPTQ's column order as of this
+        block's start (earlier blocks' lazy updates applied); cols = original column indices."""
+
+    def column(self, w: Tensor, pos: int, col: int) -> Tensor:
+        """Quantize the column at position `pos` of GPTQ's order (original index `col`)."""
+        raise NotImplementedError
+
+    def record(self) -> Any:
+        """What the quantizer chose (scales, masks, ids): state_from_gptq's input."""
+        raise NotImplementedError
 
 
 def check_ste_clip(clip: object) -> None:
@@ -56,13 +92,14 @@ class Method:
     data_free_only: ClassVar[bool] = False
 
     def gptq_quantizer(self, weight: Tensor, denominator: Tensor, block_size: int = 128,
-                       hdiag: Tensor | None = None) -> Any:
-        """The column quantizer GPTQ runs with (qat.ptq.gptq.Quantizer). `denominator`: the Hessian
-        saliency's d_j; `hdiag`: diag(H), for methods that weight by it."""
+                       hdiag: Tensor | None = None) -> ColumnQuantizer:
+        """The column quantizer GPTQ runs with. `denominator`: the Hessian saliency's d_j;
+        `hdiag`: diag(H), for methods that weight by it."""
         raise NotImplementedError
 
-    def state_from_gptq(self, result: Any, quantizer: Any) -> dict[str, Tensor]:
-        """The QATLinear state whose fake_quant is GPTQ's output (result.quantized) exactly."""
+    def state_from_gptq(self, result: GPTQResult, record: Any) -> dict[str, Tensor]:
+        """The QATLinear state whose fake_quant is GPTQ's output (result.quantized) exactly;
+        `record`: the quantizer's record()."""
         raise NotImplementedError
 
     def check_layer(self, name: str, out_features: int, in_features: int, gptq_block: int | None) -> None:
@@ -108,3 +145,43 @@ class Method:
     def health(self, latent: Tensor, buffers: dict[str, Tensor]) -> dict[str, Tensor]:
         """Per-layer statistics for the quantization-health log (optional)."""
         return {}
+
+    # -- what the generic code asks a method (instead of reading its fields by name) -----------
+    def data_free(self) -> Method:
+        """The method as a seed without calibration Hessians runs it (init=rtn, smoothing's
+        search, layers the calibration engine does not reach). Default: itself."""
+        return self
+
+    def check_act_order(self) -> None:
+        """Raise QATError if GPTQ cannot visit this method's columns in descending diag(H)
+        order (init.act_order=true), e.g. scale groups of contiguous columns."""
+
+    def frozen_mask(self, buffers: dict[str, Tensor]) -> Tensor | None:
+        """Weights training does not move (e.g. PB-LLM's salient ones, stored as codes): the
+        health log leaves them out of the sign-flip rate. None: every weight trains."""
+        return None
+
+    def refresh_every(self) -> int:
+        """QAT steps between calls of `refresh` (0: never)."""
+        return 0
+
+    def refresh(self, latent: Tensor, buffers: dict[str, Tensor]) -> dict[str, Tensor]:
+        """New values for some of the frozen buffers, from the current latent weights (e.g.
+        dyngroup's regrouping), copied in place during QAT every `refresh_every` steps."""
+        return {}
+
+    def report_fields(self, calibrated: bool) -> dict[str, Any]:
+        """What results.json records of the method besides its name: `salient_ratio` (a column
+        of the runs' table; None where the method has none) and, for a seed run without
+        calibration (`calibrated` false), each setting it ran with instead of the configured one."""
+        fields: dict[str, Any] = {"salient_ratio": None}
+        if not calibrated:
+            fields.update({k: f"{v} (init=rtn: no calibration Hessians)"
+                           for k, v in changed_settings(self, self.data_free()).items()})
+        return fields
+
+
+def changed_settings(method: Method, other: Method) -> dict[str, Any]:
+    """The settings (dataclass fields) in which `other` differs from `method`, with other's values."""
+    return {f.name: getattr(other, f.name) for f in dataclasses.fields(method)
+            if getattr(other, f.name) != getattr(method, f.name)}

@@ -26,8 +26,7 @@ from torch import Tensor
 from qat.errors import QATError, check_choice
 from qat.kernels import ops
 from qat.kernels.reference import group_ids_from_planes
-from qat.methods.base import Method, check_ste_clip
-from qat.ptq.gptq import GPTQResult, GroupedBinaryQuantizer
+from qat.methods.base import ColumnQuantizer, GPTQResult, Method, check_ste_clip
 from qat.quant.binarize import ste_sign
 from qat.quant.bits import tensor_bits
 from qat.quant.grouping import ALGORITHMS, SCOPES, gather_scales, group_ids, group_scales, groups_used
@@ -40,6 +39,46 @@ DP_MAX_WEIGHTS = 4096  # the exact programme is O(G·n²) per grouping
 def id_planes(n_groups: int) -> int:
     """Bit planes needed for group ids 0..G-1."""
     return math.ceil(math.log2(n_groups)) if n_groups > 1 else 0
+
+
+@dataclass
+class GroupedBinaryRecord:
+    """What GPTQ chose: each weight's group id [out, in] (int64) and the fixed levels [1 or rows, G]."""
+    ids: Tensor
+    levels: Tensor
+
+
+class GroupedBinaryQuantizer(ColumnQuantizer):
+    """Dynamic grouping inside GPTQ (methods.md §5; none of the published code does this): the
+    levels alpha_g (fp16 values, [1 or rows, G], ascending over the first `n_filled` groups of
+    each grouping) are fixed up front; each weight goes, when GPTQ reaches its column, to the
+    level nearest its compensated |w|, and becomes sign(w)·alpha_g. `ids` records the choice.
+    `block` > 0 (W(1+1) per row-block): each block of `block` columns has its own Gb levels,
+    levels [rows, blocks·Gb] and n_filled [rows, blocks]; ids then run across blocks (b·Gb + g)."""
+
+    def __init__(self, levels: Tensor, n_filled: Tensor, shape: torch.Size, block: int = 0):
+        self.levels = levels
+        self.block = block or shape[1]
+        n_blocks = shape[1] // self.block
+        self.per_block = levels.shape[1] // n_blocks
+        self.block_levels = levels.reshape(levels.shape[0], n_blocks, self.per_block)
+        # cut j lies between levels j and j+1; none above the last filled group
+        mids = (self.block_levels[..., :-1] + self.block_levels[..., 1:]) / 2
+        filled = n_filled.reshape(levels.shape[0], n_blocks, 1)
+        live = torch.arange(self.per_block - 1, device=levels.device)[None, None, :] < (filled - 1)
+        self.cuts = torch.where(live, mids, torch.full_like(mids, float("inf")))
+        self.ids = torch.zeros(shape, dtype=torch.long, device=levels.device)
+
+    def column(self, w: Tensor, pos: int, col: int) -> Tensor:
+        b = col // self.block
+        cuts = self.cuts[:, b].expand(w.shape[0], -1).contiguous()
+        g = torch.searchsorted(cuts, w.abs()[:, None].contiguous(), right=True)
+        self.ids[:, col] = g[:, 0] + b * self.per_block
+        alpha = torch.gather(self.block_levels[:, b].expand(w.shape[0], -1), 1, g)[:, 0]
+        return torch.where(w >= 0, alpha, -alpha)
+
+    def record(self) -> GroupedBinaryRecord:
+        return GroupedBinaryRecord(self.ids, self.levels)
 
 
 @dataclass
@@ -93,6 +132,12 @@ class DynamicGrouping(Method):
         """New group ids from the current latent weights (method.regroup_every)."""
         return self.grouping(latent.detach()).to(torch.uint8)
 
+    def refresh_every(self) -> int:
+        return self.regroup_every
+
+    def refresh(self, latent: Tensor, buffers: dict[str, Tensor]) -> dict[str, Tensor]:
+        return {"group_ids": self.regroup(latent)}
+
     # -- training form ---------------------------------------------------------------------
     def init_state(self, weight: Tensor, hessian: Tensor | None = None) -> dict[str, Tensor]:
         return {"latent": weight.detach().clone(), "group_ids": self.grouping(weight).to(torch.uint8)}
@@ -110,10 +155,10 @@ class DynamicGrouping(Method):
         n_filled = ids.reshape(levels.shape[0], -1).amax(dim=1) + 1
         return GroupedBinaryQuantizer(levels, n_filled, weight.shape)
 
-    def state_from_gptq(self, result: GPTQResult, quantizer: GroupedBinaryQuantizer) -> dict[str, Tensor]:
+    def state_from_gptq(self, result: GPTQResult, record: GroupedBinaryRecord) -> dict[str, Tensor]:
         """Group ids as GPTQ assigned them; a latent weight with the compensated weights' signs,
         each group's magnitudes rescaled so that alpha_g recomputed from it is GPTQ's level."""
-        ids, Wc, levels = quantizer.ids, result.compensated, quantizer.levels
+        ids, Wc, levels = record.ids, result.compensated, record.levels
         current = group_scales(Wc, ids, self.scale_slots(Wc.shape[1]), self.scope)
         factor = torch.where(current > 0, levels / current.clamp_min(torch.finfo(Wc.dtype).tiny),
                              torch.zeros_like(levels))

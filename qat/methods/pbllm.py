@@ -16,22 +16,23 @@ stream (k bits each); the kernels read bytes / int16, so a stream is unpacked on
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
 from qat.errors import QATError, check_choice, check_int, check_range
 from qat.kernels import ops
-from qat.methods.base import Method, check_group_size, check_ste_clip
-from qat.ptq.gptq import GPTQResult, PartialBinaryQuantizer
+from qat.methods.base import ColumnQuantizer, GPTQResult, Method, check_group_size, check_ste_clip
 from qat.quant.binarize import binarize_ste, optimal_alpha, rescale_to_alpha
 from qat.quant.bits import tensor_bits
-from qat.quant.kbit import pack_code_stream, unpack_code_stream
+from qat.quant.kbit import dequantize_kbit, minmax_params, pack_code_stream, quantize_kbit, unpack_code_stream
 from qat.quant.packing import pack_bits, packed_words
 from qat.quant.salient import (
     dequantize_kbit_rows,
+    hessian_saliency,
     quantize_kbit_rows,
     salient_mask_topk,
 )
@@ -56,6 +57,72 @@ def salient_position_bits(out_f: int, in_f: int, nnz: int) -> dict[int, int]:
 def salient_count(packed: dict[str, Tensor]) -> int:
     """How many salient weights a packed layer holds (its row pointers' last entry)."""
     return int(packed["salient_row_ptr"][-1]) if "salient_row_ptr" in packed else 0
+
+
+def blockwise_topk_mask(score: Tensor, ratio: float, block_size: int) -> Tensor:
+    """Top-`ratio` of each block of `block_size` columns (PB-GPTQ's mask granularity)."""
+    return torch.cat([salient_mask_topk(score[:, i:i + block_size], ratio)
+                      for i in range(0, score.shape[1], block_size)], dim=1)
+
+
+@dataclass
+class PartialBinaryRecord:
+    """What PB-GPTQ chose: the salient mask [out, in], alpha (fp16 values) [out, 1 or groups],
+    and the salient values' k-bit scale and zero [out]."""
+    mask: Tensor
+    alpha: Tensor
+    salient_scale: Tensor
+    salient_zero: Tensor
+
+
+class PartialBinaryQuantizer(ColumnQuantizer):
+    """PB-GPTQ (methods.md §2), quantizing with exactly the parameters the training and packed
+    forms store, so that the state handed to QAT reproduces GPTQ's output bit for bit:
+    - salient mask: top-r of each block by |w| or by w²/d_j (d = `denominator`), chosen when
+      the block starts from its current, already compensated weights (it follows the weights
+      GPTQ's error feedback has grown, as PB-LLM's code does);
+    - salient values: k-bit with one scale/zero per row, fixed up front from the row's range;
+    - alpha (fp16): with `group_size` g > 0, one per row and group of g columns, the mean |w|
+      of the group's non-salient entries when its block starts (g must divide the block);
+      with g = 0, one per row, fixed up front from the non-salient entries of the initial
+      weights under the same per-block mask rule."""
+
+    def __init__(self, W: Tensor, ratio: float, bits: int, denominator: Tensor | None = None,
+                 group_size: int = 0, block_size: int = 128):
+        out_f, in_f = W.shape
+        if group_size and (block_size % group_size or in_f % group_size):
+            raise ValueError(f"group_size={group_size} must divide the GPTQ block ({block_size}) "
+                             f"and in_features ({in_f})")
+        self.ratio, self.bits, self.denominator, self.group_size = ratio, bits, denominator, group_size
+        self.mask = torch.zeros(W.shape, dtype=torch.bool, device=W.device)
+        self.salient_scale, self.salient_zero = minmax_params(W, bits)
+        if group_size == 0:
+            keep = ~blockwise_topk_mask(self.score(W, torch.arange(in_f, device=W.device)), ratio, block_size)
+            self.alpha = ((W.abs() * keep).sum(1) / keep.sum(1).clamp_min(1)).to(torch.float16).float()[:, None]
+        else:
+            self.alpha = torch.zeros(out_f, in_f // group_size, device=W.device)
+
+    def score(self, block: Tensor, cols: Tensor) -> Tensor:
+        return block.abs() if self.denominator is None else hessian_saliency(block, self.denominator[cols])
+
+    def begin_block(self, W: Tensor, i1: int, i2: int, cols: Tensor) -> None:
+        block = W[:, i1:i2]
+        mask = salient_mask_topk(self.score(block, cols), self.ratio)
+        self.mask[:, cols] = mask
+        if self.group_size:
+            g = self.group_size
+            a = optimal_alpha(block, ~mask, g).to(torch.float16).float()
+            self.alpha[:, i1 // g: i2 // g] = a  # no act_order with groups: positions are columns
+
+    def column(self, w: Tensor, pos: int, col: int) -> Tensor:
+        alpha = self.alpha[:, 0 if self.group_size == 0 else col // self.group_size]
+        binary = torch.where(w >= 0, alpha, -alpha)
+        s, z = self.salient_scale, self.salient_zero
+        salient = dequantize_kbit(quantize_kbit(w, s, z, self.bits), s, z)
+        return torch.where(self.mask[:, col], salient, binary)
+
+    def record(self) -> PartialBinaryRecord:
+        return PartialBinaryRecord(self.mask, self.alpha, self.salient_scale, self.salient_zero)
 
 
 @dataclass
@@ -109,17 +176,16 @@ class PartialBinary(Method):
                                       denominator if self.salient_metric == "hessian" else None,
                                       self.group_size, block_size)
 
-    def state_from_gptq(self, result: GPTQResult, quantizer: PartialBinaryQuantizer) -> dict[str, Tensor]:
+    def state_from_gptq(self, result: GPTQResult, record: PartialBinaryRecord) -> dict[str, Tensor]:
         """The state whose fake_quant is GPTQ's output exactly: the salient codes GPTQ chose
         (its per-row scale/zero) and a latent weight that keeps the compensated weights' signs
         and magnitudes, rescaled per alpha group so that alpha* recomputed from it is GPTQ's."""
-        mask, Wc = quantizer.mask, result.compensated
-        qmax = 2**self.salient_bits - 1
-        scale, zero = quantizer.sal_scale, quantizer.sal_zero
-        codes = torch.clamp(torch.round(Wc / scale[:, None]) + zero[:, None], 0, qmax)
+        mask, Wc = record.mask, result.compensated
+        scale, zero = record.salient_scale, record.salient_zero
+        codes = quantize_kbit(Wc, scale[:, None], zero[:, None], self.salient_bits)
         codes = torch.where(mask, codes, torch.zeros_like(codes))
         code_dtype = torch.uint8 if self.salient_bits <= 8 else torch.int32
-        latent = rescale_to_alpha(Wc, ~mask, quantizer.alpha, self.group_size)
+        latent = rescale_to_alpha(Wc, ~mask, record.alpha, self.group_size)
         return {"latent": latent, "salient_mask": mask.clone(), "salient_codes": codes.to(code_dtype),
                 "salient_scale": scale.clone(), "salient_zero": zero.clone()}
 
@@ -189,6 +255,23 @@ class PartialBinary(Method):
         nnz = salient_count(packed)
         scale_bits = tensor_bits(packed[k] for k in ("scales", "salient_scale", "salient_zero") if k in packed)
         return (n - nnz) + nnz * self.salient_bits + scale_bits
+
+    # -- hooks ------------------------------------------------------------------------------
+    def data_free(self) -> PartialBinary:
+        """Hessian saliency needs calibration: without it salient weights are chosen by |w|."""
+        if self.salient_metric == "hessian":
+            return dataclasses.replace(self, salient_metric="magnitude")
+        return self
+
+    def check_act_order(self) -> None:
+        if self.group_size:
+            raise QATError("init.act_order=true with a method group_size > 0 is not supported")
+
+    def frozen_mask(self, buffers: dict[str, Tensor]) -> Tensor:
+        return buffers["salient_mask"]
+
+    def report_fields(self, calibrated: bool) -> dict[str, Any]:
+        return {**super().report_fields(calibrated), "salient_ratio": self.salient_ratio}
 
     @torch.no_grad()
     def health(self, latent: Tensor, buffers: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -23,8 +23,7 @@ from torch import Tensor
 from qat.errors import QATError, check_choice
 from qat.kernels import ops
 from qat.methods.base import check_ste_clip
-from qat.methods.dyngroup import DynamicGrouping, id_planes
-from qat.ptq.gptq import GroupedBinaryQuantizer
+from qat.methods.dyngroup import DynamicGrouping, GroupedBinaryQuantizer, id_planes
 from qat.quant.activations import bit_planes, fake_quant_act, int4_per_token
 from qat.quant.bits import tensor_bits
 from qat.quant.grouping import gather_scales, two_level_em

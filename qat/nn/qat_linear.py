@@ -59,7 +59,7 @@ def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
 
 @torch.no_grad()
 def prepare(model: nn.Module, method: Method, states: dict[str, dict[str, Tensor]]) -> nn.Module:
-    """nn.Linear -> QATLinear for every layer that has a state (built by qat.ptq.initialize)."""
+    """nn.Linear -> QATLinear for every layer that has a state (built by qat.ptq.initializers.initialize)."""
     for name, state in states.items():
         lin = model.get_submodule(name)
         q = QATLinear(lin.in_features, lin.out_features, method, state,

@@ -12,6 +12,7 @@ import hashlib
 import io
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -21,7 +22,7 @@ from tqdm.auto import tqdm
 from qat.errors import QATError, check_choice
 from qat.fetch import cache_dir
 from qat.io import atomic_write_bytes
-from qat.methods.base import Method
+from qat.methods.base import Method, changed_settings
 from qat.nn.qat_linear import quantizable_linears
 from qat.ptq.calibrate import sequential_quantize
 from qat.ptq.gptq import SALIENCY_KINDS, gptq, inverse_hessian_factor, prepare_hessian, saliency_denominator
@@ -57,15 +58,15 @@ def gptq_hessian_states(model: nn.Module, method: Method, init_cfg: dict, skip: 
     if not method.supports_gptq:
         raise QATError(f"init=gptq_hessian is not available for method={method.name!r}")
     block, percdamp = int(init_cfg.get("block_size", 128)), float(init_cfg.get("percdamp", 0.01))
-    act_order = bool(getattr(method, "act_order", False) or init_cfg.get("act_order", False))
-    if act_order and getattr(method, "group_size", 0):
-        raise QATError("init.act_order=true with a method group_size > 0 is not supported")
+    act_order = bool(init_cfg.get("act_order", False))
+    if act_order:
+        method.check_act_order()
 
     saliency = init_cfg.get("saliency", "hinv_sq")
     check_choice("init.saliency", saliency, SALIENCY_KINDS)
 
     fallbacks: list[str] = []
-    data_free = data_free_method(method)
+    data_free = method.data_free()
 
     def quantize(name: str, lin: nn.Linear, H: Tensor) -> dict[str, Tensor]:
         W, Hp = prepare_hessian(lin.weight.detach(), H)
@@ -81,7 +82,7 @@ def gptq_hessian_states(model: nn.Module, method: Method, init_cfg: dict, skip: 
             return data_free.init_state(lin.weight.detach().float())
         if result.retries:
             log.warning("%s: Cholesky needed percdamp=%g", name, result.damp)
-        return method.state_from_gptq(result, quantizer)
+        return method.state_from_gptq(result, quantizer.record())
 
     def fake_quant(state: dict[str, Tensor]) -> Tensor:
         buffers = {k: v for k, v in state.items() if k != "latent"}
@@ -106,28 +107,36 @@ def gptq_hessian_states(model: nn.Module, method: Method, init_cfg: dict, skip: 
     return states, errors
 
 
-def data_free_method(method: Method) -> Method:
-    """The method as the data-free seed can run it: Hessian saliency needs calibration, so
-    salient weights are chosen by magnitude there."""
-    if getattr(method, "salient_metric", None) == "hessian":
-        return dataclasses.replace(method, salient_metric="magnitude")
-    return method
+@dataclass
+class InitResult:
+    """What `initialize` returns: per quantized layer name, the state QATLinear is built from,
+    and, when this call ran the calibration engine (not from the cache, not rtn), one row per
+    layer with its relative output error (and `"fallback": "rtn"` where the Hessian stayed
+    indefinite and the layer got the data-free seed)."""
+    states: dict[str, dict[str, Tensor]]
+    errors: list[dict] | None = None
+
+    def calibration_counts(self) -> dict[str, int] | None:
+        """results.json's `calibration`: layers through GPTQ, and how many fell back to rtn."""
+        if not self.errors:
+            return None
+        return {"layers": len(self.errors), "rtn_fallback": sum(1 for e in self.errors if e.get("fallback"))}
 
 
 @torch.no_grad()
 def initialize(model: nn.Module, method: Method, init: str, skip: list[str],
                calibration: Tensor | None = None, init_cfg: dict | None = None,
-               model_name: str = "model", use_cache: bool = False) -> dict[str, dict[str, Tensor]]:
-    """Per quantized layer name, the state QATLinear is built from."""
+               model_name: str = "model", use_cache: bool = False) -> InitResult:
+    """The PTQ seed of every quantized layer (and, for a calibrated one, its errors)."""
     check_choice("init", init, INITIALIZERS)
-    initialize.last_errors = None  # per-layer GPTQ errors of this call (none from the cache)
     if not method.quantizes:
-        return {}
+        return InitResult({})
     init_cfg = init_cfg or {}
     if method.data_free_only:
         init = "rtn"
     layers = quantizable_linears(model, skip)
     states: dict[str, dict[str, Tensor]] = {}
+    errors = None
     if init == "gptq_hessian":
         if calibration is None:
             raise QATError("init=gptq_hessian needs calibration samples")
@@ -136,23 +145,21 @@ def initialize(model: nn.Module, method: Method, init: str, skip: list[str],
         if use_cache and path.exists():
             log.info("PTQ state from cache %s", path)
             try:
-                return torch.load(path, map_location=next(model.parameters()).device)
+                return InitResult(torch.load(path, map_location=next(model.parameters()).device))
             except Exception:
                 raise QATError(f"cached PTQ state {path} is corrupt; delete it to recalibrate") from None
         states, errors = gptq_hessian_states(model, method, init_cfg, skip, calibration)
         worst = sorted(errors, key=lambda e: -e["rel_output_error"])[:5]
         log.info("GPTQ relative output error, worst layers: %s",
                  ", ".join(f"{e['layer']}={e['rel_output_error']:.3f}" for e in worst))
-        initialize.last_errors = errors
     # layers the engine did not cover (not in a decoder layer) and the rtn seed
     rest = [(n, m) for n, m in layers if n not in states]
-    if rest and getattr(method, "salient_metric", None) == "hessian":
-        # no Hessians for these: the data-free seed ranks salient weights by |w|
-        log.warning("%d layers without calibration Hessians (init=%s): salient weights chosen by magnitude",
-                    len(rest), init)
-    method = data_free_method(method)
+    data_free = method.data_free()
+    if rest and data_free != method:  # no Hessians for these: e.g. salient weights ranked by |w|
+        log.warning("%d layers without calibration Hessians (init=%s): seeded with %s", len(rest), init,
+                    ", ".join(f"method.{k}={v}" for k, v in changed_settings(method, data_free).items()))
     for name, lin in tqdm(rest, desc=f"init={init}", leave=False):
-        states[name] = method.init_state(lin.weight.detach().float())
+        states[name] = data_free.init_state(lin.weight.detach().float())
     if init == "gptq_hessian" and use_cache:
         buf = io.BytesIO()
         torch.save(states, buf)
@@ -161,4 +168,4 @@ def initialize(model: nn.Module, method: Method, init: str, skip: list[str],
         except OSError as e:  # a cache is an optimisation: a full or read-only disk must not end the run
             log.warning("PTQ cache not written (%s: %s); the run goes on without it", path.parent,
                         e.strerror or type(e).__name__)
-    return states
+    return InitResult(states, errors)

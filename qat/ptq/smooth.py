@@ -24,7 +24,6 @@ from tqdm.auto import tqdm
 from qat.methods.base import Method
 from qat.models.arch import ReaderGroup, architecture, decoder_layers
 from qat.ptq.calibrate import capture_layer0_inputs, feed_inputs, run_layer
-from qat.ptq.initializers import data_free_method
 from qat.quant.activations import ACT_CLIP_START, fake_quant_act
 
 log = logging.getLogger(__name__)
@@ -120,7 +119,7 @@ def smooth_model(model: nn.Module, calib: Tensor, method: Method, skip: list[str
     QATLinear takes them over) and one row per group: the chosen strength and the errors tried."""
     arch = architecture(model, "method.smooth=true")
 
-    seed_method = data_free_method(method)  # the seed the search can run without data
+    seed_method = method.data_free()  # the seed the search can run without data
 
     def quantize_weight(w: Tensor) -> Tensor:
         state = seed_method.init_state(w)

@@ -11,6 +11,7 @@ import math
 import torch
 from torch import Tensor
 
+from qat.quant.kbit import dequantize_kbit, quantize_kbit, round_ste
 from qat.quant.packing import pack_bits
 
 ACT_BITS = (4, 8, 16)       # 16: activations stay as they are
@@ -19,10 +20,6 @@ ACT_CLIP_INIT = 4.0         # logit of the clipping factor at the start: sigmoid
 # made at import lives on whatever device context the import runs under (transformers builds
 # models under a meta-device one, where even reading it back fails); as fp32 it is sigmoid(4)'s value
 ACT_CLIP_START = 1.0 / (1.0 + math.exp(-ACT_CLIP_INIT))
-
-
-def round_ste(x: Tensor) -> Tensor:
-    return x + (torch.round(x) - x).detach()
 
 
 def quantize_act_per_token(x: Tensor, bits: int, clip: Tensor | float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
@@ -34,14 +31,14 @@ def quantize_act_per_token(x: Tensor, bits: int, clip: Tensor | float = 1.0) -> 
     hi = xf.amax(dim=-1, keepdim=True).clamp(min=0.0) * clip
     s = ((hi - lo) / qmax).clamp_min(1e-8)
     z = torch.clamp(round_ste(-lo / s), 0, qmax)
-    q = torch.clamp(round_ste(xf / s) + z, 0, qmax)
+    q = quantize_kbit(xf, s, z, bits, ste=True)
     return q, s, z
 
 
 def fake_quant_act(x: Tensor, bits: int, clip: Tensor | float = 1.0) -> Tensor:
     """s·(q − z) in x's dtype: the activation the quantized layer really multiplies with."""
     q, s, z = quantize_act_per_token(x, bits, clip)
-    return ((q - z) * s).to(x.dtype)
+    return dequantize_kbit(q, s, z).to(x.dtype)
 
 
 def int4_per_token(x: Tensor, clip: Tensor | float = 1.0) -> tuple[Tensor, Tensor, Tensor]:

@@ -1,4 +1,11 @@
-"""Uniform k-bit quantization (GPTQ's quantizer): asymmetric min/max, fp16 scale and zero."""
+"""Uniform k-bit quantization (GPTQ's quantizer): asymmetric min/max, fp16 scale and zero.
+
+The one asymmetric k-bit grid of the project: a value w sits at code q = clamp(round(w/s) + z,
+0, 2^k − 1) (`quantize_kbit`) and stands for (q − z)·s (`dequantize_kbit`); `range_params` /
+`minmax_params` lay the grid on a range. GPTQ's column quantizers, the PB-LLM salient values,
+the `gptq` method's training and packed forms, the reference kernels and the activations all
+call these two, in this op order, so that every form of a weight is the same float bit for bit.
+"""
 from __future__ import annotations
 
 import torch
@@ -29,23 +36,37 @@ def minmax_params(W: Tensor, bits: int) -> tuple[Tensor, Tensor]:
 
 
 def round_ste(x: Tensor) -> Tensor:
+    """round(x) forward, identity backward (the straight-through estimator)."""
     return x + (torch.round(x) - x).detach()
+
+
+def quantize_kbit(w: Tensor, scale: Tensor, zero: Tensor, bits: int, ste: bool = False) -> Tensor:
+    """Codes (as floats) of w on the grid: clamp(round(w / scale) + zero, 0, 2^bits − 1); scale and
+    zero broadcast against w. `ste`: the rounding passes gradients straight through."""
+    x = w / scale
+    return torch.clamp((round_ste(x) if ste else torch.round(x)) + zero, 0, 2**bits - 1)
+
+
+def dequantize_kbit(codes: Tensor, scale: Tensor, zero: Tensor) -> Tensor:
+    """The values codes stand for: (codes − zero)·scale."""
+    return (codes - zero) * scale
 
 
 def fake_quant_kbit(w: Tensor, scale: Tensor, zero: Tensor, bits: int) -> Tensor:
     """w, scale/zero [out, n_groups] -> dequantized w, round through the STE."""
     out_f, in_f = w.shape
     g = scale.shape[1]
-    wg = w.reshape(out_f, g, in_f // g)
-    q = torch.clamp(round_ste(wg / scale[..., None]) + zero[..., None], 0, 2**bits - 1)
-    return ((q - zero[..., None]) * scale[..., None]).reshape(out_f, in_f)
+    s, z = scale[..., None], zero[..., None]
+    q = quantize_kbit(w.reshape(out_f, g, in_f // g), s, z, bits, ste=True)
+    return dequantize_kbit(q, s, z).reshape(out_f, in_f)
 
 
 def kbit_codes(w: Tensor, scale: Tensor, zero: Tensor, bits: int) -> Tensor:
+    """int32 codes [out, in] of w, scale/zero [out, n_groups]."""
     out_f, in_f = w.shape
     g = scale.shape[1]
-    q = torch.round(w.reshape(out_f, g, in_f // g) / scale[..., None]) + zero[..., None]
-    return torch.clamp(q, 0, 2**bits - 1).reshape(out_f, in_f).to(torch.int32)
+    q = quantize_kbit(w.reshape(out_f, g, in_f // g), scale[..., None], zero[..., None], bits)
+    return q.reshape(out_f, in_f).to(torch.int32)
 
 
 def pack_codes(codes: Tensor, bits: int) -> Tensor:
@@ -98,7 +119,7 @@ def symmetric_row_params(w: Tensor, bits: int) -> Tensor:
     best_scale, best_err = None, None
     for c in clips:
         scale = (amax * c / qmax).to(torch.float16).float().clamp_min(6e-8)
-        q = torch.clamp(torch.round(w / scale[:, None]), -qmax, qmax)
+        q = quantize_symmetric(w, scale, bits)
         err = ((q * scale[:, None] - w) ** 2).sum(dim=1)
         if best_err is None:
             best_scale, best_err = scale, err
@@ -108,10 +129,15 @@ def symmetric_row_params(w: Tensor, bits: int) -> Tensor:
     return best_scale.to(torch.float16)
 
 
+def quantize_symmetric(w: Tensor, scale: Tensor, bits: int) -> Tensor:
+    """Codes (as floats) of w [rows, cols] on the grid scale[row]·q, q in [-(2^(k-1)-1), 2^(k-1)-1]."""
+    qmax = 2 ** (bits - 1) - 1
+    return torch.clamp(torch.round(w.float() / scale.float()[:, None]), -qmax, qmax)
+
+
 def symmetric_row_codes(w: Tensor, scale: Tensor, bits: int) -> Tensor:
     """int8 codes [rows, cols] of w on the grid scale[row] · q."""
-    qmax = 2 ** (bits - 1) - 1
-    return torch.clamp(torch.round(w.float() / scale.float()[:, None]), -qmax, qmax).to(torch.int8)
+    return quantize_symmetric(w, scale, bits).to(torch.int8)
 
 
 def pack_nibbles(codes: Tensor) -> Tensor:

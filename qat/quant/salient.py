@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from qat.quant.kbit import range_params
+from qat.quant.kbit import dequantize_kbit, quantize_kbit, range_params
 
 
 def salient_count(numel: int, ratio: float) -> int:
@@ -44,10 +44,10 @@ def quantize_kbit_rows(w: Tensor, mask: Tensor, bits: int) -> tuple[Tensor, Tens
     Returns (codes int32 in [0, 2^bits-1], zero where not masked; scale [out]; zero [out]).
     """
     scale, zero = kbit_row_params(w, mask, bits)
-    codes = torch.clamp(torch.round(w.float() / scale[:, None]) + zero[:, None], 0, 2**bits - 1)
+    codes = quantize_kbit(w.float(), scale[:, None], zero[:, None], bits)
     codes = torch.where(mask, codes, torch.zeros_like(codes)).to(torch.int32)
     return codes, scale, zero
 
 
 def dequantize_kbit_rows(codes: Tensor, scale: Tensor, zero: Tensor) -> Tensor:
-    return (codes.float() - zero[:, None]) * scale[:, None]
+    return dequantize_kbit(codes.float(), scale[:, None], zero[:, None])

@@ -1,4 +1,4 @@
-from qat.train.callbacks import AtomicModelCheckpoint, QuantHealth, Regroup
+from qat.train.callbacks import AtomicModelCheckpoint, QuantHealth, RefreshBuffers
 from qat.train.lit import LitQAT
 
-__all__ = ["AtomicModelCheckpoint", "LitQAT", "QuantHealth", "Regroup"]
+__all__ = ["AtomicModelCheckpoint", "LitQAT", "QuantHealth", "RefreshBuffers"]

@@ -37,7 +37,8 @@ class QuantHealth(L.Callback):
         for name, m in pl_module.model.named_modules():
             if not isinstance(m, QATLinear):
                 continue
-            keep = ~m.salient_mask if hasattr(m, "salient_mask") else torch.ones_like(m.weight, dtype=torch.bool)
+            frozen = m.method.frozen_mask(m.quant_buffers())  # e.g. PB-LLM's salient weights: no sign to flip
+            keep = ~frozen if frozen is not None else torch.ones_like(m.weight, dtype=torch.bool)
             changed = torch.bitwise_xor(now[name], self.last_signs[name])
             flipped = unpack_bits(changed, keep.shape[1])
             flips += int((flipped & keep).sum())
@@ -65,9 +66,10 @@ class AtomicModelCheckpoint(ModelCheckpoint):
                 logger.after_save_checkpoint(self)
 
 
-class Regroup(L.Callback):
-    """Every `every` steps, re-run a grouping method's grouping on the current latent weights
-    (dyngroup's method.regroup_every): the group ids are buffers the optimizer never moves."""
+class RefreshBuffers(L.Callback):
+    """Every `every` steps (the method's refresh_every), copy the method's `refresh` of its frozen
+    buffers from the current latent weights into each QATLinear (dyngroup's method.regroup_every:
+    the group ids are buffers the optimizer never moves)."""
 
     def __init__(self, every: int):
         self.every = every
@@ -77,5 +79,6 @@ class Regroup(L.Callback):
         if trainer.global_step % self.every:
             return
         for m in pl_module.model.modules():
-            if isinstance(m, QATLinear) and hasattr(m.method, "regroup"):
-                m.group_ids.copy_(m.method.regroup(full(m.weight)))
+            if isinstance(m, QATLinear):
+                for name, value in m.method.refresh(full(m.weight), m.quant_buffers()).items():
+                    getattr(m, name).copy_(value)
