@@ -2,7 +2,8 @@
 
 `gptq(W, H, quantizer)` is the blocked, lazy-update form of IST-DASLab/gptq. The quantizer is
 any object with `begin_block(W_block, cols)` (fix per-block parameters on the current,
-already-compensated weights) and `column(w, col) -> q` (quantize one column).
+already-compensated weights) and `column(w, col) -> q` (quantize one column), or one that
+sets `whole_block` and quantizes each block at its start (`quantize_block`, BiLLM).
 """
 from __future__ import annotations
 
@@ -77,6 +78,16 @@ def saliency_denominator(U: Tensor, kind: str = "obs") -> Tensor:
 
 
 class Quantizer:
+    # True: the loop calls quantize_block once per block instead of column() per column and feeds
+    # no error back between the block's columns (BiLLM's released code); later blocks still get
+    # the lazy update from the block's errors (w - q)/[U]_jj
+    whole_block: bool = False
+
+    def quantize_block(self, W1: Tensor, Hinv1: Tensor, cols: Tensor) -> Tensor:
+        """Quantize a whole block at its start: W1 its current weights, Hinv1 its square of the
+        upper Cholesky factor of H⁻¹, cols its original column indices."""
+        raise NotImplementedError
+
     def begin_block(self, W: Tensor, i1: int, i2: int, cols: Tensor) -> None:
         """Fix per-block parameters. W is the whole matrix in GPTQ's column order as of this
         block's start (earlier blocks' lazy updates applied); cols = original column indices."""
@@ -102,13 +113,18 @@ def gptq(W: Tensor, H: Tensor, quantizer: Quantizer, block_size: int = 128, perc
         Err1 = torch.zeros_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
         quantizer.begin_block(W, i1, i2, perm[i1:i2])
-        for i in range(i2 - i1):
-            w, d = W1[:, i], Hinv1[i, i]
-            q = quantizer.column(w, i1 + i, int(perm[i1 + i]))
-            Q[:, i1 + i], Wc[:, i1 + i] = q, w
-            err = (w - q) / d
-            W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
-            Err1[:, i] = err
+        if quantizer.whole_block:
+            Q[:, i1:i2] = quantizer.quantize_block(W1, Hinv1, perm[i1:i2])
+            Wc[:, i1:i2] = W1
+            Err1 = (W1 - Q[:, i1:i2]) / torch.diag(Hinv1)
+        else:
+            for i in range(i2 - i1):
+                w, d = W1[:, i], Hinv1[i, i]
+                q = quantizer.column(w, i1 + i, int(perm[i1 + i]))
+                Q[:, i1 + i], Wc[:, i1 + i] = q, w
+                err = (w - q) / d
+                W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
+                Err1[:, i] = err
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]  # lazy update of all later columns
     hdiag = torch.diag(Hinv)
     if act_order:
