@@ -19,7 +19,11 @@ method is checked against it on identical tokens; `benchmarks/billm_reference.py
     ranks columns by saliency but measures the errors on W (the paper's objective, written in W).
 (b) A block is quantized entirely at its start: no error feedback between the columns of a
     block, only the lazy update of later blocks by the errors (w − q)/U_jj (the GPTQ loop's
-    `whole_block` quantizers). Kept as released.
+    `whole_block` quantizers). Those errors ignore that the block's columns were not updated
+    by each other: for a fixed block Q1, the update GPTQ's column loop would make spreads
+    Err1 = (W1 − Q1)·U11⁻¹ (U11 the block's triangle of U). Default `block_errors=released`;
+    `exact` uses U11⁻¹ (same structure and values per block, better compensation of the later
+    blocks: measured in the benchmark's layer check).
 (c) torch.sign(0) = 0: an entry whose residual equals its row's μ gets μ. The searches (not
     stored) use torch.sign as released; the stored values use sign(0) = +1, because a sign bit
     has no 0. They differ only where a residual is exactly μ while α > 0 (measured on the layer
@@ -74,6 +78,7 @@ class BiLLM(Method):
     block_size: int = 128                   # columns per structure block (= init.block_size)
     search_on: str = "saliency"             # saliency (released) | weight (errors measured on W)
     hessian_denominator: str = "released"   # released (U_jj²) | init (init.saliency's d_j)
+    block_errors: str = "released"          # released ((w - q)/U_jj) | exact ((W1 - Q1)·U11⁻¹)
     scale_dtype: str = "float16"            # what mu and alpha are stored in: float16 | float32
     ste_clip: float | None = None
 
@@ -83,6 +88,7 @@ class BiLLM(Method):
         check_int("method.block_size", self.block_size, 1)
         check_choice("method.search_on", self.search_on, ["saliency", "weight"])
         check_choice("method.hessian_denominator", self.hessian_denominator, ["released", "init"])
+        check_choice("method.block_errors", self.block_errors, ["released", "exact"])
         check_choice("method.scale_dtype", self.scale_dtype, sorted(SCALE_DTYPES))
         check_ste_clip(self.ste_clip)
 
@@ -211,7 +217,7 @@ class BiLLMQuantizer(Quantizer):
         self.salient_columns = torch.zeros(shape[1], dtype=torch.bool)
         self.large_group = torch.zeros(shape, dtype=torch.bool)
 
-    def quantize_block(self, W1: Tensor, Hinv1: Tensor, cols: Tensor) -> Tensor:
+    def quantize_block(self, W1: Tensor, Hinv1: Tensor, cols: Tensor) -> tuple[Tensor, Tensor]:
         i1, width = int(cols[0]), W1.shape[1]
         if not torch.equal(cols, torch.arange(i1, i1 + width, device=cols.device)):
             raise QATError("method=billm quantizes blocks of contiguous columns: use init.act_order=false")
@@ -222,4 +228,8 @@ class BiLLMQuantizer(Quantizer):
         salient_columns, large = self.method.block_structure(W1, d)
         self.salient_columns[i1:i1 + width], self.large_group[:, i1:i1 + width] = salient_columns, large
         binarized = self.method.binarize(W1, {"salient_columns": salient_columns, "large_group": large})
-        return from_blocks(binarized.weight, width)
+        Q1 = from_blocks(binarized.weight, width)
+        if self.method.block_errors == "released":
+            return Q1, (W1 - Q1) / torch.diag(Hinv1)
+        # the errors GPTQ's column loop would spread for this fixed Q1: W1 - Q1 = Err1·U11
+        return Q1, torch.linalg.solve_triangular(Hinv1, W1 - Q1, upper=True, left=False)

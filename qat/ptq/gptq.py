@@ -78,14 +78,16 @@ def saliency_denominator(U: Tensor, kind: str = "obs") -> Tensor:
 
 
 class Quantizer:
-    # True: the loop calls quantize_block once per block instead of column() per column and feeds
-    # no error back between the block's columns (BiLLM's released code); later blocks still get
-    # the lazy update from the block's errors (w - q)/[U]_jj
+    # True: the loop calls quantize_block once per block instead of column() per column, with no
+    # error feedback between the block's columns (BiLLM); later blocks get the lazy update from
+    # the errors quantize_block returns
     whole_block: bool = False
 
-    def quantize_block(self, W1: Tensor, Hinv1: Tensor, cols: Tensor) -> Tensor:
+    def quantize_block(self, W1: Tensor, Hinv1: Tensor, cols: Tensor) -> tuple[Tensor, Tensor]:
         """Quantize a whole block at its start: W1 its current weights, Hinv1 its square of the
-        upper Cholesky factor of H⁻¹, cols its original column indices."""
+        upper Cholesky factor of H⁻¹, cols its original column indices. Returns (Q1, Err1): the
+        quantized block and the scaled errors the lazy update spreads over the later columns
+        (the column loop's (w - q)/U_jj)."""
         raise NotImplementedError
 
     def begin_block(self, W: Tensor, i1: int, i2: int, cols: Tensor) -> None:
@@ -114,9 +116,8 @@ def gptq(W: Tensor, H: Tensor, quantizer: Quantizer, block_size: int = 128, perc
         Hinv1 = Hinv[i1:i2, i1:i2]
         quantizer.begin_block(W, i1, i2, perm[i1:i2])
         if quantizer.whole_block:
-            Q[:, i1:i2] = quantizer.quantize_block(W1, Hinv1, perm[i1:i2])
+            Q[:, i1:i2], Err1 = quantizer.quantize_block(W1, Hinv1, perm[i1:i2])
             Wc[:, i1:i2] = W1
-            Err1 = (W1 - Q[:, i1:i2]) / torch.diag(Hinv1)
         else:
             for i in range(i2 - i1):
                 w, d = W1[:, i], Hinv1[i, i]
