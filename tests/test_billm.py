@@ -164,6 +164,16 @@ def test_packed_equals_fake_quant(params):
     torch.testing.assert_close(packed_logits, logits, rtol=1e-5, atol=1e-5)
 
 
+def test_the_data_free_seed_of_the_hessian_default_uses_magnitude():
+    method = build_method("billm")  # salient_metric=hessian
+    model = tiny_llama({})
+    states = initialize(model, method, "rtn", ["lm_head"])
+    expected = build_method("billm", salient_metric="magnitude").init_state(
+        model.get_submodule("model.layers.0.mlp.down_proj").weight.detach())
+    got = states["model.layers.0.mlp.down_proj"]
+    assert all(torch.equal(got[k], v) for k, v in expected.items())
+
+
 def test_storage_bits_are_the_stored_tensors():
     """8 x 200: 7 words per row (200 columns), blocks of 128 (one partial), fp16 mu and alpha."""
     method = build_method("billm", salient_metric="magnitude")
