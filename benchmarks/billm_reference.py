@@ -127,6 +127,7 @@ def layer_check(ref, model, calib, metric: str, block: int, percdamp: float) -> 
         t_ours = time.time() - t0
         fp16 = ours_layer(W, H, block, percdamp, salient_metric=metric)
         same_sign = ours_layer(W, H, block, percdamp, True, salient_metric=metric, scale_dtype="float32")
+        exact = ours_layer(W, H, block, percdamp, salient_metric=metric, block_errors="exact")
         diff = (fp32 - released).abs()
         rows.append({"layer": n, "shape": list(W.shape), "float32_max_abs_diff": float(diff.max()),
                      "float32_entries_differing": int((diff > 0).sum()),
@@ -135,13 +136,15 @@ def layer_check(ref, model, calib, metric: str, block: int, percdamp: float) -> 
                      "rel_output_error_released": relative_output_error(W, released, H),
                      "rel_output_error_ours_float32": relative_output_error(W, fp32, H),
                      "rel_output_error_ours_float16": relative_output_error(W, fp16, H),
+                     "rel_output_error_ours_float16_exact_block_errors": relative_output_error(W, exact, H),
                      "seconds_released": t_released, "seconds_ours": t_ours})
         r = rows[-1]
         print(f"  {n:>16} {tuple(W.shape)}: float32 max|Δ| {r['float32_max_abs_diff']:.2e} "
               f"({r['float32_entries_differing']} entries differ; with torch.sign: "
               f"{r['float32_torch_sign_max_abs_diff']:.2e}); rel output error released "
               f"{r['rel_output_error_released']:.4f} ours fp32 {r['rel_output_error_ours_float32']:.4f} "
-              f"ours fp16 {r['rel_output_error_ours_float16']:.4f}", flush=True)
+              f"ours fp16 {r['rel_output_error_ours_float16']:.4f} "
+              f"(block_errors=exact {r['rel_output_error_ours_float16_exact_block_errors']:.4f})", flush=True)
     return rows
 
 

@@ -29,10 +29,11 @@ method is checked against it on identical tokens; `benchmarks/billm_reference.py
     has no 0. They differ only where a residual is exactly μ while α > 0: rare for trained
     weights, but the embedded default's weights come from a GGUF and repeat (8.6 % distinct
     values in layer 0's q_proj), so 3 of its layer 0's 7 linears differ from the released
-    output, at equal output error; with torch.sign they are bit-identical. Also: the break point's quantiles count the salient entries as
-    zeros (as released), a row with no entry in a group gets μ = α = 0, up_lim is at most the
-    block's width, and the Hessian saliency's d is U_jj² whatever init.saliency says
-    (`hessian_denominator=released`; `init` uses init.saliency's d_j).
+    output, at equal output error; with torch.sign they are bit-identical.
+Also as released: the break point's quantiles count the salient entries as zeros, a row with no
+entry in a group gets μ = α = 0, and the Hessian saliency's d is U_jj² whatever init.saliency
+says (`hessian_denominator=released`; `init`: init.saliency's d_j). Not in the released code
+(which fails there): up_lim is at most the block's width.
 μ and α are rounded to `scale_dtype` (fp16, what is stored) before use, in GPTQ and in training,
 so GPTQ's output, the training form and the packed form agree bit for bit (`float32`: as
 released, stored in fp32).
