@@ -22,8 +22,9 @@ method is checked against it on identical tokens; `benchmarks/billm_reference.py
     `whole_block` quantizers). Those errors ignore that the block's columns were not updated
     by each other: for a fixed block Q1, the update GPTQ's column loop would make spreads
     Err1 = (W1 − Q1)·U11⁻¹ (U11 the block's triangle of U). Default `block_errors=released`;
-    `exact` uses U11⁻¹ (same structure and values per block, better compensation of the later
-    blocks: measured in the benchmark's layer check).
+    `exact` uses U11⁻¹ (same search and values per block, better compensation of the later
+    blocks; embedded default, layer 0, relative output error released -> exact: q_proj 0.0124 ->
+    0.0085, o_proj 0.0167 -> 0.0034, down_proj 0.0467 -> 0.0451; not yet measured on ppl).
 (c) torch.sign(0) = 0: an entry whose residual equals its row's μ gets μ. The searches (not
     stored) use torch.sign as released; the stored values use sign(0) = +1, because a sign bit
     has no 0. They differ only where a residual is exactly μ while α > 0: rare for trained
