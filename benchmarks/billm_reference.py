@@ -159,7 +159,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--reference", required=True, type=Path, help="checkout of Aaronhuang-778/BiLLM")
     ap.add_argument("--variants", nargs="*", default=["float16"],
-                    help="this project's method.scale_dtype values to run on the model (float16 | float32)")
+                    help="this project's method.scale_dtype values to run on the model (float16 | float32), "
+                         "optionally +released_sign (the stored values' sign(0) = 0 as released: not storable)")
+    ap.add_argument("--skip-released", action="store_true", help="run only this project's variants on the model")
     ap.add_argument("--skip-model", action="store_true", help="the layer check only")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     ap.add_argument("overrides", nargs="*", help="hydra overrides of conf/train.yaml")
@@ -195,7 +197,10 @@ def main() -> None:
                        "ours": {}})
         for variant in args.variants:
             model = fresh().model
-            method = build_method("billm", **{**method_cfg, "scale_dtype": variant})
+            scale_dtype, _, sign = variant.partition("+")
+            method = build_method("billm", **{**method_cfg, "scale_dtype": scale_dtype})
+            if sign == "released_sign":  # see ours_layer
+                method.binarize = lambda latent, buffers, sign=torch.sign, m=method: BiLLM.binarize(m, latent, buffers, sign)
             t0 = time.time()
             states = initialize(model, method, "gptq_hessian", skip, calib, init_cfg, loaded.name)  # no cache
             prepare(model, method, states)
@@ -203,6 +208,12 @@ def main() -> None:
             ppl = perplexity(model, data.test_tokens, seq_len, windows, desc=f"ppl ours {variant}")[0]
             result["ours"][variant] = {"ppl": ppl, "seconds": seconds}
             print(f"ours (scale_dtype={variant}): ppl {ppl:.3f}  ({seconds:.0f} s)", flush=True)
+        if args.skip_released:
+            args.out.mkdir(parents=True, exist_ok=True)
+            path = args.out / f"billm_reference-{loaded.name}-{result['date']}.json"
+            path.write_text(json.dumps(result, indent=1))
+            print(f"wrote {path}")
+            return
         model = fresh().model
         t0 = time.time()
         sequential_quantize(model, calib, skip, reference_quantize(ref, metric, block, percdamp),
