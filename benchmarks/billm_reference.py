@@ -163,6 +163,7 @@ def main() -> None:
                          "optionally +released_sign (the stored values' sign(0) = 0 as released: not storable)")
     ap.add_argument("--skip-released", action="store_true", help="run only this project's variants on the model")
     ap.add_argument("--skip-model", action="store_true", help="the layer check only")
+    ap.add_argument("--skip-layer-check", action="store_true", help="the model comparison only")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     ap.add_argument("overrides", nargs="*", help="hydra overrides of conf/train.yaml")
     args = ap.parse_args()
@@ -182,12 +183,14 @@ def main() -> None:
     data = LMDataModule(OmegaConf.to_container(cfg.data, resolve=True), loaded.tokenizer,
                         getattr(loaded.tokenizer, "name_or_path", loaded.name), seed=int(cfg.seed))
     calib = data.calibration(int(cfg.init.n_samples), int(cfg.init.seq_len))
-    print("layer check (decoder layer 0, same W and H):", flush=True)
-    layers = layer_check(ref, loaded.model, calib, metric, block, percdamp)
+    layers = []
+    if not args.skip_layer_check:
+        print("layer check (decoder layer 0, same W and H):", flush=True)
+        layers = layer_check(ref, loaded.model, calib, metric, block, percdamp)
     result = {"benchmark": "billm_reference", "model": loaded.name, "date": dt.date.today().isoformat(),
               "commit": commit(), "device": "cuda" if torch.cuda.is_available() else "cpu",
               "salient_metric": metric, "block_size": block, "percdamp": percdamp,
-              "true_sequential": true_sequential,
+              "true_sequential": true_sequential, "method": method_cfg,
               "calibration": {"n_samples": int(cfg.init.n_samples), "seq_len": int(cfg.init.seq_len)},
               "layer_check": layers}
     if not args.skip_model:
