@@ -196,7 +196,7 @@ def cli(args, tmp_path):
 
 
 @pytest.mark.parametrize("args,needle", [
-    (["method.name=bogus"], "unknown method 'bogus'; allowed: dyngroup, fp16, gptq, pbllm_qat, rtn_binary, w11a14"),
+    (["method.name=bogus"], "unknown method 'bogus'; allowed: billm, dyngroup, fp16, gptq, pbllm_qat, rtn_binary, w11a14"),
     (["salient_ratio=1.5"], "salient_ratio=1.5: must be a number >= 0 and < 1"),
     (["model=hf", "model.name_or_path=/no/such/model"], "model.name_or_path='/no/such/model': no such folder"),
     (["model=hf", f"model.name_or_path={ROOT / 'tests' / 'fixtures' / 'no_model_type'}"],

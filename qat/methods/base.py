@@ -44,6 +44,18 @@ class ColumnQuantizer:
     column for each of them; afterwards record() is what state_from_gptq reads (the parameters
     and choices the quantizer made, as a small dataclass of the method's own)."""
 
+    # True: the loop calls quantize_block once per block instead of column() per column, with no
+    # error feedback between the block's columns (BiLLM); later blocks get the lazy update from
+    # the errors quantize_block returns
+    whole_block: bool = False
+
+    def quantize_block(self, W1: Tensor, Hinv1: Tensor, cols: Tensor) -> tuple[Tensor, Tensor]:
+        """Quantize a whole block at its start: W1 its current weights, Hinv1 its square of the
+        upper Cholesky factor of H⁻¹, cols its original column indices. Returns (Q1, Err1): the
+        quantized block and the scaled errors the lazy update spreads over the later columns
+        (the column loop's (w - q)/U_jj)."""
+        raise NotImplementedError
+
     def begin_block(self, W: Tensor, i1: int, i2: int, cols: Tensor) -> None:
         """Fix per-block parameters. W is the whole matrix in GPTQ's column order as of this
         block's start (earlier blocks' lazy updates applied); cols = original column indices."""

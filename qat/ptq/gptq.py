@@ -2,8 +2,10 @@
 
 `gptq(W, H, quantizer)` is the blocked, lazy-update form of IST-DASLab/gptq. The quantizer is
 a method's `qat.methods.base.ColumnQuantizer`: `begin_block` fixes per-block parameters on the
-current, already-compensated weights, `column` quantizes one column. The k-bit, PB-GPTQ and
-grouped-binary quantizers live next to their methods (qat/methods/kbit.py, pbllm.py, dyngroup.py).
+current, already-compensated weights, `column` quantizes one column; one that sets `whole_block`
+quantizes each block at its start instead (`quantize_block`, BiLLM: no feedback between a block's
+columns). The k-bit, PB-GPTQ, grouped-binary and BiLLM quantizers live next to their methods
+(qat/methods/kbit.py, pbllm.py, dyngroup.py, billm.py).
 """
 from __future__ import annotations
 
@@ -80,13 +82,17 @@ def gptq(W: Tensor, H: Tensor, quantizer: ColumnQuantizer, block_size: int = 128
         Err1 = torch.zeros_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
         quantizer.begin_block(W, i1, i2, perm[i1:i2])
-        for i in range(i2 - i1):
-            w, d = W1[:, i], Hinv1[i, i]
-            q = quantizer.column(w, i1 + i, int(perm[i1 + i]))
-            Q[:, i1 + i], Wc[:, i1 + i] = q, w
-            err = (w - q) / d
-            W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
-            Err1[:, i] = err
+        if quantizer.whole_block:
+            Q[:, i1:i2], Err1 = quantizer.quantize_block(W1, Hinv1, perm[i1:i2])
+            Wc[:, i1:i2] = W1
+        else:
+            for i in range(i2 - i1):
+                w, d = W1[:, i], Hinv1[i, i]
+                q = quantizer.column(w, i1 + i, int(perm[i1 + i]))
+                Q[:, i1 + i], Wc[:, i1 + i] = q, w
+                err = (w - q) / d
+                W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
+                Err1[:, i] = err
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]  # lazy update of all later columns
     hdiag = torch.diag(Hinv)
     if act_order:
