@@ -92,13 +92,19 @@ def reference_layer(ref: types.SimpleNamespace, W: torch.Tensor, H: torch.Tensor
     return lin.weight.detach().clone()
 
 
+def use_released_sign(method: BiLLM) -> None:
+    """Every value this method computes (GPTQ, fake quant) with torch.sign, 0 -> 0, as released
+    (quirk (c)): PTQ only (no STE, and not storable in sign bits: pack would not reproduce it)."""
+    method.binarize = lambda latent, buffers, sign=None: BiLLM.binarize(method, latent, buffers, torch.sign)
+
+
 def ours_layer(W: torch.Tensor, H: torch.Tensor, block: int, percdamp: float, released_sign: bool = False,
                **params) -> torch.Tensor:
     """released_sign: the stored values use torch.sign (0 -> 0) as released, instead of sign(0) = +1
     (quirk (c); not storable in sign bits: this check only)."""
     method = build_method("billm", block_size=block, **params)
     if released_sign:
-        method.binarize = lambda latent, buffers, sign=torch.sign: BiLLM.binarize(method, latent, buffers, sign)
+        use_released_sign(method)
     return gptq(W, H, method.gptq_quantizer(W, torch.diag(H), block), block_size=block, percdamp=percdamp).quantized
 
 
@@ -202,8 +208,8 @@ def main() -> None:
             model = fresh().model
             scale_dtype, _, sign = variant.partition("+")
             method = build_method("billm", **{**method_cfg, "scale_dtype": scale_dtype})
-            if sign == "released_sign":  # see ours_layer
-                method.binarize = lambda latent, buffers, sign=torch.sign, m=method: BiLLM.binarize(m, latent, buffers, sign)
+            if sign == "released_sign":
+                use_released_sign(method)
             t0 = time.time()
             states = initialize(model, method, "gptq_hessian", skip, calib, init_cfg, loaded.name).states  # no cache
             prepare(model, method, states)

@@ -30,7 +30,11 @@ method is checked against it on identical tokens; `benchmarks/billm_reference.py
     has no 0. They differ only where a residual is exactly μ while α > 0: rare for trained
     weights, but the embedded default's weights come from a GGUF and repeat (8.6 % distinct
     values in layer 0's q_proj), so 3 of its layer 0's 7 linears differ from the released
-    output, at equal output error; with torch.sign they are bit-identical.
+    output, at equal output error; with torch.sign they are bit-identical. On the whole model
+    (40 windows) the released code gives ppl 2971.9, this method with float32 and torch.sign
+    exactly the same, the defaults (fp16, sign(0) = +1) 5093.0: BiLLM's block compensation
+    grows weights to |w| ~5 and a single tie changes later blocks' structure, so ppl at this
+    level is chaotic in such choices (benchmarks/results/billm_reference-*.json).
 Also as released: the break point's quantiles count the salient entries as zeros, a row with no
 entry in a group gets μ = α = 0, and the Hessian saliency's d is U_jj² whatever init.saliency
 says (`hessian_denominator=released`; `init`: init.saliency's d_j). Not in the released code
