@@ -74,59 +74,6 @@ static void binary_rows(const float* x, int64_t M, int64_t Kp, const uint32_t* s
   }
 }
 
-// Σ_j sign_j·x_j = 2·Σ_{sign_j = +1} x_j − Σ_j x_j: the sign bits are the mask of one masked add
-// per 16 weights (no negation, no blend), and R rows share each load of x. xsum [M, G]: Σ x over
-// each scale group (padding columns are 0 in x). Two chains per row hide the add's latency.
-template <int R>
-static inline void masked_rows(const float* x, const float* xsum, int64_t M, int64_t Kp, const uint32_t* signs,
-                               int64_t W, const float* scales, int64_t G, int64_t n, float* y, int64_t N) {
-  const int64_t gh = Kp / G / 16;  // 16-column halves per scale group (caller: integral)
-  const uint16_t* s[R];
-  for (int r = 0; r < R; ++r) s[r] = reinterpret_cast<const uint16_t*>(signs + (n + r) * W);
-  for (int64_t m = 0; m < M; ++m) {
-    const float* xm = x + m * Kp;
-    float out[R] = {};
-    for (int64_t g = 0; g < G; ++g) {
-      __m512 a[R][2];
-      for (int r = 0; r < R; ++r) a[r][0] = a[r][1] = _mm512_setzero_ps();
-      int64_t h = g * gh;
-      const int64_t e = h + gh;
-      for (; h + 2 <= e; h += 2) {
-        const __m512 x0 = _mm512_loadu_ps(xm + 16 * h), x1 = _mm512_loadu_ps(xm + 16 * h + 16);
-        for (int r = 0; r < R; ++r) {
-          a[r][0] = _mm512_mask_add_ps(a[r][0], s[r][h], a[r][0], x0);
-          a[r][1] = _mm512_mask_add_ps(a[r][1], s[r][h + 1], a[r][1], x1);
-        }
-      }
-      if (h < e) {
-        const __m512 x0 = _mm512_loadu_ps(xm + 16 * h);
-        for (int r = 0; r < R; ++r) a[r][0] = _mm512_mask_add_ps(a[r][0], s[r][h], a[r][0], x0);
-      }
-      for (int r = 0; r < R; ++r)
-        out[r] += scales[(n + r) * G + g] * (2.f * _mm512_reduce_add_ps(_mm512_add_ps(a[r][0], a[r][1])) - xsum[m * G + g]);
-    }
-    for (int r = 0; r < R; ++r) y[m * N + n + r] = out[r];
-  }
-}
-
-static void binary_rows_masked(const float* x, const float* xsum, int64_t M, int64_t Kp, const uint32_t* signs,
-                               int64_t W, const float* scales, int64_t G, int64_t n0, int64_t n1, float* y, int64_t N) {
-  int64_t n = n0;
-  for (; n + 4 <= n1; n += 4) masked_rows<4>(x, xsum, M, Kp, signs, W, scales, G, n, y, N);
-  for (; n < n1; ++n) masked_rows<1>(x, xsum, M, Kp, signs, W, scales, G, n, y, N);
-}
-
-// xsum[m, g] = Σ x[m, columns of group g], 16 lanes then one reduction (as the kernels add).
-static void group_sums(const float* x, int64_t M, int64_t Kp, int64_t G, float* xsum) {
-  const int64_t gcols = Kp / G;
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t g = 0; g < G; ++g) {
-      __m512 a = _mm512_setzero_ps();
-      for (int64_t j = g * gcols; j < (g + 1) * gcols; j += 16) a = _mm512_add_ps(a, _mm512_loadu_ps(x + m * Kp + j));
-      xsum[m * G + g] = _mm512_reduce_add_ps(a);
-    }
-}
-
 // Lookup tables over 4 sign bits (T-MAC's idea): for token m and each 4 columns, the 16 values
 // ±x0 ±x1 ±x2 ±x3 (table[e], bit j of e = the sign of column j) fill one zmm register; 16 rows'
 // nibbles are indices into it (one permute = 16 rows × 4 columns). tables [M, Kp/4, 16].
@@ -404,8 +351,6 @@ int64_t best_isa() {
 }
 
 int64_t g_isa = best_isa();
-int64_t g_binary_lut = 1;  // 0: the masked-add kernel (being measured)
-int64_t set_binary_lut(int64_t v) { g_binary_lut = v; return v; }
 
 int64_t set_isa(int64_t isa) {  // -1: the best this CPU has; returns the one in use
   const int64_t best = best_isa();
@@ -535,12 +480,8 @@ torch::Tensor binary_gemm(torch::Tensor x, torch::Tensor signs, torch::Tensor sc
   const uint32_t* s = words(signs);
   const int64_t Gk = G == 1 ? 1 : G;  // one group spans the padded row when per row
   // AVX-512 with whole words per scale group: the lookup-table kernel, rows in blocks of 16
-  const bool lut = g_binary_lut && g_isa == AVX512 && W % Gk == 0 && (Gk == 1 || K == Kp);
-  torch::Tensor tables, xsum;
-  if (!lut && g_isa == AVX512) {
-    xsum = torch::empty({M, Gk}, torch::kFloat);
-    avx512::group_sums(xd, M, Kp, Gk, xsum.data_ptr<float>());
-  }
+  const bool lut = g_isa == AVX512 && W % Gk == 0 && (Gk == 1 || K == Kp);
+  torch::Tensor tables;
   if (lut) {
     tables = torch::empty({M * Kp * 4 + 16}, torch::kFloat);  // + 16: room to align to 64 bytes
     float* t = tables.data_ptr<float>();
@@ -552,7 +493,7 @@ torch::Tensor binary_gemm(torch::Tensor x, torch::Tensor signs, torch::Tensor sc
   }
   at::parallel_for(0, N, grain(Kp * M), [&](int64_t n0, int64_t n1) {
     if (!lut) {
-      if (g_isa == AVX512) avx512::binary_rows_masked(xd, xsum.data_ptr<float>(), M, Kp, s, W, a, Gk, n0, n1, yd, N);
+      if (g_isa == AVX512) avx512::binary_rows(xd, M, Kp, s, W, a, Gk, n0, n1, yd, N);
       else if (g_isa == AVX2) avx2::binary_rows(xd, M, Kp, s, W, a, Gk, n0, n1, yd, N);
       else portable::binary_rows(xd, M, Kp, s, W, a, Gk, n0, n1, yd, N);
     }
@@ -689,7 +630,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int_row_gemm", &int_row_gemm);
   m.def("w1a1x4_gemm", &w1a1x4_gemm);
   m.def("set_isa", &set_isa);
-  m.def("set_binary_lut", &set_binary_lut);
   m.def("isa", &get_isa);
   m.def("best_isa", &cpu_best_isa);
 }
