@@ -170,7 +170,7 @@ def build_logger(cfg: DictConfig) -> Any:
     return instantiate(cfg.logger, **extra)
 
 
-def build_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
+def build_trainer(cfg: DictConfig, run_dir: Path, method: Method) -> L.Trainer:
     t = OmegaConf.to_container(cfg.trainer, resolve=True)
     t["precision"] = run_precision(cfg)
     log.info("trainer.precision=%s -> %s", cfg.trainer.precision, t["precision"])
@@ -178,7 +178,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
         t["strategy"] = instantiate(cfg.strategies[t["strategy"]])
     logger = build_logger(cfg)
     callbacks = [QuantHealth(every=int(cfg.quant_health_every))]
-    refresh_every = method_from_cfg(cfg).refresh_every()  # e.g. dyngroup's method.regroup_every
+    refresh_every = method.refresh_every()  # e.g. dyngroup's method.regroup_every
     if refresh_every > 0:
         callbacks.append(RefreshBuffers(refresh_every))
     if not sys.stdout.isatty():  # the rich bar draws nothing into a log file; tqdm lines do
@@ -236,10 +236,9 @@ class Loaded:
 class Seeded:
     """Stage 3: the training form (QATLinears) from the PTQ seed, and how good it is."""
     model: nn.Module
-    states: dict[str, dict[str, torch.Tensor]]
     init: str                                # the seed that ran: rtn for a method that takes no data-dependent one
     teacher: nn.Module | None                # the frozen fp copy that QAT distills from (distill.alpha > 0)
-    calibration: InitResult                  # the seed's states and GPTQ's per-layer errors (calibration_errors.json)
+    ptq: InitResult                          # the seed's states and GPTQ's per-layer errors (calibration_errors.json)
     ppl_ptq: float | None                    # before reconstruction (reconstruct.eval_ptq)
     ppl_init: float | None                   # None: the method quantizes nothing (the fp perplexity)
     seconds_calibrate: float
@@ -375,7 +374,7 @@ def seed(cfg: DictConfig, method: Method, loaded: Loaded, data: LMDataModule, ev
         seconds_reconstruct = time.time() - t0
     ppl_init = evaluate(model, "ppl init")[0] if method.quantizes else None
     log.info("ppl ptq = %s, ppl init = %s", ppl_ptq, ppl_init)
-    return Seeded(model, states, init_name, fp_model if kd else None, init, ppl_ptq, ppl_init,
+    return Seeded(model, init_name, fp_model if kd else None, init, ppl_ptq, ppl_init,
                   seconds_calibrate, seconds_reconstruct)
 
 
@@ -392,7 +391,7 @@ def train(cfg: DictConfig, method: Method, seeded: Seeded, data: LMDataModule, r
     lit = LitQAT(model, OmegaConf.to_container(cfg.optim, resolve=True),
                  OmegaConf.to_container(cfg.distill, resolve=True), max_steps, seeded.teacher,
                  method={"name": method.name, "params": dataclasses.asdict(method)})
-    trainer = build_trainer(cfg, run_dir)
+    trainer = build_trainer(cfg, run_dir, method)
     lit.train()  # from_pretrained returns the model in eval mode
     try:
         trainer.fit(lit, datamodule=data, ckpt_path=cfg.ckpt_path or None)
@@ -418,7 +417,8 @@ def train(cfg: DictConfig, method: Method, seeded: Seeded, data: LMDataModule, r
     if is_sharded(model):  # FSDP: every rank sends its shards, rank 0 loads them into a whole model
         weights = full_state_dict(model)
         if trainer.is_global_zero:
-            model = prepare(load_model(OmegaConf.to_container(cfg.model, resolve=True)).model, method, seeded.states)
+            fresh = load_model(OmegaConf.to_container(cfg.model, resolve=True)).model
+            model = prepare(fresh, method, seeded.ptq.states)
             model.load_state_dict(weights)
     val = trainer.callback_metrics.get("val/ppl")
     return Trained(model, trainer, tokens, float(val) if val is not None else None, seconds,
@@ -483,7 +483,7 @@ def results_record(cfg: DictConfig, method: Method, loaded: Loaded, ppl_fp: floa
         "train_tokens": trained.tokens, "seconds": seconds, "status": "ok",
         **({"gguf": packed.gguf} if packed.gguf else {}), **packed.layer_stats,
     }
-    counts = seeded.calibration.calibration_counts()
+    counts = seeded.ptq.calibration_counts()
     if counts:  # GPTQ layers, and those whose Hessian stayed indefinite and got the data-free seed
         results["calibration"] = counts
     return results
@@ -537,7 +537,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     write_results(run_dir, results)
     print_table(results)
     logger = trained.trainer.logger if trained.trainer is not None else None
-    wandb_run = log_results(cfg, results, seeded.calibration.errors, logger,
+    wandb_run = log_results(cfg, results, seeded.ptq.errors, logger,
                             run_dir / "export" if loaded.write_export else None)
     if wandb_run:  # so that eval.py's later accuracies join the same W&B run
         results["wandb"] = wandb_run
