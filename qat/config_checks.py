@@ -13,7 +13,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from qat.errors import QATError, check_choice, is_number
+from qat.errors import QATError, check_choice
+from qat.methods import check_smoothing_alphas
 from qat.quant.activations import ACT_BITS
 
 MISSING = object()
@@ -121,11 +122,8 @@ def check_smoothing(cfg: DictConfig) -> None:
     if not isinstance(enabled, bool):
         raise QATError(f"smooth.enabled={enabled!r}: must be true or false")
     alphas = OmegaConf.select(cfg, "smooth.alphas", default=None)
-    if enabled and (not OmegaConf.is_list(alphas) or not alphas
-                    or not all(a == "rc" or (is_number(a) and 0 <= a <= 1) for a in alphas)):
-        shown = list(alphas) if OmegaConf.is_list(alphas) else alphas
-        raise QATError(f"smooth.alphas={shown!r}: must be a non-empty list of numbers in [0, 1] "
-                       "and/or rc (ARB-RC's column scales)")
+    if enabled:
+        check_smoothing_alphas("smooth.alphas", list(alphas) if OmegaConf.is_list(alphas) else alphas)
 
 
 # knobs that moved out of conf/method/*.yaml into their own groups: the old name is one clear error

@@ -42,15 +42,20 @@ def build_method(name: str, **params: Any) -> Method:
     return method
 
 
+def check_smoothing_alphas(knob: str, alphas: Any) -> tuple[float | str, ...]:
+    """The smoothing candidates searched (SmoothQuant strengths in [0, 1] and/or "rc"), as a tuple;
+    anything else is one QATError naming `knob` (smooth.alphas, or the method's field)."""
+    if (not isinstance(alphas, (list, tuple)) or not alphas
+            or not all(a == "rc" or (is_number(a) and 0 <= a <= 1) for a in alphas)):
+        raise QATError(f"{knob}={alphas!r}: must be a non-empty list of numbers in [0, 1] "
+                       "and/or rc (ARB-RC's column scales)")
+    return tuple(a if a == "rc" else float(a) for a in alphas)
+
+
 def check_smoothing(method: Method) -> None:
     if not isinstance(method.smooth, bool):
         raise QATError(f"method.smooth={method.smooth!r}: must be true or false")
-    alphas = method.smooth_alphas
-    if (not isinstance(alphas, (list, tuple)) or not alphas
-            or not all(a == "rc" or (is_number(a) and 0 <= a <= 1) for a in alphas)):
-        raise QATError(f"method.smooth_alphas={alphas!r}: must be a non-empty list of numbers in [0, 1] "
-                       "and/or rc (ARB-RC's column scales)")
-    method.smooth_alphas = tuple(a if a == "rc" else float(a) for a in alphas)
+    method.smooth_alphas = check_smoothing_alphas("method.smooth_alphas", method.smooth_alphas)
 
 
 __all__ = ["REGISTRY", "Method", "QATError", "build_method", "register"]
