@@ -41,6 +41,7 @@ from bitgemm import commit  # this folder is on sys.path when run as a script
 
 from qat.data import LMDataModule
 from qat.eval import perplexity
+from qat.io import atomic_write_bytes
 from qat.methods import build_method
 from qat.methods.billm import BiLLM
 from qat.models import load_model
@@ -218,10 +219,7 @@ def main() -> None:
             result["ours"][variant] = {"ppl": ppl, "seconds": seconds}
             print(f"ours (scale_dtype={variant}): ppl {ppl:.3f}  ({seconds:.0f} s)", flush=True)
         if args.skip_released:
-            args.out.mkdir(parents=True, exist_ok=True)
-            path = args.out / f"billm_reference-{loaded.name}-{result['date']}.json"
-            path.write_text(json.dumps(result, indent=1))
-            print(f"wrote {path}")
+            write_result(args.out, result)
             return
         model = fresh().model
         t0 = time.time()
@@ -231,9 +229,13 @@ def main() -> None:
         ppl = perplexity(model, data.test_tokens, seq_len, windows, desc="ppl released")[0]
         result["released"] = {"ppl": ppl, "seconds": seconds}
         print(f"released code: ppl {ppl:.3f}  ({seconds:.0f} s)   (fp {ppl_fp:.3f})", flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"billm_reference-{loaded.name}-{result['date']}.json"
-    path.write_text(json.dumps(result, indent=1))
+    write_result(args.out, result)
+
+
+def write_result(folder: Path, result: dict) -> None:
+    """<folder>/billm_reference-<model>-<date>.json, written whole or not at all."""
+    path = folder / f"billm_reference-{result['model']}-{result['date']}.json"
+    atomic_write_bytes(path, json.dumps(result, indent=1).encode())
     print(f"wrote {path}")
 
 

@@ -146,8 +146,7 @@ class BiLLM(Method):
     # -- GPTQ (init=gptq_hessian) ----------------------------------------------------------------
     def gptq_quantizer(self, weight: Tensor, denominator: Tensor, block_size: int = 128,
                        hdiag: Tensor | None = None) -> BiLLMQuantizer:
-        if block_size != self.block_size:
-            raise QATError(f"method.block_size={self.block_size} must equal init.block_size={block_size}")
+        self.check_layer("this layer", *weight.shape, block_size)
         return BiLLMQuantizer(self, weight.shape, denominator if self.hessian_denominator == "init" else None)
 
     def data_free(self) -> BiLLM:
