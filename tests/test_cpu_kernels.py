@@ -48,6 +48,8 @@ def packed(method_name: str, out_f: int, in_f: int, seed: int = 0, **params):
     ((33, 320), dict(salient_ratio=0.1, salient_bits=12)),    # int16 codes (unpacked from the 12-bit stream)
     ((40, 576), dict(salient_ratio=0.1, salient_bits=4)),     # uint8 codes (unpacked from the 4-bit stream)
     ((70, 640), dict(salient_ratio=0.0)),                     # rtn_binary: no salient part
+    ((24, 2080), dict(salient_ratio=0.1)),                    # long rows: x beyond L1 for the salient gathers
+    ((20, 2112), dict(salient_ratio=0.0, group_size=704)),    # groups of 22 words (whole words, not halves of 32)
 ])
 @pytest.mark.parametrize("m", MS)
 def test_binary_gemm_matches_reference(isa, shape, params, m):
@@ -62,6 +64,9 @@ def test_binary_gemm_matches_reference(isa, shape, params, m):
     empty = p["signs"].new_empty(0)
     got = ext.binary_gemm(x, *args[:4], *[t if t is not None else empty for t in args[4:]], ops.CPU_MAX_M_SMALL)
     close(got, want)
+    # the layer's own call: a bitmap is handed to the kernel as its derived column list
+    assert ("salient_columns" in p) == (fmt == reference.SALIENT_BITMAP)
+    close(method.packed_linear(x, p, shape[1]), want)
 
 
 @pytest.mark.parametrize("groups,scope", [(2, "row"), (4, "row"), (8, "row"), (4, "matrix")])

@@ -29,7 +29,7 @@ from qat.methods.base import ColumnQuantizer, GPTQResult, Method, check_group_si
 from qat.quant.binarize import binarize_ste, optimal_alpha, rescale_to_alpha
 from qat.quant.bits import tensor_bits
 from qat.quant.kbit import dequantize_kbit, minmax_params, pack_code_stream, quantize_kbit, unpack_code_stream
-from qat.quant.packing import pack_bits, packed_words
+from qat.quant.packing import pack_bits, packed_words, unpack_bits
 from qat.quant.salient import (
     dequantize_kbit_rows,
     hessian_saliency,
@@ -232,19 +232,32 @@ class PartialBinary(Method):
         return packed
 
     def derived(self, packed: dict[str, Tensor], in_features: int) -> dict[str, Tensor]:
-        """The salient codes one per uint8 / int16, as the kernels read them, from a stored stream."""
-        if "salient_code_stream" not in packed:
-            return {}
-        codes = unpack_code_stream(packed["salient_code_stream"], self.salient_bits, salient_count(packed))
-        return {"salient_codes": codes.to(torch.int32).to(kernel_code_dtype(self.salient_bits))}
+        """What the kernels read that is not stored: the salient codes one per uint8 / int16 (from a
+        stored stream), and on the CPU the bitmap's column list (uint16, as CSR stores it). The CPU
+        kernel walks a list 16 salient entries a step; over the bitmap it spends a step on every 16
+        columns, ~1.6 of them salient at r = 0.1 (measured 4096x11008, M = 1: docs/kernels.md). The
+        list costs 16 bits per salient weight of memory, not of storage."""
+        out: dict[str, Tensor] = {}
+        if "salient_code_stream" in packed:
+            codes = unpack_code_stream(packed["salient_code_stream"], self.salient_bits, salient_count(packed))
+            out["salient_codes"] = codes.to(torch.int32).to(kernel_code_dtype(self.salient_bits))
+        positions = packed.get("salient_positions")
+        if (positions is not None and positions.device.type == "cpu" and in_features <= 65535
+                and int(packed["salient_format"]) == SALIENT_BITMAP):
+            mask = unpack_bits(positions, in_features)
+            out["salient_columns"] = mask.nonzero(as_tuple=True)[1].to(torch.int32).to(torch.int16)
+        return out
 
     def packed_linear(self, x: Tensor, packed: dict[str, Tensor], in_features: int) -> Tensor:
         if "salient_code_stream" in packed and "salient_codes" not in packed:
             packed = {**packed, **self.derived(packed, in_features)}  # PackedLinear hands them derived
         fmt = int(packed["salient_format"]) if "salient_format" in packed else SALIENT_NONE
+        positions = packed.get("salient_positions")
+        if "salient_columns" in packed:  # the same entries, listed (derived): the kernels' faster form
+            fmt, positions = SALIENT_CSR, packed["salient_columns"]
         return ops.binary_gemm(
             x, packed["signs"], packed["scales"], in_features, fmt,
-            packed.get("salient_row_ptr"), packed.get("salient_positions"),
+            packed.get("salient_row_ptr"), positions,
             packed.get("salient_codes"), packed.get("salient_scale"), packed.get("salient_zero"),
         )
 
