@@ -108,5 +108,8 @@ def cpu_extension_or_none():
     return _once("CPU", load_cpu_extension)
 
 
+_ISA_NAMES = {v: k for k, v in CPU_ISAS.items()}
+
+
 def cpu_isa_name(ext) -> str:
-    return {v: k for k, v in CPU_ISAS.items()}[int(ext.isa())]
+    return _ISA_NAMES[int(ext.isa())]

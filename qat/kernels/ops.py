@@ -9,6 +9,7 @@ for the same ops and used when their extension builds. `kernel_calls()` counts w
 """
 from __future__ import annotations
 
+import functools
 import os
 from collections import Counter
 
@@ -36,8 +37,16 @@ def kernel_calls(reset: bool = False) -> dict[str, int]:
 def _cpu_ext(op: str):
     """The CPU extension (None: use the reference), counting the path this call takes."""
     ext = cpu_extension_or_none()
-    _CALLS[f"{op}/" + (f"cpu-{cpu_isa_name(ext)}" if ext is not None else "reference")] += 1
+    _CALLS[_path_key(op, cpu_isa_name(ext) if ext is not None else None)] += 1
     return ext
+
+
+@functools.cache
+def _path_key(op: str, isa: str | None) -> str:  # formatted once: decode calls this ~200 times a token
+    return f"{op}/cpu-{isa}" if isa is not None else f"{op}/reference"
+
+
+_NO_TENSOR = torch.empty(0, dtype=torch.int32)  # what the C++ kernels take for an absent salient tensor
 
 # above this the CUDA path dequantizes the weight to fp16 and multiplies with cuBLAS (in fp32 unless the
 # activations are fp16); up to it the GEMV kernels take fp16 activations (H100: GEMV wins at M<=2)
@@ -81,8 +90,7 @@ def _binary_gemm_cpu(x, signs, scales, in_features, salient_format, row_ptr, pos
     if ext is None:
         return _binary_gemm_ref(x, signs, scales, in_features, salient_format, row_ptr, positions, codes,
                                 sal_scale, sal_zero)
-    empty = signs.new_empty(0)
-    sal = [t if t is not None else empty for t in (row_ptr, positions, codes, sal_scale, sal_zero)]
+    sal = [t if t is not None else _NO_TENSOR for t in (row_ptr, positions, codes, sal_scale, sal_zero)]
     lead = x.shape[:-1]
     y = ext.binary_gemm(x.reshape(-1, in_features), signs, scales, in_features, salient_format, *sal,
                         CPU_MAX_M_SMALL)

@@ -233,7 +233,7 @@ class PartialBinary(Method):
 
     def derived(self, packed: dict[str, Tensor], in_features: int) -> dict[str, Tensor]:
         """What the kernels read that is not stored: the salient codes one per uint8 / int16 (from a
-        stored stream), and on the CPU the bitmap's column list (uint16, as CSR stores it). The CPU
+        stored stream), and on the CPU fp32 scales and the bitmap's column list (uint16, as CSR stores it). The CPU
         kernel walks a list 16 salient entries a step; over the bitmap it spends a step on every 16
         columns, ~1.6 of them salient at r = 0.1 (measured 4096x11008, M = 1: docs/kernels.md). The
         list costs 16 bits per salient weight of memory, not of storage."""
@@ -241,9 +241,12 @@ class PartialBinary(Method):
         if "salient_code_stream" in packed:
             codes = unpack_code_stream(packed["salient_code_stream"], self.salient_bits, salient_count(packed))
             out["salient_codes"] = codes.to(torch.int32).to(kernel_code_dtype(self.salient_bits))
+        if packed["signs"].device.type != "cpu":
+            return out
+        # the CPU kernels compute in fp32: their scales as fp32 once, not converted on every call
+        out.update({k: packed[k].float() for k in ("scales", "salient_scale", "salient_zero") if k in packed})
         positions = packed.get("salient_positions")
-        if (positions is not None and positions.device.type == "cpu" and in_features <= 65535
-                and int(packed["salient_format"]) == SALIENT_BITMAP):
+        if positions is not None and in_features <= 65535 and int(packed["salient_format"]) == SALIENT_BITMAP:
             mask = unpack_bits(positions, in_features)
             out["salient_columns"] = mask.nonzero(as_tuple=True)[1].to(torch.int32).to(torch.int16)
         return out
@@ -251,10 +254,11 @@ class PartialBinary(Method):
     def packed_linear(self, x: Tensor, packed: dict[str, Tensor], in_features: int) -> Tensor:
         if "salient_code_stream" in packed and "salient_codes" not in packed:
             packed = {**packed, **self.derived(packed, in_features)}  # PackedLinear hands them derived
-        fmt = int(packed["salient_format"]) if "salient_format" in packed else SALIENT_NONE
-        positions = packed.get("salient_positions")
-        if "salient_columns" in packed:  # the same entries, listed (derived): the kernels' faster form
+        if "salient_columns" in packed:  # a bitmap's entries, listed (derived): the CPU kernels' faster form
             fmt, positions = SALIENT_CSR, packed["salient_columns"]
+        else:
+            fmt = int(packed["salient_format"]) if "salient_format" in packed else SALIENT_NONE
+            positions = packed.get("salient_positions")
         return ops.binary_gemm(
             x, packed["signs"], packed["scales"], in_features, fmt,
             packed.get("salient_row_ptr"), positions,

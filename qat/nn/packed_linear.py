@@ -29,7 +29,7 @@ class PackedLinear(nn.Module):
         # 0 elements under the plain weight's name: transformers without qat refuses the export
         # loudly (size mismatch) instead of filling the layer with random weights (qat/hf.py)
         self.register_buffer("weight", torch.empty(0, device=next(iter(packed.values())).device))
-        self._derived: dict[str, Tensor] = {}
+        self._kernel_tensors: dict[str, Tensor] = {}  # stored + derived, as the kernels read them
         self._derived_from: tuple | None = None
 
     def packed(self) -> dict[str, Tensor]:
@@ -40,13 +40,15 @@ class PackedLinear(nn.Module):
         """The stored tensors plus those the method derives from them (Method.derived), derived on
         first use, not at construction: transformers builds the layer with empty tensors and loads
         the stored ones afterwards. Derived again only when a stored tensor changes (loaded in
-        place, moved to another device): the key is each tensor's storage and version."""
-        packed = self.packed()
-        key = tuple((t.device, t.data_ptr(), _version(t)) for t in packed.values())
+        place, moved to another device): the key is each tensor's storage and version. The dict is
+        shared between calls: read it, do not modify it."""
+        buffers = self._buffers  # read directly: this runs on every forward (decode: ~200 layers a token)
+        key = tuple((t.device, t.data_ptr(), _version(t)) for t in map(buffers.__getitem__, self.packed_names))
         if key != self._derived_from:
-            self._derived = self.method.derived(packed, self.in_features)
+            packed = self.packed()
+            self._kernel_tensors = {**packed, **self.method.derived(packed, self.in_features)}
             self._derived_from = key
-        return {**packed, **self._derived}
+        return self._kernel_tensors
 
     def forward(self, x: Tensor) -> Tensor:
         if "input_scale" in self.packed_names:  # smoothing's per-channel factor (fp16)

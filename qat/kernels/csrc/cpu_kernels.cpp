@@ -397,7 +397,9 @@ struct Salient {
   const uint32_t* bitmap = nullptr;
   const uint8_t* codes8 = nullptr;
   const uint16_t* codes16 = nullptr;
-  std::vector<float> scale, zero;
+  torch::Tensor scale_t, zero_t;  // fp32 (no copy when given fp32, as PBLLM.derived hands them on the CPU)
+  const float* scale = nullptr;
+  const float* zero = nullptr;
 
   template <class F>
   void for_row_values(int64_t n, int64_t W, F f) const {  // f(value, column), codes read by width
@@ -428,9 +430,10 @@ Salient salient_of(int64_t fmt, const torch::Tensor& row_ptr, const torch::Tenso
   else s.bitmap = words(positions);
   if (codes.scalar_type() == torch::kUInt8) s.codes8 = codes.data_ptr<uint8_t>();
   else s.codes16 = reinterpret_cast<const uint16_t*>(codes.data_ptr<int16_t>());
-  auto sc = sal_scale.to(torch::kFloat).contiguous(), z = sal_zero.to(torch::kFloat).contiguous();
-  s.scale.assign(sc.data_ptr<float>(), sc.data_ptr<float>() + sc.numel());
-  s.zero.assign(z.data_ptr<float>(), z.data_ptr<float>() + z.numel());
+  s.scale_t = sal_scale.to(torch::kFloat).contiguous();
+  s.zero_t = sal_zero.to(torch::kFloat).contiguous();
+  s.scale = s.scale_t.data_ptr<float>();
+  s.zero = s.zero_t.data_ptr<float>();
   return s;
 }
 
@@ -506,11 +509,11 @@ torch::Tensor binary_gemm(torch::Tensor x, torch::Tensor signs, torch::Tensor sc
     else if (g_isa == AVX2) avx2::binary_rows(xd, M, Kp, s, W, a, Gk, n0, n1, yd, N);
     else portable::binary_rows(xd, M, Kp, s, W, a, Gk, n0, n1, yd, N);
     if (sal.fmt == 2 && g_isa == AVX512 && G == 1) {
-      avx512::salient_rows_bitmap(sal.row_ptr, sal.bitmap, sal.codes8, sal.codes16, sal.scale.data(), sal.zero.data(),
+      avx512::salient_rows_bitmap(sal.row_ptr, sal.bitmap, sal.codes8, sal.codes16, sal.scale, sal.zero,
                                   a, xd, M, Kp, W, n0, n1, yd, N);
     } else if (sal.fmt && g_isa == AVX512 && G == 1) {
-      if (sal.codes8) avx512::salient_rows(sal.row_ptr, sal.cols, sal.codes8, sal.scale.data(), sal.zero.data(), a, xd, M, Kp, n0, n1, yd, N);
-      else avx512::salient_rows(sal.row_ptr, sal.cols, sal.codes16, sal.scale.data(), sal.zero.data(), a, xd, M, Kp, n0, n1, yd, N);
+      if (sal.codes8) avx512::salient_rows(sal.row_ptr, sal.cols, sal.codes8, sal.scale, sal.zero, a, xd, M, Kp, n0, n1, yd, N);
+      else avx512::salient_rows(sal.row_ptr, sal.cols, sal.codes16, sal.scale, sal.zero, a, xd, M, Kp, n0, n1, yd, N);
     } else if (sal.fmt) {  // the binary part gave +alpha at each salient entry: add (value − alpha)·x
       const int64_t gcols = K / G;
       for (int64_t n = n0; n < n1; ++n)
