@@ -132,3 +132,12 @@ def test_rescale_to_alpha_hand_case():
     keep = torch.tensor([[True, True, True, True], [True, True, False, False]])
     out = rescale_to_alpha(w, keep, torch.tensor([[1.0, 5.0], [3.0, 9.0]]), group_size=2)
     assert out.tolist() == [[0.5, -1.5, 5.0, 5.0], [3.0, -3.0, 7.0, -7.0]]
+
+
+@pytest.mark.parametrize("rows,n,chunk", [(7, 45, 3), (64, 576, 64), (1, 32, 64), (130, 40, 64)])
+def test_set_columns_lists_a_bitmap_like_nonzero(rows, n, chunk):
+    from qat.quant.packing import pack_bits, set_columns
+
+    mask = torch.rand(rows, n, generator=torch.Generator().manual_seed(rows + n)) < 0.2
+    mask[:, -1] = True  # the last column: bit 31 of a word (the sign bit of int32) when n % 32 == 0
+    assert torch.equal(set_columns(pack_bits(mask), n, rows_per_chunk=chunk), mask.nonzero()[:, 1])

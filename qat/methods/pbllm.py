@@ -29,7 +29,7 @@ from qat.methods.base import ColumnQuantizer, GPTQResult, Method, check_group_si
 from qat.quant.binarize import binarize_ste, optimal_alpha, rescale_to_alpha
 from qat.quant.bits import tensor_bits
 from qat.quant.kbit import dequantize_kbit, minmax_params, pack_code_stream, quantize_kbit, unpack_code_stream
-from qat.quant.packing import pack_bits, packed_words, unpack_bits
+from qat.quant.packing import pack_bits, packed_words, set_columns
 from qat.quant.salient import (
     dequantize_kbit_rows,
     hessian_saliency,
@@ -247,8 +247,7 @@ class PartialBinary(Method):
         out.update({k: packed[k].float() for k in ("scales", "salient_scale", "salient_zero") if k in packed})
         positions = packed.get("salient_positions")
         if positions is not None and in_features <= 65535 and int(packed["salient_format"]) == SALIENT_BITMAP:
-            mask = unpack_bits(positions, in_features)
-            out["salient_columns"] = mask.nonzero(as_tuple=True)[1].to(torch.int32).to(torch.int16)
+            out["salient_columns"] = set_columns(positions, in_features).to(torch.int32).to(torch.int16)
         return out
 
     def packed_linear(self, x: Tensor, packed: dict[str, Tensor], in_features: int) -> Tensor:
