@@ -65,7 +65,7 @@ def test_binary_gemm_matches_reference(isa, shape, params, m):
     got = ext.binary_gemm(x, *args[:4], *[t if t is not None else empty for t in args[4:]], ops.CPU_MAX_M_SMALL)
     close(got, want)
     # the layer's own call: a bitmap is handed to the kernel as its derived column list
-    assert ("salient_columns" in p) == (fmt == reference.SALIENT_BITMAP)
+    assert ("salient_column_list" in p) == (fmt == reference.SALIENT_BITMAP)
     close(method.packed_linear(x, p, shape[1]), want)
 
 

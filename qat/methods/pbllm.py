@@ -247,14 +247,14 @@ class PartialBinary(Method):
         out.update({k: packed[k].float() for k in ("scales", "salient_scale", "salient_zero") if k in packed})
         positions = packed.get("salient_positions")
         if positions is not None and in_features <= 65535 and int(packed["salient_format"]) == SALIENT_BITMAP:
-            out["salient_columns"] = set_columns(positions, in_features).to(torch.int32).to(torch.int16)
+            out["salient_column_list"] = set_columns(positions, in_features).to(torch.int32).to(torch.int16)
         return out
 
     def packed_linear(self, x: Tensor, packed: dict[str, Tensor], in_features: int) -> Tensor:
         if "salient_code_stream" in packed and "salient_codes" not in packed:
             packed = {**packed, **self.derived(packed, in_features)}  # PackedLinear hands them derived
-        if "salient_columns" in packed:  # a bitmap's entries, listed (derived): the CPU kernels' faster form
-            fmt, positions = SALIENT_CSR, packed["salient_columns"]
+        if "salient_column_list" in packed:  # a bitmap's entries, listed (derived): the CPU kernels' faster form
+            fmt, positions = SALIENT_CSR, packed["salient_column_list"]
         else:
             fmt = int(packed["salient_format"]) if "salient_format" in packed else SALIENT_NONE
             positions = packed.get("salient_positions")
