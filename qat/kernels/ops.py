@@ -46,8 +46,6 @@ def _path_key(op: str, isa: str | None) -> str:  # formatted once: decode calls 
     return f"{op}/cpu-{isa}" if isa is not None else f"{op}/reference"
 
 
-_NO_TENSOR = torch.empty(0, dtype=torch.int32)  # what the C++ kernels take for an absent salient tensor
-
 # above this the CUDA path dequantizes the weight to fp16 and multiplies with cuBLAS (in fp32 unless the
 # activations are fp16); up to it the GEMV kernels take fp16 activations (H100: GEMV wins at M<=2)
 GEMV_MAX_M = 2
@@ -90,11 +88,13 @@ def _binary_gemm_cpu(x, signs, scales, in_features, salient_format, row_ptr, pos
     if ext is None:
         return _binary_gemm_ref(x, signs, scales, in_features, salient_format, row_ptr, positions, codes,
                                 sal_scale, sal_zero)
-    sal = [t if t is not None else _NO_TENSOR for t in (row_ptr, positions, codes, sal_scale, sal_zero)]
-    lead = x.shape[:-1]
-    y = ext.binary_gemm(x.reshape(-1, in_features), signs, scales, in_features, salient_format, *sal,
-                        CPU_MAX_M_SMALL)
-    return y.to(x.dtype).reshape(*lead, signs.shape[0])
+    empty = signs.new_empty(0)
+    sal = [t if t is not None else empty for t in (row_ptr, positions, codes, sal_scale, sal_zero)]
+    x2 = x if x.dim() == 2 else x.reshape(-1, in_features)
+    y = ext.binary_gemm(x2, signs, scales, in_features, salient_format, *sal, CPU_MAX_M_SMALL)
+    if y.dtype != x.dtype:
+        y = y.to(x.dtype)
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], signs.shape[0])
 
 
 @binary_gemm.register_fake

@@ -30,7 +30,7 @@ class PackedLinear(nn.Module):
         # loudly (size mismatch) instead of filling the layer with random weights (qat/hf.py)
         self.register_buffer("weight", torch.empty(0, device=next(iter(packed.values())).device))
         self._kernel_tensors: dict[str, Tensor] = {}  # stored + derived, as the kernels read them
-        self._derived_from: tuple | None = None
+        self._derived_from: tuple | None = None  # (device, [(storage, version) per stored tensor])
 
     def packed(self) -> dict[str, Tensor]:
         """The stored tensors (what the export holds and the bits count)."""
@@ -42,20 +42,27 @@ class PackedLinear(nn.Module):
         the stored ones afterwards. Derived again only when a stored tensor changes (loaded in
         place, moved to another device): the key is each tensor's storage and version. The dict is
         shared between calls: read it, do not modify it."""
-        buffers = self._buffers  # read directly: this runs on every forward (decode: ~200 layers a token)
-        key = tuple((t.device, t.data_ptr(), _version(t)) for t in map(buffers.__getitem__, self.packed_names))
+        stored = [self._buffers[name] for name in self.packed_names]  # every forward: kept lean
+        try:
+            key = (stored[0].device, [(t.data_ptr(), t._version) for t in stored])
+        except RuntimeError:  # made under torch.inference_mode: no version counter
+            key = (stored[0].device, [(t.data_ptr(), _version(t)) for t in stored])
         if key != self._derived_from:
             packed = self.packed()
             self._kernel_tensors = {**packed, **self.method.derived(packed, self.in_features)}
+            if "input_scale" in packed:  # fp32 once: most inputs are fp32, and this runs every forward
+                self._kernel_tensors["input_scale"] = packed["input_scale"].float()
             self._derived_from = key
         return self._kernel_tensors
 
     def forward(self, x: Tensor) -> Tensor:
-        if "input_scale" in self.packed_names:  # smoothing's per-channel factor (fp16)
-            x = x / self.input_scale.to(x.dtype)
+        tensors = self.kernel_tensors()
+        if "input_scale" in tensors:  # smoothing's per-channel factor (stored fp16)
+            s = tensors["input_scale"]
+            x = x / (s if s.dtype == x.dtype else s.to(x.dtype))
         if self.method.act_bits < 16 and not self.method.packs_activations:
             x = fake_quant_act(x, self.method.act_bits, self.act_clip)  # real per-token INT-k values
-        y = self.method.packed_linear(x, self.kernel_tensors(), self.in_features)
+        y = self.method.packed_linear(x, tensors, self.in_features)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def storage_bits(self) -> int:
