@@ -88,10 +88,11 @@ def test_storage_bits_hand_case():
     n, nnz = 8 * 64, 51
     signs, scales = 8 * 2 * 32, 8 * 16
     salient = nnz * 8 + 8 * 16 * 2  # codes + per-row fp16 scale and zero
-    bitmap, csr = 8 * 2 * 32, nnz * 16
-    row_ptr, fmt = 9 * 32, 8
+    bitmap, csr = 8 * 2 * 32, nnz * 16 + 8 * 16  # CSR: a uint16 column per entry + a uint16 count per row
+    fmt = 8  # the bitmap's row counts are its popcounts: no row pointers stored (derived for the kernels)
     assert bitmap < csr
-    assert p.storage_bits() == signs + scales + salient + bitmap + row_ptr + fmt
+    assert "salient_row_ptr" not in p.packed() and "salient_row_ptr" in p.kernel_tensors()
+    assert p.storage_bits() == signs + scales + salient + bitmap + fmt
     rep = bits_report(model)
     assert rep["storage"] == pytest.approx(p.storage_bits() / n)
     assert rep["weight"] == pytest.approx(((n - nnz) + nnz * 8 + scales + 8 * 32) / n)
@@ -112,10 +113,10 @@ def test_salient_codes_below_8_bits_store_k_bits(k):
     p = model[0]
     n, nnz = 8 * 64, 51
     signs, scales, scale_zero = 8 * 2 * 32, 8 * 16, 8 * 16 * 2
-    bitmap, row_ptr, fmt = 8 * 2 * 32, 9 * 32, 8
+    bitmap, fmt = 8 * 2 * 32, 8
     codes = -(-nnz * k // 32) * 32
-    assert p.storage_bits() == signs + scales + codes + scale_zero + bitmap + row_ptr + fmt
-    assert p.storage_bits() < signs + scales + nnz * (8 if k <= 8 else 16) + scale_zero + bitmap + row_ptr + fmt
+    assert p.storage_bits() == signs + scales + codes + scale_zero + bitmap + fmt
+    assert p.storage_bits() < signs + scales + nnz * (8 if k <= 8 else 16) + scale_zero + bitmap + fmt
     rep = bits_report(model)
     assert rep["storage"] == pytest.approx(p.storage_bits() / n)
     assert rep["weight"] == pytest.approx(((n - nnz) + nnz * k + scales + scale_zero) / n)
@@ -242,3 +243,23 @@ def test_training_callbacks_ask_the_method_through_its_hooks():
             q.weight.mul_(-1)
     health.on_train_batch_end(step(2), module, None, None, 0)
     assert logged["quant/sign_flip_rate"] == 1
+
+
+@pytest.mark.parametrize("ratio", [0.05, 0.4])  # CSR (stored row counts) and bitmap (counts = popcounts)
+def test_salient_row_pointers_are_derived_and_old_exports_still_run(ratio):
+    """The int32 row pointers the kernels read are derived from the stored counts or bitmap; an
+    export written before (int32 `salient_row_ptr` stored, no counts) gives the same output."""
+    method = build_method("pbllm_qat", salient_ratio=ratio)
+    w = torch.randn(24, 96)
+    state = method.init_state(w)
+    stored = method.pack(state.pop("latent"), state)
+    mask = state["salient_mask"]
+    want_ptr = torch.cat([torch.zeros(1, dtype=torch.int64), mask.sum(1).cumsum(0)]).to(torch.int32)
+    derived = method.derived(stored, 96)
+    assert "salient_row_ptr" not in stored and torch.equal(derived["salient_row_ptr"], want_ptr)
+    old = {k: v for k, v in stored.items() if k != "salient_row_counts"} | {"salient_row_ptr": want_ptr}
+    x = torch.randn(5, 96)
+    want = method.packed_linear(x, {**stored, **derived}, 96)  # as PackedLinear hands them
+    assert torch.equal(method.packed_linear(x, stored, 96), want)  # derived on the fly: the same tensors
+    # the old layout takes another CPU kernel (bitmap, fp16 scales): equal up to fp32 summation order
+    torch.testing.assert_close(method.packed_linear(x, old, 96), want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))

@@ -48,15 +48,35 @@ def kernel_code_dtype(bits: int) -> torch.dtype:
 
 
 def salient_position_bits(out_f: int, in_f: int, nnz: int) -> dict[int, int]:
-    """Bits each position format stores: CSR = uint16 column per entry + int32 row pointers;
-    bitmap = one bit per weight + int32 row pointers (offsets into the value list)."""
-    row_ptr = (out_f + 1) * 32
-    return {SALIENT_CSR: nnz * 16 + row_ptr, SALIENT_BITMAP: out_f * packed_words(in_f) * 32 + row_ptr}
+    """Bits each position format stores: CSR = uint16 column per entry + a uint16 count per row;
+    bitmap = one bit per weight (its rows' counts are its popcounts). The kernels' int32 row
+    pointers are derived from either (PartialBinary.derived)."""
+    return {SALIENT_CSR: nnz * 16 + out_f * 16, SALIENT_BITMAP: out_f * packed_words(in_f) * 32}
+
+
+def bitmap_row_counts(words: Tensor) -> Tensor:
+    """Set bits per row of int32 [rows, words] (int64)."""
+    bytes_ = words.contiguous().view(torch.uint8).long()
+    pop8 = torch.tensor([bin(i).count("1") for i in range(256)], device=words.device)  # per call: no tensor at import
+    return pop8[bytes_].sum(dim=-1)
+
+
+def salient_row_counts(packed: dict[str, Tensor]) -> Tensor:
+    """Salient weights per row of a packed layer (int64), from whichever the layer stores: the
+    counts (CSR), the bitmap, or the int32 row pointers of exports written before 2026-12-02."""
+    if "salient_row_ptr" in packed:
+        row_ptr = packed["salient_row_ptr"].long()
+        return row_ptr[1:] - row_ptr[:-1]
+    if "salient_row_counts" in packed:  # uint16 as int16's bit pattern
+        return packed["salient_row_counts"].long() & 0xFFFF
+    return bitmap_row_counts(packed["salient_positions"])
 
 
 def salient_count(packed: dict[str, Tensor]) -> int:
-    """How many salient weights a packed layer holds (its row pointers' last entry)."""
-    return int(packed["salient_row_ptr"][-1]) if "salient_row_ptr" in packed else 0
+    """How many salient weights a packed layer holds."""
+    if "salient_row_ptr" in packed:
+        return int(packed["salient_row_ptr"][-1])
+    return int(salient_row_counts(packed).sum()) if "salient_format" in packed else 0
 
 
 def blockwise_topk_mask(score: Tensor, ratio: float, block_size: int) -> Tensor:
@@ -214,13 +234,15 @@ class PartialBinary(Method):
         if in_f > 65535:
             fmt = SALIENT_BITMAP  # uint16 columns cannot address it
         rows, cols = mask.nonzero(as_tuple=True)  # row-major: the value order of both formats
-        row_ptr = torch.zeros(out_f + 1, dtype=torch.int32, device=latent.device)
-        row_ptr[1:] = torch.cumsum(mask.sum(dim=1), 0).to(torch.int32)
-        positions = pack_bits(mask) if fmt == SALIENT_BITMAP else cols.to(torch.int32).to(torch.int16)
+        if fmt == SALIENT_BITMAP:
+            positions = pack_bits(mask)  # its rows' counts are its popcounts: nothing else stored
+        else:
+            positions = cols.to(torch.int32).to(torch.int16)
+            # uint16: a CSR row has at most in_f <= 65535 entries
+            packed["salient_row_counts"] = mask.sum(dim=1).to(torch.int32).to(torch.int16)
         codes = buffers["salient_codes"][rows, cols].to(torch.int32)
         packed.update({
             "salient_format": torch.tensor(fmt, dtype=torch.uint8),
-            "salient_row_ptr": row_ptr,
             "salient_positions": positions,
             "salient_scale": buffers["salient_scale"].to(torch.float16),
             "salient_zero": buffers["salient_zero"].to(torch.float16),
@@ -238,6 +260,9 @@ class PartialBinary(Method):
         columns, ~1.6 of them salient at r = 0.1 (measured 4096x11008, M = 1: docs/kernels.md). The
         list costs 16 bits per salient weight of memory, not of storage."""
         out: dict[str, Tensor] = {}
+        if "salient_format" in packed and "salient_row_ptr" not in packed:  # the kernels' int32 offsets
+            counts = salient_row_counts(packed)
+            out["salient_row_ptr"] = torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(torch.int32)
         if "salient_code_stream" in packed:
             codes = unpack_code_stream(packed["salient_code_stream"], self.salient_bits, salient_count(packed))
             out["salient_codes"] = codes.to(torch.int32).to(kernel_code_dtype(self.salient_bits))
@@ -251,7 +276,7 @@ class PartialBinary(Method):
         return out
 
     def packed_linear(self, x: Tensor, packed: dict[str, Tensor], in_features: int) -> Tensor:
-        if "salient_code_stream" in packed and "salient_codes" not in packed:
+        if "salient_format" in packed and "salient_row_ptr" not in packed:
             packed = {**packed, **self.derived(packed, in_features)}  # PackedLinear hands them derived
         if "salient_column_list" in packed:  # a bitmap's entries, listed (derived): the CPU kernels' faster form
             fmt, positions = SALIENT_CSR, packed["salient_column_list"]
