@@ -141,3 +141,12 @@ def test_set_columns_lists_a_bitmap_like_nonzero(rows, n, chunk):
     mask = torch.rand(rows, n, generator=torch.Generator().manual_seed(rows + n)) < 0.2
     mask[:, -1] = True  # the last column: bit 31 of a word (the sign bit of int32) when n % 32 == 0
     assert torch.equal(set_columns(pack_bits(mask), n, rows_per_chunk=chunk), mask.nonzero()[:, 1])
+
+
+@pytest.mark.parametrize("rows,n,chunk", [(7, 45, 3), (130, 576, 64)])
+def test_row_popcounts_count_a_bitmap_per_row(rows, n, chunk):
+    from qat.quant.packing import pack_bits, row_popcounts
+
+    mask = torch.rand(rows, n, generator=torch.Generator().manual_seed(rows)) < 0.3
+    mask[:, -1] = True
+    assert torch.equal(row_popcounts(pack_bits(mask), rows_per_chunk=chunk), mask.sum(dim=1))

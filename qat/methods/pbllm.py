@@ -29,7 +29,7 @@ from qat.methods.base import ColumnQuantizer, GPTQResult, Method, check_group_si
 from qat.quant.binarize import binarize_ste, optimal_alpha, rescale_to_alpha
 from qat.quant.bits import tensor_bits
 from qat.quant.kbit import dequantize_kbit, minmax_params, pack_code_stream, quantize_kbit, unpack_code_stream
-from qat.quant.packing import pack_bits, packed_words, set_columns
+from qat.quant.packing import pack_bits, packed_words, row_popcounts, set_columns
 from qat.quant.salient import (
     dequantize_kbit_rows,
     hessian_saliency,
@@ -54,13 +54,6 @@ def salient_position_bits(out_f: int, in_f: int, nnz: int) -> dict[int, int]:
     return {SALIENT_CSR: nnz * 16 + out_f * 16, SALIENT_BITMAP: out_f * packed_words(in_f) * 32}
 
 
-def bitmap_row_counts(words: Tensor) -> Tensor:
-    """Set bits per row of int32 [rows, words] (int64)."""
-    bytes_ = words.contiguous().view(torch.uint8).long()
-    pop8 = torch.tensor([bin(i).count("1") for i in range(256)], device=words.device)  # per call: no tensor at import
-    return pop8[bytes_].sum(dim=-1)
-
-
 def salient_row_counts(packed: dict[str, Tensor]) -> Tensor:
     """Salient weights per row of a packed layer (int64), from whichever the layer stores: the
     counts (CSR), the bitmap, or the int32 row pointers of exports written before 2026-12-02."""
@@ -69,7 +62,7 @@ def salient_row_counts(packed: dict[str, Tensor]) -> Tensor:
         return row_ptr[1:] - row_ptr[:-1]
     if "salient_row_counts" in packed:  # uint16 as int16's bit pattern
         return packed["salient_row_counts"].long() & 0xFFFF
-    return bitmap_row_counts(packed["salient_positions"])
+    return row_popcounts(packed["salient_positions"])
 
 
 def salient_count(packed: dict[str, Tensor]) -> int:
@@ -261,11 +254,12 @@ class PartialBinary(Method):
         ~1.6 of them salient at r = 0.1 (PB-LLM at M = 1 went from 2.3-2.5x to 4.3-4.5x fp32: README,
         CPU kernels). The list costs 16 bits per salient weight of memory, not of storage."""
         out: dict[str, Tensor] = {}
-        if "salient_format" in packed and "salient_row_ptr" not in packed:  # the kernels' int32 offsets
+        row_ptr = packed.get("salient_row_ptr")  # stored by exports written before 2026-12-02
+        if "salient_format" in packed and row_ptr is None:  # the kernels' int32 offsets
             counts = salient_row_counts(packed)
-            out["salient_row_ptr"] = torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(torch.int32)
+            row_ptr = out["salient_row_ptr"] = torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(torch.int32)
         if "salient_code_stream" in packed:
-            codes = unpack_code_stream(packed["salient_code_stream"], self.salient_bits, salient_count(packed))
+            codes = unpack_code_stream(packed["salient_code_stream"], self.salient_bits, int(row_ptr[-1]))
             out["salient_codes"] = codes.to(torch.int32).to(kernel_code_dtype(self.salient_bits))
         if packed["signs"].device.type != "cpu":
             return out

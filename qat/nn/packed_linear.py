@@ -43,10 +43,7 @@ class PackedLinear(nn.Module):
         place, moved to another device): the key is each tensor's storage and version. The dict is
         shared between calls: read it, do not modify it."""
         stored = [self._buffers[name] for name in self.packed_names]  # every forward: kept lean
-        try:
-            key = (stored[0].device, [(t.data_ptr(), t._version) for t in stored])
-        except RuntimeError:  # made under torch.inference_mode: no version counter
-            key = (stored[0].device, [(t.data_ptr(), _version(t)) for t in stored])
+        key = (stored[0].device, [(t.data_ptr(), _version(t)) for t in stored])
         if key != self._derived_from:
             packed = self.packed()
             self._kernel_tensors = {**packed, **self.method.derived(packed, self.in_features)}

@@ -33,15 +33,24 @@ def unpack_bits(words: Tensor, n: int) -> Tensor:
     return bits.reshape(*words.shape[:-1], -1)[..., :n]
 
 
-def set_columns(words: Tensor, n: int, rows_per_chunk: int = 64) -> Tensor:
-    """The column of every set bit of int32 [rows, ceil(n/32)], row by row (row-major, as
-    `mask.nonzero()` orders them), int64. A few rows at a time through one byte per bit: unpacking a
-    whole layer at once (int64 per bit) grew a model's resident memory by 0.9 GB that the allocator
-    kept."""
+def _bit_rows(words: Tensor, n: int, rows_per_chunk: int):
+    """uint8 [r, n] bits of int32 words [rows, ceil(n/32)], yielded a few rows at a time through one
+    byte per bit: unpacking a whole layer at once (int64 per bit) grew a model's resident memory by
+    0.9 GB that the allocator kept."""
     shifts = torch.arange(8, dtype=torch.uint8, device=words.device)
-    cols = []
     for r0 in range(0, words.shape[0], rows_per_chunk):
         byts = words[r0:r0 + rows_per_chunk].contiguous().view(torch.uint8)  # little endian: byte b = columns 8b..
-        bits = (byts.unsqueeze(-1) >> shifts) & 1
-        cols.append(bits.reshape(byts.shape[0], -1)[:, :n].nonzero()[:, 1])
+        yield ((byts.unsqueeze(-1) >> shifts) & 1).reshape(byts.shape[0], -1)[:, :n]
+
+
+def set_columns(words: Tensor, n: int, rows_per_chunk: int = 64) -> Tensor:
+    """The column of every set bit of int32 [rows, ceil(n/32)], row by row (row-major, as
+    `mask.nonzero()` orders them), int64."""
+    cols = [bits.nonzero()[:, 1] for bits in _bit_rows(words, n, rows_per_chunk)]
     return torch.cat(cols) if cols else words.new_empty(0, dtype=torch.int64)
+
+
+def row_popcounts(words: Tensor, rows_per_chunk: int = 64) -> Tensor:
+    """Set bits per row of int32 [rows, words], int64 (padding bits are 0)."""
+    counts = [bits.sum(dim=-1, dtype=torch.int64) for bits in _bit_rows(words, 32 * words.shape[-1], rows_per_chunk)]
+    return torch.cat(counts) if counts else words.new_empty(0, dtype=torch.int64)

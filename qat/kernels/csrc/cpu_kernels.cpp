@@ -262,9 +262,10 @@ static void salient_rows(const int32_t* row_ptr, const uint16_t* cols, const Cod
   }
 }
 
-// The same from the bitmap (where no column list is derived: CPU kernels read CSR, see PBLLM.derived):
-// per 16 columns, the x values the mask selects are compressed to the low lanes (register form: fast on every AVX-512 CPU), where
-// they meet the row's next popcount(mask) codes, read contiguously.
+// The same from the bitmap, for layers with no derived column list (PartialBinary.derived lists a
+// bitmap's columns on the CPU when uint16 can address them): per 16 columns, the x values the mask
+// selects are compressed to the low lanes (register form: fast on every AVX-512 CPU), where they
+// meet the row's next popcount(mask) codes, read contiguously.
 static void salient_rows_bitmap(const int32_t* row_ptr, const uint32_t* bitmap, const uint8_t* codes8,
                                 const uint16_t* codes16, const float* sal_scale, const float* sal_zero,
                                 const float* alpha, const float* x, int64_t M, int64_t Kp, int64_t W, int64_t n0,
