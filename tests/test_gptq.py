@@ -14,6 +14,7 @@ from qat.ptq.gptq import (
     saliency_denominator,
 )
 from qat.ptq.initializers import initialize
+from qat.quant.binarize import expand_groups, optimal_alpha, refit_alpha_to_hessian
 
 
 def without_dead_inputs(W, H):
@@ -195,16 +196,18 @@ def real_layer():
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("binarizer", ["sign", "arb_x"])
 @pytest.mark.parametrize("group_size", [0, 64])
 @pytest.mark.parametrize("metric", ["magnitude", "hessian"])
-def test_pbgptq_state_fake_quantizes_to_gptqs_own_output(real_layer, metric, group_size):
+def test_pbgptq_state_fake_quantizes_to_gptqs_own_output(real_layer, metric, group_size, binarizer):
     """The hand-over to QAT: what is evaluated, trained and packed is exactly what GPTQ chose,
     on a real layer (failed before: the state re-derived alpha per row and the salient codes
     from the compensated weights, 34 % worse perplexity than GPTQ's own output)."""
     W, H = real_layer
     Wp, Hp = prepare_hessian(W, H)
     U = inverse_hessian_factor(Hp, 0.01)[0]
-    method = build_method("pbllm_qat", salient_ratio=0.1, salient_metric=metric, group_size=group_size)
+    method = build_method("pbllm_qat", salient_ratio=0.1, salient_metric=metric, group_size=group_size,
+                          binarizer=binarizer)
     quantizer = method.gptq_quantizer(Wp, saliency_denominator(U, "obs"), 128)
     result = gptq(W, H, quantizer, block_size=128)
     state = method.state_from_gptq(result, quantizer.record())
@@ -213,6 +216,61 @@ def test_pbgptq_state_fake_quantizes_to_gptqs_own_output(real_layer, metric, gro
     # the latent weights keep GPTQ's signs (and so their magnitudes rank the next sign flips)
     keep = ~state["salient_mask"]
     assert torch.equal((state["latent"] >= 0)[keep], (result.compensated >= 0)[keep])
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("group_size", [0, 32])
+def test_arb_x_refit_lowers_the_output_error_and_keeps_gptqs_choices(group_size, act_order):
+    """binarizer=arb_x changes only alpha (fp16), after the column loop: the same salient mask,
+    values and signs as binarizer=sign, a lower output error on the calibration inputs."""
+    W, H, X = random_layer(out_f=24, in_f=128, seed=5)
+    Wp, Hp = prepare_hessian(W, H)
+    U = inverse_hessian_factor(Hp, 0.01)[0]
+    out = {}
+    for binarizer in ("sign", "arb_x"):
+        method = build_method("pbllm_qat", salient_ratio=0.1, salient_metric="hessian", group_size=group_size,
+                              binarizer=binarizer)
+        quantizer = method.gptq_quantizer(Wp, saliency_denominator(U, "obs"), 64)
+        out[binarizer] = gptq(W, H, quantizer, block_size=64, act_order=act_order and not group_size), quantizer
+    (sign, qs), (arb, qa) = out["sign"], out["arb_x"]
+    assert torch.equal(qs.mask, qa.mask)
+    assert torch.equal(sign.quantized[qs.mask], arb.quantized[qa.mask])
+    keep = ~qs.mask
+    assert torch.equal(sign.quantized[keep] >= 0, arb.quantized[keep] >= 0)
+    assert torch.equal(qa.alpha, qa.alpha.half().float()) and not torch.equal(qa.alpha, qs.alpha)
+    assert out_err(Wp, arb.quantized, X) < 0.99 * out_err(Wp, sign.quantized, X)
+
+
+def test_alpha_refit_is_the_least_squares_solution():
+    """refit_alpha_to_hessian against a direct solve: per row b_iᵀHt_i / b_iᵀHb_i with one group;
+    with column groups the per-row normal equations (G a = r, G_kl = b_kᵀ H b_l), which its sweeps
+    approach from the start value, each sweep lowering the error."""
+    g = torch.Generator().manual_seed(1)
+    out_f, in_f, group = 6, 48, 16
+    X = torch.randn(200, in_f, generator=g, dtype=torch.float64) @ torch.randn(in_f, in_f, generator=g,
+                                                                               dtype=torch.float64)
+    H = X.t() @ X
+    T = torch.randn(out_f, in_f, generator=g, dtype=torch.float64)
+    B = torch.where(T >= 0, 1.0, -1.0).double()
+    B[:, :3] = 0  # entries that carry no binary weight (salient ones)
+    start = optimal_alpha(T.abs(), B != 0, group)
+
+    def err(alpha):
+        E = T - expand_groups(alpha, in_f) * B
+        return float(((E @ H) * E).sum())
+
+    one = refit_alpha_to_hessian(T, B, start[:, :1], H, 0)
+    torch.testing.assert_close(one[:, 0], ((B @ H) * T).sum(1) / ((B @ H) * B).sum(1))
+    exact = []
+    for i in range(out_f):
+        Bg = torch.zeros(in_f, in_f // group, dtype=torch.float64)
+        for k in range(in_f // group):
+            Bg[k * group:(k + 1) * group, k] = B[i, k * group:(k + 1) * group]
+        exact.append(torch.linalg.solve(Bg.t() @ H @ Bg, Bg.t() @ H @ T[i]))
+    exact = torch.stack(exact)
+    errors = [err(start)] + [err(refit_alpha_to_hessian(T, B, start, H, group, sweeps=n)) for n in (1, 2, 50)]
+    assert all(a > b for a, b in zip(errors, errors[1:]))
+    torch.testing.assert_close(refit_alpha_to_hessian(T, B, start, H, group, sweeps=50), exact, rtol=1e-6, atol=1e-9)
 
 
 def test_saliency_denominators():
@@ -237,14 +295,17 @@ def test_cholesky_failure_retries_with_more_damping():
     assert retries > 0 and damp > 0.01 and torch.isfinite(U).all()
 
 
-@pytest.mark.parametrize("params", [dict(name="pbllm_qat", salient_ratio=0.1),
-                                    dict(name="pbllm_qat", salient_ratio=0.1, salient_metric="hessian"),
-                                    dict(name="gptq", bits=3, group_size=32)])
-def test_engine_states_seed_qat_and_pack(params):
+@pytest.mark.parametrize("params,init_cfg", [
+    (dict(name="pbllm_qat", salient_ratio=0.1), {}),
+    (dict(name="pbllm_qat", salient_ratio=0.1, salient_metric="hessian"), {}),
+    (dict(name="pbllm_qat", salient_ratio=0.1, salient_metric="hessian", binarizer="arb_x"), {}),
+    (dict(name="pbllm_qat", salient_ratio=0.1, binarizer="arb_x", group_size=32), {"true_sequential": False}),
+    (dict(name="gptq", bits=3, group_size=32), {})])
+def test_engine_states_seed_qat_and_pack(params, init_cfg):
     method = build_method(**params)
     calib = torch.randint(0, 257, (4, 32), generator=torch.Generator().manual_seed(0))
     torch.manual_seed(0)
-    seed = initialize(tiny_llama({}), method, "gptq_hessian", ["lm_head"], calib)
+    seed = initialize(tiny_llama({}), method, "gptq_hessian", ["lm_head"], calib, init_cfg)
     states, errors = seed.states, seed.errors
     assert len(states) == 14  # 7 linears x 2 layers
     assert len(errors) == 14 and all(0 <= e["rel_output_error"] < 1 for e in errors)

@@ -144,6 +144,15 @@ def test_bad_method_settings_are_clear_errors(params, needle):
     assert needle in str(e.value)
 
 
+def test_the_data_free_seed_of_pbllm_ranks_by_magnitude_and_takes_mean_abs_alpha():
+    """init=rtn (and layers without Hessians) cannot use calibration data: hessian saliency and
+    arb_x fall back to |w| and alpha = mean|w| (initialize logs the changed settings)."""
+    method = build_method("pbllm_qat", salient_metric="hessian", binarizer="arb_x")
+    data_free = method.data_free()
+    assert (data_free.salient_metric, data_free.binarizer) == ("magnitude", "sign")
+    assert data_free.salient_ratio == method.salient_ratio and data_free != method
+
+
 def test_hessian_saliency_without_hessians_is_a_clear_error():
     method = build_method("pbllm_qat", salient_metric="hessian")
     with pytest.raises(QATError, match="init=gptq_hessian"):

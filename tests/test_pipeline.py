@@ -238,6 +238,7 @@ BAD_VALUES = [
     (["method.group_size=-1"], "method.group_size=-1: must be an integer >= 0"),
     (["method.group_size=48", "init.block_size=64"], "method.group_size=48 does not divide"),
     (["method.salient_metric=random"], "unknown salient_metric 'random'; allowed: magnitude, hessian"),
+    (["method.binarizer=arb"], "unknown method.binarizer 'arb'; allowed: sign, arb_x"),
     (["method.ste_clip=-1"], "method.ste_clip=-1: must be a positive number or null"),
     (["method=gptq", "method.bits=5"], "bits=5: allowed 2, 3, 4, 8"),
     (["method=gptq", "method.group_size=7"], "method.group_size=7 does not divide"),

@@ -48,6 +48,8 @@ class ColumnQuantizer:
     # error feedback between the block's columns (BiLLM); later blocks get the lazy update from
     # the errors quantize_block returns
     whole_block: bool = False
+    # True: the loop calls refine() at its end (and keeps a copy of the starting weights for it)
+    refits: bool = False
 
     def quantize_block(self, W1: Tensor, Hinv1: Tensor, cols: Tensor) -> tuple[Tensor, Tensor]:
         """Quantize a whole block at its start: W1 its current weights, Hinv1 its square of the
@@ -67,6 +69,13 @@ class ColumnQuantizer:
     def record(self) -> Any:
         """What the quantizer chose (scales, masks, ids): state_from_gptq's input."""
         raise NotImplementedError
+
+    def refine(self, Q: Tensor, W: Tensor, H: Tensor) -> Tensor:
+        """After the column loop, in the original column order: Q the quantized matrix, W the
+        weights GPTQ started from, H the damped Hessian it minimized (W-Q)H(W-Q)ᵀ under. A
+        quantizer may refit its continuous parameters to that objective (and update its record);
+        returns the new Q. The default keeps Q."""
+        return Q
 
 
 def check_ste_clip(clip: object) -> None:

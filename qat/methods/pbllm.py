@@ -26,7 +26,7 @@ from torch import Tensor
 from qat.errors import QATError, check_choice, check_int, check_range
 from qat.kernels import ops
 from qat.methods.base import ColumnQuantizer, GPTQResult, Method, check_group_size, check_ste_clip
-from qat.quant.binarize import binarize_ste, optimal_alpha, rescale_to_alpha
+from qat.quant.binarize import binarize_ste, expand_groups, optimal_alpha, refit_alpha_to_hessian, rescale_to_alpha
 from qat.quant.bits import tensor_bits
 from qat.quant.kbit import dequantize_kbit, minmax_params, pack_code_stream, quantize_kbit, unpack_code_stream
 from qat.quant.packing import pack_bits, packed_words, row_popcounts, set_columns
@@ -38,6 +38,7 @@ from qat.quant.salient import (
 )
 
 SALIENT_NONE, SALIENT_CSR, SALIENT_BITMAP = 0, 1, 2
+BINARIZERS = ["sign", "arb_x"]  # how the PB-GPTQ seed sets alpha (methods.md §2)
 NATIVE_CODE_BITS = (8, 16)  # k whose codes are stored one per uint8 / int16; any other k: a bit stream
 
 
@@ -101,8 +102,9 @@ class PartialBinaryQuantizer(ColumnQuantizer):
       weights under the same per-block mask rule."""
 
     def __init__(self, W: Tensor, ratio: float, bits: int, denominator: Tensor | None = None,
-                 group_size: int = 0, block_size: int = 128):
+                 group_size: int = 0, block_size: int = 128, binarizer: str = "sign"):
         out_f, in_f = W.shape
+        self.refits = binarizer == "arb_x"
         if group_size and (block_size % group_size or in_f % group_size):
             raise ValueError(f"group_size={group_size} must divide the GPTQ block ({block_size}) "
                              f"and in_features ({in_f})")
@@ -137,6 +139,15 @@ class PartialBinaryQuantizer(ColumnQuantizer):
     def record(self) -> PartialBinaryRecord:
         return PartialBinaryRecord(self.mask, self.alpha, self.salient_scale, self.salient_zero)
 
+    def refine(self, Q: Tensor, W: Tensor, H: Tensor) -> Tensor:
+        """binarizer=arb_x: alpha refit to the calibration inputs for the signs the loop chose,
+        the salient values fixed (qat.quant.binarize.refit_alpha_to_hessian), stored as fp16."""
+        signs = torch.where(self.mask, 0.0, torch.where(Q >= 0, 1.0, -1.0))
+        salient = torch.where(self.mask, Q, 0.0)
+        alpha = refit_alpha_to_hessian(W - salient, signs, self.alpha, H, self.group_size)
+        self.alpha = alpha.to(torch.float16).float()
+        return salient + expand_groups(self.alpha, W.shape[1]) * signs
+
 
 @dataclass
 class PartialBinary(Method):
@@ -147,12 +158,14 @@ class PartialBinary(Method):
     salient_metric: str = "magnitude"
     group_size: int = 0  # 0: one alpha per row
     ste_clip: float | None = None  # None: plain STE (PB-LLM's code); a float: zero grad beyond
+    binarizer: str = "sign"  # the seed's alpha: sign (mean|w|) | arb_x (refit to the calibration inputs)
 
     def validate(self) -> None:
         check_range("salient_ratio", self.salient_ratio, 0.0, 1.0)
         if not (isinstance(self.salient_bits, int) and 2 <= self.salient_bits <= 16):
             raise QATError(f"salient_bits={self.salient_bits!r} is outside 2..16")
         check_choice("salient_metric", self.salient_metric, ["magnitude", "hessian"])
+        check_choice("method.binarizer", self.binarizer, BINARIZERS)
         check_int("method.group_size", self.group_size, 0)
         check_ste_clip(self.ste_clip)
 
@@ -187,7 +200,7 @@ class PartialBinary(Method):
         """Quantizes with the parameters this method stores (see PartialBinaryQuantizer)."""
         return PartialBinaryQuantizer(weight, self.salient_ratio, self.salient_bits,
                                       denominator if self.salient_metric == "hessian" else None,
-                                      self.group_size, block_size)
+                                      self.group_size, block_size, self.binarizer)
 
     def state_from_gptq(self, result: GPTQResult, record: PartialBinaryRecord) -> dict[str, Tensor]:
         """The state whose fake_quant is GPTQ's output exactly: the salient codes GPTQ chose
@@ -294,10 +307,9 @@ class PartialBinary(Method):
 
     # -- hooks ------------------------------------------------------------------------------
     def data_free(self) -> PartialBinary:
-        """Hessian saliency needs calibration: without it salient weights are chosen by |w|."""
-        if self.salient_metric == "hessian":
-            return dataclasses.replace(self, salient_metric="magnitude")
-        return self
+        """Hessian saliency and ARB-X need calibration: without it salient weights are chosen by
+        |w| and alpha is mean|w|."""
+        return dataclasses.replace(self, salient_metric="magnitude", binarizer="sign")
 
     def check_act_order(self) -> None:
         if self.group_size:

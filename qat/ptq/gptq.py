@@ -75,6 +75,7 @@ def gptq(W: Tensor, H: Tensor, quantizer: ColumnQuantizer, block_size: int = 128
     if act_order:
         W, H = W[:, perm], H[perm][:, perm]
     Hinv, damp, retries = inverse_hessian_factor(H, percdamp)
+    W0 = W.clone() if quantizer.refits else None  # the loop compensates W in place; refine() fits to W0
     Q, Wc = torch.zeros_like(W), torch.zeros_like(W)
     for i1 in range(0, n, block_size):
         i2 = min(i1 + block_size, n)
@@ -98,4 +99,9 @@ def gptq(W: Tensor, H: Tensor, quantizer: ColumnQuantizer, block_size: int = 128
     if act_order:
         inv = torch.argsort(perm)
         Q, Wc, hdiag = Q[:, inv], Wc[:, inv], hdiag[inv]
+    if quantizer.refits:
+        if act_order:
+            W0, H = W0[:, inv], H[inv][:, inv]
+        H = H + damp * torch.mean(torch.diag(H)) * torch.eye(n, dtype=H.dtype, device=H.device)
+        Q = quantizer.refine(Q, W0, H)
     return GPTQResult(Q, Wc, hdiag, damp, retries)

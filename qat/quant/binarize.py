@@ -92,3 +92,29 @@ def rescale_to_alpha(w: Tensor, keep: Tensor, alpha: Tensor, group_size: int = 0
     dead = expand_groups(current == 0, w.shape[1])
     scaled = torch.where(dead, expand_groups(alpha, w.shape[1]), scaled)
     return torch.where(keep, scaled, w)
+
+
+def refit_alpha_to_hessian(target: Tensor, signs: Tensor, alpha: Tensor, H: Tensor, group_size: int = 0,
+                           sweeps: int = 3) -> Tensor:
+    """ARB-X's scale step: the alpha minimizing the layer's output error on the calibration inputs,
+    tr((T - A∘B) H (T - A∘B)ᵀ) with H = XᵀX, for fixed signs B (±1 on binarized entries, 0 elsewhere)
+    and T = `target`, what the binarized entries must carry (the weights minus any fixed part). With
+    one group per row the solution is closed-form, alpha_i = b_iᵀ H t_i / b_iᵀ H b_i; with column
+    groups, `sweeps` passes of exact per-group updates (block coordinate descent from `alpha`, each
+    pass lowering the error). alpha stays positive (a group whose fit is <= 0 keeps its value).
+    Returns alpha [out, n_groups]."""
+    out_f, in_f = target.shape
+    g = in_f if group_size in (0, None) else group_size
+    alpha = alpha.to(target.dtype, copy=True)
+    residual_h = (target - expand_groups(alpha, in_f) * signs) @ H  # (T - A∘B)·H, kept up to date
+    for _ in range(1 if g == in_f else sweeps):
+        for k in range(in_f // g):
+            cols = slice(k * g, (k + 1) * g)
+            b = signs[:, cols]
+            num = (b * residual_h[:, cols]).sum(1)
+            den = ((b @ H[cols, cols]) * b).sum(1)
+            new = torch.where(den > 0, alpha[:, k] + num / den.clamp_min(torch.finfo(den.dtype).tiny), alpha[:, k])
+            new = torch.where(new > 0, new, alpha[:, k])
+            residual_h -= ((new - alpha[:, k])[:, None] * b) @ H[cols, :]
+            alpha[:, k] = new
+    return alpha
