@@ -50,7 +50,14 @@ def main() -> None:
     out = {"benchmark": "other_domain", "text": "pydoc_data.topics", "date": dt.date.today().isoformat(),
            "commit": commit(), "windows": args.windows, "seq_len": args.seq_len, "ppl": rows}
     path = Path(__file__).parent / "results" / f"other_domain-{out['date']}.json"
-    path.write_text(json.dumps(out, indent=1))
+    if path.exists():  # the day's earlier runs on the same windows stay in the file
+        before = json.loads(path.read_text())
+        if (before.get("windows"), before.get("seq_len")) == (args.windows, args.seq_len):
+            out["ppl"] = {**before["ppl"], **rows}
+            out["commits"] = sorted({*before.get("commits", [before["commit"]]), out["commit"]})
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(out, indent=1))
+    tmp.replace(path)
     print(f"wrote {path}")
 
 
