@@ -99,7 +99,8 @@ class PartialBinaryQuantizer(ColumnQuantizer):
     - alpha (fp16): with `group_size` g > 0, one per row and group of g columns, the mean |w|
       of the group's non-salient entries when its block starts (g must divide the block);
       with g = 0, one per row, fixed up front from the non-salient entries of the initial
-      weights under the same per-block mask rule."""
+      weights under the same per-block mask rule; with binarizer=arb_x, refit after the loop
+      (refine) to the calibration inputs for the signs chosen, mask and salient values kept."""
 
     def __init__(self, W: Tensor, ratio: float, bits: int, denominator: Tensor | None = None,
                  group_size: int = 0, block_size: int = 128, binarizer: str = "sign"):
