@@ -254,11 +254,12 @@ def test_training_callbacks_ask_the_method_through_its_hooks():
     assert logged["quant/sign_flip_rate"] == 1
 
 
+@pytest.mark.parametrize("bits", [8, 4])  # codes one per byte, and a k-bit code stream (unpacked: derived)
 @pytest.mark.parametrize("ratio", [0.05, 0.4])  # CSR (stored row counts) and bitmap (counts = popcounts)
-def test_salient_row_pointers_are_derived_and_old_exports_still_run(ratio):
+def test_salient_row_pointers_are_derived_and_old_exports_still_run(ratio, bits):
     """The int32 row pointers the kernels read are derived from the stored counts or bitmap; an
     export written before (int32 `salient_row_ptr` stored, no counts) gives the same output."""
-    method = build_method("pbllm_qat", salient_ratio=ratio)
+    method = build_method("pbllm_qat", salient_ratio=ratio, salient_bits=bits)
     w = torch.randn(24, 96)
     state = method.init_state(w)
     stored = method.pack(state.pop("latent"), state)

@@ -68,8 +68,6 @@ def salient_row_counts(packed: dict[str, Tensor]) -> Tensor:
 
 def salient_count(packed: dict[str, Tensor]) -> int:
     """How many salient weights a packed layer holds."""
-    if "salient_row_ptr" in packed:
-        return int(packed["salient_row_ptr"][-1])
     return int(salient_row_counts(packed).sum()) if "salient_format" in packed else 0
 
 
@@ -285,7 +283,8 @@ class PartialBinary(Method):
         return out
 
     def packed_linear(self, x: Tensor, packed: dict[str, Tensor], in_features: int) -> Tensor:
-        if "salient_format" in packed and "salient_row_ptr" not in packed:
+        if (("salient_format" in packed and "salient_row_ptr" not in packed)
+                or ("salient_code_stream" in packed and "salient_codes" not in packed)):
             packed = {**packed, **self.derived(packed, in_features)}  # PackedLinear hands them derived
         if "salient_column_list" in packed:  # a bitmap's entries, listed (derived): the CPU kernels' faster form
             fmt, positions = SALIENT_CSR, packed["salient_column_list"]

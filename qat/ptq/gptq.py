@@ -28,15 +28,18 @@ def prepare_hessian(W: Tensor, H: Tensor) -> tuple[Tensor, Tensor]:
     return W, H
 
 
+def damped_hessian(H: Tensor, percdamp: float) -> Tensor:
+    """H + λI with λ = percdamp·mean(diag H): what GPTQ inverts, and the objective it minimizes."""
+    return H + percdamp * torch.mean(torch.diag(H)) * torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+
+
 def inverse_hessian_factor(H: Tensor, percdamp: float, max_damp: float = 10.0) -> tuple[Tensor, float, int]:
     """Upper Cholesky factor of (H + λI)^-1, λ = percdamp·mean(diag H); on a Cholesky failure
     retry with 10x the damping (logged), up to max_damp."""
-    mean_diag = torch.mean(torch.diag(H))
     retries, damp = 0, percdamp
-    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
     while True:
         try:
-            L = torch.linalg.cholesky(H + damp * mean_diag * eye)
+            L = torch.linalg.cholesky(damped_hessian(H, damp))
             Hinv = torch.cholesky_inverse(L)
             return torch.linalg.cholesky(Hinv, upper=True), damp, retries
         except torch.linalg.LinAlgError:
@@ -102,6 +105,5 @@ def gptq(W: Tensor, H: Tensor, quantizer: ColumnQuantizer, block_size: int = 128
     if quantizer.refits:
         if act_order:
             W0, H = W0[:, inv], H[inv][:, inv]
-        H = H + damp * torch.mean(torch.diag(H)) * torch.eye(n, dtype=H.dtype, device=H.device)
-        Q = quantizer.refine(Q, W0, H)
+        Q = quantizer.refine(Q, W0, damped_hessian(H, damp))
     return GPTQResult(Q, Wc, hdiag, damp, retries)

@@ -103,7 +103,7 @@ def refit_alpha_to_hessian(target: Tensor, signs: Tensor, alpha: Tensor, H: Tens
     groups, `sweeps` passes of exact per-group updates (block coordinate descent from `alpha`, each
     pass lowering the error). alpha stays positive (a group whose fit is <= 0 keeps its value).
     Returns alpha [out, n_groups]."""
-    out_f, in_f = target.shape
+    in_f = target.shape[1]
     g = in_f if group_size in (0, None) else group_size
     alpha = alpha.to(target.dtype, copy=True)
     residual_h = (target - expand_groups(alpha, in_f) * signs) @ H  # (T - A∘B)·H, kept up to date
