@@ -3,8 +3,11 @@ PY      := .venv/bin/python
 PIP     := .venv/bin/pip
 STAMP   := .venv/.setup-stamp
 ARGS    ?=
-# llama.cpp without its examples, tests and multimodal tools: what the GGUF checks need, built faster
-LLAMA_CMAKE_ARGS ?= -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF
+# llama.cpp without its examples, tests and multimodal tools: what the GGUF checks need, built faster;
+# on x86 without its AMX matmul, which segfaults on Q4_0 / Q4_1 layers on Sapphire Rapids-class CPUs
+# (llama.cpp issue 20824): the AVX-512 kernels run there instead. The rest of the build is -march=native.
+NO_AMX  := $(if $(filter x86_64,$(shell uname -m)),-DCMAKE_C_FLAGS=-mno-amx-int8 -DCMAKE_CXX_FLAGS=-mno-amx-int8)
+LLAMA_CMAKE_ARGS ?= -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF $(NO_AMX)
 
 .PHONY: help setup train test test-gpu lint bench sass report clean
 
@@ -16,8 +19,10 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q --upgrade pip
 	# torch first: on the dev machines torch==2.13.0 is a local CPU build; nothing after it upgrades torch
 	$(PIP) install -q torch==2.13.0 || $(PIP) install -q torch
-	@echo "[setup] installing the project; llama-cpp-python compiles llama.cpp from source the first time (about 5 min on 2 cores)"
-	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PIP) install -q -e '.[dev]'
+	@echo "[setup] llama-cpp-python compiles llama.cpp from source for this CPU (about 5 min on 2 cores)"
+	# not from pip's wheel cache: a wheel built elsewhere has another CPU's -march=native and flags
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PIP) install -q --no-cache-dir "$$(grep -o 'llama-cpp-python==[0-9.]*' pyproject.toml)"
+	$(PIP) install -q -e '.[dev]'
 	touch $(STAMP)
 
 setup: $(STAMP) ## create .venv with torch (CPU) and the project

@@ -263,3 +263,19 @@ def test_a_setting_ggml_cannot_hold_fails_before_training(overrides, says, compo
     with pytest.raises(QATError, match=says):
         run(cfg, tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("amx", [True, False])
+def test_builds_with_amx_load_without_repacked_buffers(amx, tmp_path, monkeypatch):
+    """llama.cpp's AMX matmul segfaults on Q4_0 / Q4_1 layers on Sapphire Rapids-class CPUs: where
+    the build has it, llama() keeps the weights out of the extra (repacked) buffers, only there."""
+    import llama_cpp.llama_cpp as low
+
+    packed_tiny("rtn_binary", {}, "int8", WIDE, tmp_path)
+    write_gguf(tmp_path / "export", tmp_path / "m.gguf")
+    monkeypatch.setattr(llama_cpp, "built_with_amx", lambda: amx)
+    default = low.llama_model_default_params
+    with llama_cpp.llama(tmp_path / "m.gguf", n_ctx=128) as llm:
+        assert llm.model_params.use_extra_bufts is (not amx)
+        assert np.isfinite(llama_cpp.logits(llm, TEXT)).all()
+    assert low.llama_model_default_params is default

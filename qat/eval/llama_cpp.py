@@ -26,14 +26,47 @@ def llama(path: Path, n_ctx: int = 512, threads: int = 2, f32_cache: bool = Fals
                        "about 5 minutes on 2 cores)") from None
     cache = {"type_k": 0, "type_v": 0} if f32_cache else {}  # GGML_TYPE_F32
     try:
-        model = Llama(str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=all_logits, verbose=False,
-                      n_threads=threads, n_threads_batch=threads, **cache)
+        with _without_amx_repacking():
+            model = Llama(str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=all_logits,
+                          verbose=False, n_threads=threads, n_threads_batch=threads, **cache)
     except ValueError as e:
         raise QATError(f"llama.cpp could not load {path}: {e}") from None
     try:
         yield model
     finally:
         model.close()
+
+
+def built_with_amx() -> bool:
+    """Whether this llama.cpp build has its AMX matmul (compiled in where the build CPU has AMX)."""
+    import llama_cpp
+
+    return "AMX_INT8 = 1" in llama_cpp.llama_print_system_info().decode()
+
+
+@contextlib.contextmanager
+def _without_amx_repacking() -> Iterator[None]:
+    """Models loaded inside keep their weights out of llama.cpp's extra (repacked) buffers when the
+    build has AMX: its AMX matmul segfaults on Q4_0 / Q4_1 layers on Sapphire Rapids-class CPUs
+    (llama.cpp issue 20824; every such layer crashed on one here). llama-cpp-python does not expose
+    llama.cpp's `--no-repack` (use_extra_bufts), so its default model parameters are wrapped."""
+    import llama_cpp.llama_cpp as low
+
+    if not built_with_amx():
+        yield
+        return
+    default = low.llama_model_default_params
+
+    def no_extra_buffers():
+        params = default()
+        params.use_extra_bufts = False
+        return params
+
+    low.llama_model_default_params = no_extra_buffers
+    try:
+        yield
+    finally:
+        low.llama_model_default_params = default
 
 
 def logits(model: Any, tokens: list[int]) -> np.ndarray:
