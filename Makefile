@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q --upgrade pip
 	# torch first: on the dev machines torch==2.13.0 is a local CPU build; nothing after it upgrades torch
 	$(PIP) install -q torch==2.13.0 || $(PIP) install -q torch
-	@echo "[setup] llama-cpp-python compiles llama.cpp from source for this CPU (about 5 min on 2 cores)"
+	@echo "[setup] llama-cpp-python compiles llama.cpp from source for this CPU (5-7.5 min on 2 cores)"
 	# not from pip's wheel cache: a wheel built elsewhere has another CPU's -march=native and flags
 	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PIP) install -q --no-cache-dir "$$(grep -o 'llama-cpp-python==[0-9.]*' pyproject.toml)"
 	$(PIP) install -q -e '.[dev]'
