@@ -62,11 +62,36 @@ def test_binary_gemm_matches_reference(isa, shape, params, m):
             p.get("salient_codes"), p.get("salient_scale"), p.get("salient_zero"))
     want = reference.binary_gemm(x, *args)
     empty = p["signs"].new_empty(0)
-    got = ext.binary_gemm(x, *args[:4], *[t if t is not None else empty for t in args[4:]], ops.CPU_MAX_M_SMALL)
-    close(got, want)
-    # the layer's own call: a bitmap is handed to the kernel as its derived column list
-    assert ("salient_column_list" in p) == (fmt == reference.SALIENT_BITMAP)
+    got = ext.binary_gemm(x, *args[:4], *[t if t is not None else empty for t in args[4:]], empty, ops.CPU_MAX_M_SMALL)
+    close(got, want)  # the stored format as it is
+    # the layer's own call: on the CPU the salient part is handed to the kernel in its derived slot layout
+    assert ("salient_slot_ptr" in p) == (fmt != reference.SALIENT_NONE)
+    slots = method._salient_args(p)
+    close(reference.binary_gemm(x, *args[:3], *slots), want)  # the layout's decoding: the same weight
+    close(ext.binary_gemm(x, *args[:3], *[t if t is not None else empty for t in slots], empty, ops.CPU_MAX_M_SMALL), want)
     close(method.packed_linear(x, p, shape[1]), want)
+    # a smoothed layer's input_scale, applied inside the C++ call (PackedLinear's CPU path)
+    s = torch.rand(shape[1]) + 0.5
+    close(method.cpu_forward({**p, "input_scale": s}, shape[1])(x), reference.binary_gemm(x / s, *args))
+
+
+def test_salient_slots_hold_every_entry_once_in_its_block_and_chunk():
+    g = torch.Generator().manual_seed(0)
+    mask = torch.rand(37, 100, generator=g) < 0.2
+    mask[5] = False  # an empty row
+    rows, cols = mask.nonzero(as_tuple=True)
+    codes = torch.randint(0, 256, (rows.numel(),), generator=g).to(torch.uint8)
+    words = 4  # ceil(100 / 32)
+    ptr, slot_cols, slot_codes = reference.salient_slots(rows, cols, codes, 37, words)
+    assert ptr.shape == (3 * words + 1,) and slot_cols.numel() == slot_codes.numel() == 16 * int(ptr[-1])
+    r, c, at = reference.slot_entries(ptr, slot_cols, words)
+    order = torch.argsort(r * 100 + c)
+    assert torch.equal(r[order], rows) and torch.equal(c[order], cols) and torch.equal(slot_codes[at][order], codes)
+    # each (block, chunk) has as many slots as its fullest row there: padding only where rows differ
+    dense = torch.zeros(48, 128, dtype=torch.int64)
+    dense[:37, :100] = mask.long()
+    per = dense.view(3, 16, words, 32).sum(-1).amax(1).reshape(-1)
+    assert torch.equal((ptr[1:] - ptr[:-1]).long(), per)
 
 
 @pytest.mark.parametrize("groups,scope", [(2, "row"), (4, "row"), (8, "row"), (4, "matrix")])

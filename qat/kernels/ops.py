@@ -12,12 +12,13 @@ from __future__ import annotations
 import functools
 import os
 from collections import Counter
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
 from qat.kernels import reference
-from qat.kernels.build import cpu_extension_or_none, cpu_isa_name, extension_or_none
+from qat.kernels.build import cpu_extension_or_none, cpu_isa_name, extension_or_none, kernels_disabled
 
 # CPU: up to this many tokens the C++ kernels read the packed bits directly (decode); above, they
 # unpack the weight to fp32 once and call at::mm (compute-bound; benchmarks/cpu_bitgemm.py)
@@ -91,7 +92,7 @@ def _binary_gemm_cpu(x, signs, scales, in_features, salient_format, row_ptr, pos
     empty = signs.new_empty(0)
     sal = [t if t is not None else empty for t in (row_ptr, positions, codes, sal_scale, sal_zero)]
     x2 = x if x.dim() == 2 else x.reshape(-1, in_features)
-    y = ext.binary_gemm(x2, signs, scales, in_features, salient_format, *sal, CPU_MAX_M_SMALL)
+    y = ext.binary_gemm(x2, signs, scales, in_features, salient_format, *sal, empty, CPU_MAX_M_SMALL)
     if y.dtype != x.dtype:
         y = y.to(x.dtype)
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], signs.shape[0])
@@ -112,7 +113,7 @@ def _binary_gemm_cuda(x, signs, scales, in_features, salient_format, row_ptr, po
     # the kernels index scales by 32-column word: one scale per row always fits (the padding
     # columns meet zero activations); groups must be whole words
     words_per_group = n_words if groups == 1 else n_words // groups if in_features % (32 * groups) == 0 else 0
-    if ext is None or words_per_group == 0:
+    if ext is None or words_per_group == 0 or salient_format == reference.SALIENT_SLOTS:  # slots: a CPU layout
         _CALLS["binary_gemm/reference"] += 1
         y = reference.binary_gemm(x2, signs, scales, in_features, salient_format, row_ptr,
                                   positions, codes, sal_scale, sal_zero)
@@ -149,6 +150,30 @@ def _gemv(ext, x2, signs, scales, in_features, words_per_group, salient_format, 
         xh = torch.zeros(m_pad, n_words * 32, dtype=torch.float16, device=x2.device)
         xh[:m, :in_features] = x2
     return ext.binary_gemv(xh, signs, scales, words_per_group, salient_format, *sal, algo=gemv_algo())[:m]
+
+
+def binary_gemm_cpu_call(signs: Tensor, scales: Tensor, in_features: int, salient_format: int,
+                         row_ptr: Tensor | None, positions: Tensor | None, codes: Tensor | None,
+                         sal_scale: Tensor | None, sal_zero: Tensor | None,
+                         input_scale: Tensor | None = None) -> Callable[[Tensor], Tensor | None]:
+    """x -> (x / input_scale) · Wᵀ through the CPU extension with the layer's tensors bound once (the
+    decode path of PackedLinear: ~4 µs of Python a call instead of ~15). Returns None for a call
+    where the extension is unavailable (QAT_KERNELS=reference, no compiler): the op runs instead."""
+    empty = signs.new_empty(0)
+    args = (signs, scales, in_features, salient_format,
+            *[t if t is not None else empty for t in (row_ptr, positions, codes, sal_scale, sal_zero)],
+            input_scale.float().contiguous() if input_scale is not None else empty, CPU_MAX_M_SMALL)
+    n = signs.shape[0]
+
+    def call(x: Tensor) -> Tensor | None:
+        ext = None if kernels_disabled() else cpu_extension_or_none()
+        if ext is None:
+            return None
+        _CALLS[_path_key("binary_gemm", cpu_isa_name(ext))] += 1
+        y = ext.binary_gemm(x.reshape(-1, in_features), *args)
+        return (y if y.dtype == x.dtype else y.to(x.dtype)).view(*x.shape[:-1], n)
+
+    return call
 
 
 @torch.library.custom_op("qat::w1a1x4_gemm", mutates_args=())

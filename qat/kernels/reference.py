@@ -8,6 +8,47 @@ from qat.quant.kbit import dequantize_kbit, unpack_nibbles
 from qat.quant.packing import unpack_bits
 
 SALIENT_NONE, SALIENT_CSR, SALIENT_BITMAP = 0, 1, 2
+# the CPU kernels' layout of a salient part, derived from either stored format (never stored): rows
+# in blocks of 16 (one per lane), columns in chunks of 32; slot_ptr [blocks·words + 1] int32 counts
+# the slots of each (block, chunk); a slot is 16 lanes of (column in the chunk, code), column 255
+# where that row has no further entry in the chunk
+SALIENT_SLOTS = 3
+SLOT_ROWS, SLOT_COLS, SLOT_PAD = 16, 32, 255
+
+
+def salient_slots(rows: Tensor, cols: Tensor, codes: Tensor, n_rows: int, n_words: int
+                  ) -> tuple[Tensor, Tensor, Tensor]:
+    """(slot_ptr, slot_cols uint8, slot_codes) of the salient entries (rows, cols, codes) given
+    row-major (each row's columns ascending), as the CPU kernel reads them."""
+    cols = cols.to(torch.int64)
+    n_keys = -(-n_rows // SLOT_ROWS) * n_words
+    key = (rows // SLOT_ROWS) * n_words + cols // SLOT_COLS  # (block, chunk)
+    group = key * SLOT_ROWS + rows % SLOT_ROWS  # (block, chunk, lane)
+    order = torch.sort(group, stable=True).indices  # stable: a group's entries keep their column order
+    g = group[order]
+    per_group = torch.bincount(group, minlength=n_keys * SLOT_ROWS)
+    starts = torch.cumsum(per_group, 0) - per_group
+    rank = torch.arange(g.numel(), device=g.device) - starts[g]
+    slots = per_group.view(n_keys, SLOT_ROWS).amax(dim=1)
+    slot_ptr = torch.cat([slots.new_zeros(1), torch.cumsum(slots, 0)])
+    at = (slot_ptr[g // SLOT_ROWS] + rank) * SLOT_ROWS + g % SLOT_ROWS
+    n_slots = int(slot_ptr[-1])
+    slot_cols = torch.full((n_slots * SLOT_ROWS,), SLOT_PAD, dtype=torch.uint8, device=cols.device)
+    slot_cols[at] = (cols[order] % SLOT_COLS).to(torch.uint8)
+    slot_codes = torch.zeros(n_slots * SLOT_ROWS, dtype=codes.dtype, device=codes.device)
+    slot_codes[at] = codes[order]
+    return slot_ptr.to(torch.int32), slot_cols, slot_codes
+
+
+def slot_entries(slot_ptr: Tensor, slot_cols: Tensor, n_words: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(rows, cols, index of each entry's code in the slot codes) of a slot layout."""
+    counts = (slot_ptr[1:] - slot_ptr[:-1]).long()
+    key = torch.repeat_interleave(torch.arange(counts.numel(), device=slot_ptr.device), counts)
+    c = slot_cols.view(-1, SLOT_ROWS).long()
+    slot, lane = (c != SLOT_PAD).nonzero(as_tuple=True)
+    rows = (key[slot] // n_words) * SLOT_ROWS + lane
+    cols = (key[slot] % n_words) * SLOT_COLS + c[slot, lane]
+    return rows, cols, slot * SLOT_ROWS + lane
 
 
 def salient_positions(fmt: int, row_ptr: Tensor, positions: Tensor, n_rows: int,
@@ -33,8 +74,12 @@ def binary_weight(
     s = unpack_bits(signs, in_features).float() * 2 - 1
     alpha = scales.float().repeat_interleave(in_features // scales.shape[1], dim=1)
     w = alpha * s
-    if fmt != SALIENT_NONE:
+    if fmt == SALIENT_SLOTS:
+        rows, cols, at = slot_entries(row_ptr, positions, signs.shape[1])
+        codes = codes[at]
+    elif fmt != SALIENT_NONE:
         rows, cols = salient_positions(fmt, row_ptr, positions, n, in_features)
+    if fmt != SALIENT_NONE:
         c = codes.to(torch.int64) & 0xFFFF
         w[rows, cols] = dequantize_kbit(c.float(), sal_scale.float()[rows], sal_zero.float()[rows])
     return w

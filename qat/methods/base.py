@@ -20,6 +20,7 @@ qat.ptq imports qat.methods and never the other way round.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -140,6 +141,14 @@ class Method:
     def packed_linear(self, x: Tensor, packed: dict[str, Tensor], in_features: int) -> Tensor:
         """`packed`: the stored tensors plus `derived(packed)` (PackedLinear hands both)."""
         raise NotImplementedError
+
+    def cpu_forward(self, packed: dict[str, Tensor], in_features: int) -> Callable[[Tensor], Tensor | None] | None:
+        """packed_linear for CPU tensors with the layer's tensors bound once (ops.*_cpu_call), or None:
+        at decode sizes the Python between a layer and its C++ kernel costs as much as the kernel.
+        The callable returns None where the extension is unavailable (packed_linear runs instead).
+        `packed` as for packed_linear, plus the fp32 `input_scale` of a smoothed layer, which the
+        callable applies. Default: none."""
+        return None
 
     def derived(self, packed: dict[str, Tensor], in_features: int) -> dict[str, Tensor]:
         """Tensors packed_linear reads that are functions of the stored ones (e.g. a sum of the

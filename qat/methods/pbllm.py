@@ -17,6 +17,7 @@ stream (k bits each); the kernels read bytes / int16, so a stream is unpacked on
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -24,7 +25,7 @@ import torch
 from torch import Tensor
 
 from qat.errors import QATError, check_choice, check_int, check_range
-from qat.kernels import ops
+from qat.kernels import ops, reference
 from qat.methods.base import ColumnQuantizer, GPTQResult, Method, check_group_size, check_ste_clip
 from qat.quant.binarize import binarize_ste, expand_groups, optimal_alpha, refit_alpha_to_hessian, rescale_to_alpha
 from qat.quant.bits import tensor_bits
@@ -37,7 +38,7 @@ from qat.quant.salient import (
     salient_mask_topk,
 )
 
-SALIENT_NONE, SALIENT_CSR, SALIENT_BITMAP = 0, 1, 2
+SALIENT_NONE, SALIENT_CSR, SALIENT_BITMAP, SALIENT_SLOTS = 0, 1, 2, 3  # as qat.kernels.reference
 BINARIZERS = ["sign", "arb_x"]  # how the PB-GPTQ seed sets alpha (methods.md §2)
 NATIVE_CODE_BITS = (8, 16)  # k whose codes are stored one per uint8 / int16; any other k: a bit stream
 
@@ -261,41 +262,54 @@ class PartialBinary(Method):
     def derived(self, packed: dict[str, Tensor], in_features: int) -> dict[str, Tensor]:
         """What the kernels read that is not stored: int32 row pointers (from the CSR counts or the
         bitmap's popcounts), the salient codes one per uint8 / int16 (from a stored stream), and on
-        the CPU fp32 scales and the bitmap's column list (uint16, as CSR stores it). The CPU kernel
-        walks a list 16 salient entries a step; over the bitmap it spends a step on every 16 columns,
-        ~1.6 of them salient at r = 0.1 (PB-LLM at M = 1 went from 2.3-2.5x to 4.3-4.5x fp32: README,
-        CPU kernels). The list costs 16 bits per salient weight of memory, not of storage."""
+        the CPU fp32 scales and the salient entries in the CPU kernel's slot layout
+        (reference.salient_slots: 16 rows a block, each chunk of 32 columns' x held in registers and
+        looked up by permutes instead of gathers; measured on the embedded default's layers: the
+        salient part of a 1536x576 layer at M = 1 from 24 to 9 µs). The slots cost ~4.4 bytes per
+        salient weight of memory (their padding included), not of storage."""
         out: dict[str, Tensor] = {}
         row_ptr = packed.get("salient_row_ptr")  # stored by exports written before 2026-12-02
         if "salient_format" in packed and row_ptr is None:  # the kernels' int32 offsets
             counts = salient_row_counts(packed)
             row_ptr = out["salient_row_ptr"] = torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(torch.int32)
+        codes = packed.get("salient_codes")
         if "salient_code_stream" in packed:
             codes = unpack_code_stream(packed["salient_code_stream"], self.salient_bits, int(row_ptr[-1]))
-            out["salient_codes"] = codes.to(torch.int32).to(kernel_code_dtype(self.salient_bits))
+            codes = out["salient_codes"] = codes.to(torch.int32).to(kernel_code_dtype(self.salient_bits))
         if packed["signs"].device.type != "cpu":
             return out
         # the CPU kernels compute in fp32: their scales as fp32 once, not converted on every call
         out.update({k: packed[k].float() for k in ("scales", "salient_scale", "salient_zero") if k in packed})
-        positions = packed.get("salient_positions")
-        if positions is not None and in_features <= 65535 and int(packed["salient_format"]) == SALIENT_BITMAP:
-            out["salient_column_list"] = set_columns(positions, in_features).to(torch.int32).to(torch.int16)
+        if "salient_format" in packed:
+            n_rows, positions = packed["signs"].shape[0], packed["salient_positions"]
+            rows = torch.repeat_interleave(torch.arange(n_rows), (row_ptr[1:] - row_ptr[:-1]).long())
+            if int(packed["salient_format"]) == SALIENT_BITMAP:
+                cols = set_columns(positions, in_features)  # row by row: no dense mask of a large layer
+            else:
+                cols = positions.to(torch.int64) & 0xFFFF  # uint16 stored in int16
+            out["salient_slot_ptr"], out["salient_slot_cols"], out["salient_slot_codes"] = reference.salient_slots(
+                rows, cols, codes, n_rows, packed["signs"].shape[1])
         return out
 
     def packed_linear(self, x: Tensor, packed: dict[str, Tensor], in_features: int) -> Tensor:
         if (("salient_format" in packed and "salient_row_ptr" not in packed)
                 or ("salient_code_stream" in packed and "salient_codes" not in packed)):
             packed = {**packed, **self.derived(packed, in_features)}  # PackedLinear hands them derived
-        if "salient_column_list" in packed:  # a bitmap's entries, listed (derived): the CPU kernels' faster form
-            fmt, positions = SALIENT_CSR, packed["salient_column_list"]
-        else:
-            fmt = int(packed["salient_format"]) if "salient_format" in packed else SALIENT_NONE
-            positions = packed.get("salient_positions")
-        return ops.binary_gemm(
-            x, packed["signs"], packed["scales"], in_features, fmt,
-            packed.get("salient_row_ptr"), positions,
-            packed.get("salient_codes"), packed.get("salient_scale"), packed.get("salient_zero"),
-        )
+        return ops.binary_gemm(x, packed["signs"], packed["scales"], in_features, *self._salient_args(packed))
+
+    @staticmethod
+    def _salient_args(packed: dict[str, Tensor]) -> tuple:
+        """(format, row_ptr, positions, codes, scale, zero) of the op: the slot layout where derived."""
+        if "salient_slot_ptr" in packed:
+            return (SALIENT_SLOTS, packed["salient_slot_ptr"], packed["salient_slot_cols"],
+                    packed["salient_slot_codes"], packed["salient_scale"], packed["salient_zero"])
+        fmt = int(packed["salient_format"]) if "salient_format" in packed else SALIENT_NONE
+        return (fmt, packed.get("salient_row_ptr"), packed.get("salient_positions"), packed.get("salient_codes"),
+                packed.get("salient_scale"), packed.get("salient_zero"))
+
+    def cpu_forward(self, packed: dict[str, Tensor], in_features: int) -> Callable[[Tensor], Tensor | None]:
+        return ops.binary_gemm_cpu_call(packed["signs"], packed["scales"], in_features, *self._salient_args(packed),
+                                        input_scale=packed.get("input_scale"))
 
     def packed_weight_bits(self, packed: dict[str, Tensor], out_features: int, in_features: int) -> float:
         """1 bit per binary weight + k per salient weight + every stored scale/zero point;

@@ -31,6 +31,7 @@ class PackedLinear(nn.Module):
         self.register_buffer("weight", torch.empty(0, device=next(iter(packed.values())).device))
         self._kernel_tensors: dict[str, Tensor] = {}  # stored + derived, as the kernels read them
         self._derived_from: tuple | None = None  # (device, [(storage, version) per stored tensor])
+        self._cpu_forward = None  # Method.cpu_forward of the kernel tensors, where the method has one
 
     def packed(self) -> dict[str, Tensor]:
         """The stored tensors (what the export holds and the bits count)."""
@@ -49,18 +50,27 @@ class PackedLinear(nn.Module):
             self._kernel_tensors = {**packed, **self.method.derived(packed, self.in_features)}
             if "input_scale" in packed:  # fp32 once: most inputs are fp32, and this runs every forward
                 self._kernel_tensors["input_scale"] = packed["input_scale"].float()
+            on_cpu = stored[0].device.type == "cpu" and self.method.act_bits >= 16
+            self._cpu_forward = self.method.cpu_forward(self._kernel_tensors, self.in_features) if on_cpu else None
             self._derived_from = key
         return self._kernel_tensors
 
     def forward(self, x: Tensor) -> Tensor:
         tensors = self.kernel_tensors()
+        y = None
+        if self._cpu_forward is not None and x.device.type == "cpu" and not torch.compiler.is_compiling():
+            y = self._cpu_forward(x)  # the layer's tensors bound once: decode-sized calls are Python-bound
+        if y is None:
+            y = self._packed_linear(x, tensors)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def _packed_linear(self, x: Tensor, tensors: dict[str, Tensor]) -> Tensor:
         if "input_scale" in tensors:  # smoothing's per-channel factor (stored fp16)
             s = tensors["input_scale"]
             x = x / (s if s.dtype == x.dtype else s.to(x.dtype))
         if self.method.act_bits < 16 and not self.method.packs_activations:
             x = fake_quant_act(x, self.method.act_bits, self.act_clip)  # real per-token INT-k values
-        y = self.method.packed_linear(x, tensors, self.in_features)
-        return y if self.bias is None else y + self.bias.to(y.dtype)
+        return self.method.packed_linear(x, tensors, self.in_features)
 
     def storage_bits(self) -> int:
         """Every bit this layer stores for its weight (the bias is not part of the weight)."""

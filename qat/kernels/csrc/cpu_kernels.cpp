@@ -31,6 +31,11 @@ namespace avx2 {
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vpopcntdq,fma,popcnt")
 namespace avx512 {
 
+static inline void prefetch_lines(const void* p, int64_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t o = 0; o < bytes; o += 64) _mm_prefetch(c + o, _MM_HINT_T0);
+}
+
 // Run body<MT>(m0) over tokens in chunks of 8, 4, 2, 1: with MT a constant the compiler keeps every
 // accumulator in a register (a runtime count spills them to the stack, and masked stores to the
 // stack do not forward: measured 9x slower).
@@ -99,11 +104,16 @@ static void binary_rows_lut(const float* tables, int64_t M, int64_t W, const uin
                             int64_t G, int64_t wpg, int64_t n0, int64_t n1, float* y, int64_t N) {
   const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   const __m512i fifteen = _mm512_set1_epi32(15);
+  prefetch_lines(signs + n0 * W, std::min<int64_t>(32, n1 - n0) * W * 4);  // the first two blocks at once
   for (int64_t nb = n0; nb < n1; nb += 16) {
     const int64_t rows = std::min<int64_t>(16, n1 - nb);
     const __mmask16 k = (__mmask16)(rows == 16 ? 0xFFFF : (1u << rows) - 1u);
     const __m512i offs = _mm512_mullo_epi32(lane, _mm512_set1_epi32((int)W));  // word 0 of each row
     const int* base = reinterpret_cast<const int*>(signs + nb * W);
+    // the rows two blocks ahead, fetched now: a gather meets 16 cold cache lines at once, and the
+    // hardware prefetchers miss this pattern (decode streams every layer from DRAM: measured 2.5-4x
+    // slower than the same call in cache)
+    if (nb + 32 < n1) prefetch_lines(signs + (nb + 32) * W, 16 * W * 4);
     for (int64_t m = 0; m < M; ++m) {
       const float* T = tables + m * (W * 8) * 16;
       __m512 total = _mm512_setzero_ps();
@@ -211,6 +221,15 @@ static void unpack_signs_halves(const uint32_t* signs, const float* alpha, int64
   }
 }
 
+// An int8 row times its scale as fp32 (the head's larger-M path: 28 M codes a prefill on the default)
+static void unpack_int8_row(const int8_t* c, float scale, int64_t K, float* r) {
+  const __m512 s = _mm512_set1_ps(scale);
+  int64_t j = 0;
+  for (; j + 16 <= K; j += 16)
+    _mm512_storeu_ps(r + j, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c + j)))), s));
+  for (; j < K; ++j) r[j] = (float)c[j] * scale;
+}
+
 static inline float hsum(__m256 a) {
   __m128 h = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
   h = _mm_add_ps(h, _mm_movehl_ps(h, h));
@@ -303,6 +322,71 @@ static void salient_rows_bitmap(const int32_t* row_ptr, const uint32_t* bitmap, 
   }
 }
 
+// PB-LLM's salient correction from the slot layout (derived on the CPU: reference.salient_slots):
+// rows in blocks of 16, one per lane; columns in chunks of 32, the chunk's 32 x values held in two
+// registers. A slot holds, per lane, that row's next salient entry in the chunk (its column in the
+// chunk and its code) or padding (column 0xFF): one permute looks up 16 entries' x, no gather (the
+// 8-lane gathers of the list kernel cost ~1.6 cycles an entry on Zen 4). Padding fills ~55 % of the
+// lanes on the embedded default: the rows of a block have different counts per chunk.
+template <class Code>
+static inline __m512 slot_codes(const Code* c) {
+  if constexpr (sizeof(Code) == 1) return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c))));
+  else return _mm512_cvtepi32_ps(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(c))));
+}
+
+template <class Code>
+static void salient_slots(const int32_t* slot_ptr, const uint8_t* cols, const Code* codes, const float* sal_scale,
+                          const float* sal_zero, const float* alpha, const float* x, int64_t M, int64_t Kp,
+                          int64_t W, int64_t n0, int64_t n1, float* y, int64_t N) {
+  const __m512i width = _mm512_set1_epi32(32);
+  const int64_t b0 = n0 / 16, b1 = (n1 + 15) / 16;  // n0: a multiple of 16
+  auto prefetch_slots = [&](int64_t from, int64_t to) {  // the slots of blocks [from, to)
+    const int64_t a = slot_ptr[from * W], e = slot_ptr[to * W];
+    prefetch_lines(cols + 16 * a, 16 * (e - a));
+    prefetch_lines(codes + 16 * a, 16 * (e - a) * (int64_t)sizeof(Code));
+  };
+  prefetch_lines(slot_ptr + b0 * W, std::min<int64_t>(4, b1 - b0) * W * 4);
+  prefetch_slots(b0, std::min(b0 + 2, b1));
+  for (int64_t nb = n0; nb < n1; nb += 16) {
+    const int64_t rows = std::min<int64_t>(16, n1 - nb);
+    const __mmask16 k = (__mmask16)(rows == 16 ? 0xFFFF : (1u << rows) - 1u);
+    const __m512 vs = _mm512_maskz_loadu_ps(k, sal_scale + nb);  // value = code·s − (z·s + alpha)
+    const __m512 vo = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, sal_zero + nb), vs, _mm512_maskz_loadu_ps(k, alpha + nb));
+    const int32_t* ptr = slot_ptr + (nb / 16) * W;
+    const int64_t b = nb / 16;  // two blocks ahead, as binary_rows_lut (their offsets four ahead)
+    if (b + 4 < b1) prefetch_lines(slot_ptr + (b + 4) * W, W * 4);
+    if (b + 2 < b1) prefetch_slots(b + 2, b + 3);
+    token_chunks(M, [&](auto MTc, int64_t m0) {
+      constexpr int mt = decltype(MTc)::value;
+      __m512 acc[mt][2];  // two chains: the fma latency would bound one
+      for (int t = 0; t < mt; ++t) acc[t][0] = acc[t][1] = _mm512_setzero_ps();
+      for (int64_t c = 0; c < W; ++c) {
+        int64_t s = ptr[c];
+        const int64_t e = ptr[c + 1];
+        if (s == e) continue;
+        __m512 lo[mt], hi[mt];
+        for (int t = 0; t < mt; ++t) {
+          lo[t] = _mm512_loadu_ps(x + (m0 + t) * Kp + 32 * c);
+          hi[t] = _mm512_loadu_ps(x + (m0 + t) * Kp + 32 * c + 16);
+        }
+        auto step = [&](int64_t slot, int chain) {
+          const __m512i idx = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(cols + 16 * slot)));
+          const __mmask16 valid = _mm512_cmplt_epu32_mask(idx, width);
+          const __m512 v = _mm512_fmsub_ps(slot_codes(codes + 16 * slot), vs, vo);
+          for (int t = 0; t < mt; ++t)
+            acc[t][chain] = _mm512_mask3_fmadd_ps(v, _mm512_permutex2var_ps(lo[t], idx, hi[t]), acc[t][chain], valid);
+        };
+        for (; s + 2 <= e; s += 2) { step(s, 0); step(s + 1, 1); }
+        if (s < e) step(s, 0);
+      }
+      for (int t = 0; t < mt; ++t) {  // lanes are rows: y[m, nb..nb+15] contiguous
+        float* yr = y + (m0 + t) * N + nb;
+        _mm512_mask_storeu_ps(yr, k, _mm512_add_ps(_mm512_maskz_loadu_ps(k, yr), _mm512_add_ps(acc[t][0], acc[t][1])));
+      }
+    });
+  }
+}
+
 static inline int64_t weighted_sum(const __m512i* acc) {  // Σ_b 2^b·Σ_lanes acc[b]
   __m512i t = acc[0];
   t = _mm512_add_epi32(t, _mm512_slli_epi32(acc[1], 1));
@@ -380,11 +464,25 @@ void check_cpu(const torch::Tensor& t, const char* name) {
   TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
 }
 
-// x [M, K] -> fp32 [M, 32·W], zero-padded (padding sign bits are 0: −0 contributes nothing)
-torch::Tensor padded_x(const torch::Tensor& x, int64_t Kp) {
+// x [M, K] -> fp32 [M, 32·W], zero-padded (padding sign bits are 0: −0 contributes nothing), divided
+// by the layer's per-column input_scale where it has one (smoothing; empty: none)
+bool given(const torch::Tensor& t) { return t.defined() && t.numel() > 0; }
+
+torch::Tensor padded_x(const torch::Tensor& x, int64_t Kp, const torch::Tensor& input_scale = torch::Tensor()) {
   auto xf = x.to(torch::kFloat).contiguous();
-  if (xf.size(1) == Kp) return xf;
-  return torch::constant_pad_nd(xf, {0, Kp - xf.size(1)}, 0.0).contiguous();
+  const int64_t M = xf.size(0), K = xf.size(1);
+  if (!given(input_scale) && K == Kp) return xf;
+  TORCH_CHECK(!given(input_scale) || input_scale.numel() == K, "input_scale must have in_features entries");
+  auto out = torch::empty({M, Kp}, torch::kFloat);
+  const float* xi = xf.data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  torch::Tensor sf = given(input_scale) ? input_scale.to(torch::kFloat).contiguous() : torch::Tensor();
+  const float* s = given(input_scale) ? sf.data_ptr<float>() : nullptr;
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t k = 0; k < K; ++k) o[m * Kp + k] = s ? xi[m * K + k] / s[k] : xi[m * K + k];
+    for (int64_t k = K; k < Kp; ++k) o[m * Kp + k] = 0.f;
+  }
+  return out;
 }
 
 const uint32_t* words(const torch::Tensor& t) { return reinterpret_cast<const uint32_t*>(t.data_ptr<int32_t>()); }
@@ -392,8 +490,9 @@ const uint32_t* words(const torch::Tensor& t) { return reinterpret_cast<const ui
 // The salient part of PB-LLM's layer: w[n, c] = (code − zero[n])·scale[n] at the listed entries, whose
 // sign bit is packed as +1 (so the binary part gave +alpha there). y[m, n] += (w − alpha)·x[m, c].
 struct Salient {
-  int64_t fmt = 0;  // 0 none, 1 CSR (uint16 columns), 2 bitmap
+  int64_t fmt = 0;  // 0 none, 1 CSR (uint16 columns), 2 bitmap, 3 slots (row_ptr: slot offsets per block and chunk)
   const int32_t* row_ptr = nullptr;
+  const uint8_t* slot_cols = nullptr;
   const uint16_t* cols = nullptr;
   const uint32_t* bitmap = nullptr;
   const uint8_t* codes8 = nullptr;
@@ -409,9 +508,15 @@ struct Salient {
   }
   template <class F>
   void for_row(int64_t n, int64_t W, F f) const {  // f(value index, column)
-    int64_t i = row_ptr[n];
+    int64_t i = fmt == 3 ? 0 : row_ptr[n];
     if (fmt == 1) {
       for (; i < row_ptr[n + 1]; ++i) f(i, (int64_t)cols[i]);
+    } else if (fmt == 3) {  // the row's lane of every slot of its block
+      const int32_t* ptr = row_ptr + (n / 16) * W;
+      const int64_t lane = n % 16;
+      for (int64_t c = 0; c < W; ++c)
+        for (int64_t s = ptr[c]; s < ptr[c + 1]; ++s)
+          if (slot_cols[16 * s + lane] < 32) f(16 * s + lane, 32 * c + slot_cols[16 * s + lane]);
     } else {
       for (int64_t w = 0; w < W; ++w)
         for (uint32_t bits = bitmap[n * W + w]; bits; bits &= bits - 1) f(i++, 32 * w + __builtin_ctz(bits));
@@ -424,10 +529,11 @@ Salient salient_of(int64_t fmt, const torch::Tensor& row_ptr, const torch::Tenso
   Salient s;
   s.fmt = fmt;
   if (!fmt) return s;
-  TORCH_CHECK(fmt == 1 || fmt == 2, "salient_format must be 0, 1 (CSR) or 2 (bitmap), got ", fmt);
+  TORCH_CHECK(fmt >= 1 && fmt <= 3, "salient_format must be 0, 1 (CSR), 2 (bitmap) or 3 (slots), got ", fmt);
   for (auto* t : {&row_ptr, &positions, &codes}) check_cpu(*t, "salient tensor");
   s.row_ptr = row_ptr.data_ptr<int32_t>();
   if (fmt == 1) s.cols = reinterpret_cast<const uint16_t*>(positions.data_ptr<int16_t>());
+  else if (fmt == 3) s.slot_cols = positions.data_ptr<uint8_t>();
   else s.bitmap = words(positions);
   if (codes.scalar_type() == torch::kUInt8) s.codes8 = codes.data_ptr<uint8_t>();
   else s.codes16 = reinterpret_cast<const uint16_t*>(codes.data_ptr<int16_t>());
@@ -439,25 +545,26 @@ Salient salient_of(int64_t fmt, const torch::Tensor& row_ptr, const torch::Tenso
 }
 
 // The larger-M path: y = x·Wᵀ with W unpacked to fp32 a tile of rows at a time (a few MB, reused:
-// no N·K buffer, no page faults), each tile's product by at::mm into its rows of yᵀ.
+// no N·K buffer, no page faults), each tile's product by at::mm into its columns of y (a strided
+// view: y stays row-major, as the next layer and the model's other ops read it).
 // unpack_row(n, r) writes row n of W (K floats) to r.
 template <class UnpackRow>
 torch::Tensor tiled_mm(const torch::Tensor& x, int64_t N, int64_t K, UnpackRow unpack_row) {
-  auto xT = x.to(torch::kFloat).contiguous().t();  // [K, M]
-  const int64_t M = xT.size(1);
+  auto xf = x.to(torch::kFloat).contiguous();  // [M, K]
+  const int64_t M = xf.size(0);
   const int64_t TB = std::min<int64_t>(N, std::max<int64_t>(16, (int64_t(1) << 19) / K));  // ~2 MB of fp32
   auto tile = torch::empty({TB, K}, torch::kFloat);
-  auto yT = torch::empty({N, M}, torch::kFloat);
+  auto y = torch::empty({M, N}, torch::kFloat);
   float* t = tile.data_ptr<float>();
   for (int64_t n0 = 0; n0 < N; n0 += TB) {
     const int64_t tb = std::min(TB, N - n0);
     at::parallel_for(0, tb, grain(K), [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) unpack_row(n0 + r, t + r * K);
     });
-    auto out = yT.narrow(0, n0, tb);
-    at::mm_out(out, tile.narrow(0, 0, tb), xT);
+    auto out = y.narrow(1, n0, tb);
+    at::mm_out(out, xf, tile.narrow(0, 0, tb).t());
   }
-  return yT.t();
+  return y;
 }
 
 }  // namespace
@@ -465,7 +572,8 @@ torch::Tensor tiled_mm(const torch::Tensor& x, int64_t N, int64_t K, UnpackRow u
 // y [M, N] = x [M, K] · Wᵀ, W = alpha[n, g]·sign (+ PB-LLM's salient entries); fp32.
 torch::Tensor binary_gemm(torch::Tensor x, torch::Tensor signs, torch::Tensor scales, int64_t K,
                           int64_t fmt, torch::Tensor row_ptr, torch::Tensor positions, torch::Tensor codes,
-                          torch::Tensor sal_scale, torch::Tensor sal_zero, int64_t max_m_small) {
+                          torch::Tensor sal_scale, torch::Tensor sal_zero, torch::Tensor input_scale,
+                          int64_t max_m_small) {
   check_cpu(signs, "signs");
   const int64_t M = x.size(0), N = signs.size(0), W = signs.size(1), G = scales.size(1);
   TORCH_CHECK(x.size(1) == K && K <= 32 * W && K % G == 0, "binary_gemm: bad shapes");
@@ -479,14 +587,14 @@ torch::Tensor binary_gemm(torch::Tensor x, torch::Tensor signs, torch::Tensor sc
     const float* a = scalesf.data_ptr<float>();
     const int64_t gcols = K / G;
     const bool halves = g_isa == AVX512 && gcols % 16 == 0;
-    return tiled_mm(x, N, K, [&](int64_t n, float* r) {
+    return tiled_mm(given(input_scale) ? padded_x(x, K, input_scale) : x, N, K, [&](int64_t n, float* r) {
       if (halves) avx512::unpack_signs_halves(s + n * W, a + n * G, G, gcols, r);
       else if (g_isa >= AVX2) avx2::unpack_signs(s + n * W, a + n * G, G, gcols, K, r);
       else portable::unpack_signs(s + n * W, a + n * G, G, gcols, K, r);
       if (sal.fmt) sal.for_row_values(n, W, [&](float v, int64_t c) { r[c] = v; });
     });
   }
-  auto xp = padded_x(x, Kp);
+  auto xp = padded_x(x, Kp, input_scale);
   auto y = torch::empty({M, N}, torch::kFloat);
   const float *xd = xp.data_ptr<float>(), *a = scalesf.data_ptr<float>();
   float* yd = y.data_ptr<float>();
@@ -509,7 +617,10 @@ torch::Tensor binary_gemm(torch::Tensor x, torch::Tensor signs, torch::Tensor sc
     else if (g_isa == AVX512) avx512::binary_rows(xd, M, Kp, s, W, a, Gk, n0, n1, yd, N);
     else if (g_isa == AVX2) avx2::binary_rows(xd, M, Kp, s, W, a, Gk, n0, n1, yd, N);
     else portable::binary_rows(xd, M, Kp, s, W, a, Gk, n0, n1, yd, N);
-    if (sal.fmt == 2 && g_isa == AVX512 && G == 1) {
+    if (sal.fmt == 3 && g_isa == AVX512 && G == 1) {
+      if (sal.codes8) avx512::salient_slots(sal.row_ptr, sal.slot_cols, sal.codes8, sal.scale, sal.zero, a, xd, M, Kp, W, n0, n1, yd, N);
+      else avx512::salient_slots(sal.row_ptr, sal.slot_cols, sal.codes16, sal.scale, sal.zero, a, xd, M, Kp, W, n0, n1, yd, N);
+    } else if (sal.fmt == 2 && g_isa == AVX512 && G == 1) {
       avx512::salient_rows_bitmap(sal.row_ptr, sal.bitmap, sal.codes8, sal.codes16, sal.scale, sal.zero,
                                   a, xd, M, Kp, W, n0, n1, yd, N);
     } else if (sal.fmt && g_isa == AVX512 && G == 1) {
@@ -577,7 +688,9 @@ torch::Tensor int_row_gemm(torch::Tensor x, torch::Tensor codes, torch::Tensor s
     const int8_t* c8 = bits == 8 ? codes.data_ptr<int8_t>() : nullptr;
     const uint8_t* c4 = bits == 4 ? codes.data_ptr<uint8_t>() : nullptr;
     return tiled_mm(x, N, K, [&](int64_t n, float* r) {
-      if (c8) {
+      if (c8 && g_isa == AVX512) {
+        avx512::unpack_int8_row(c8 + n * K, sc[n], K, r);
+      } else if (c8) {
         for (int64_t j = 0; j < K; ++j) r[j] = (float)c8[n * K + j] * sc[n];
       } else {
         for (int64_t i = 0; i < K / 2; ++i) {
