@@ -147,6 +147,35 @@ def test_the_ops_dispatch_to_the_cpu_kernels_and_count_the_path(monkeypatch):
     close(fast.reshape(10, 64), slow.reshape(10, 64))
 
 
+def test_packed_linear_binds_its_cpu_call_and_matches_the_reference(monkeypatch):
+    """PackedLinear on a CPU calls the C++ kernel with its tensors bound once (decode is Python-bound):
+    the smoothed input_scale applied in C++, any leading dims, x's dtype, the bias; the result is the
+    reference's. QAT_KERNELS=reference set afterwards still reaches the reference."""
+    from qat.nn.packed_linear import PackedLinear
+
+    method, p = packed("pbllm_qat", 64, 576, salient_ratio=0.1)
+    stored = {k: p[k] for k in ("signs", "scales", "salient_format", "salient_positions", "salient_row_counts",
+                                "salient_codes", "salient_scale", "salient_zero") if k in p}  # what pack() wrote
+    stored["input_scale"] = (torch.rand(576) + 0.5).half()
+    bias = torch.randn(64)
+    layer = PackedLinear(576, 64, method, stored, bias)
+    x = torch.randn(2, 3, 576)
+    fmt = int(stored["salient_format"])
+    want = reference.binary_gemm(x.reshape(6, 576) / stored["input_scale"].float(), stored["signs"], stored["scales"], 576,
+                                 fmt, p["salient_row_ptr"], stored["salient_positions"], stored["salient_codes"],
+                                 stored["salient_scale"], stored["salient_zero"]) + bias
+    ops.kernel_calls(reset=True)
+    y = layer(x)
+    assert layer._cpu_forward is not None and ops.kernel_calls(reset=True) == {f"binary_gemm/cpu-{ISAS[-1]}": 1}
+    assert y.shape == (2, 3, 64) and y.dtype == torch.float32
+    close(y.reshape(6, 64), want)
+    assert layer(x.bfloat16()).dtype == torch.bfloat16
+    monkeypatch.setenv("QAT_KERNELS", "reference")
+    ops.kernel_calls(reset=True)
+    close(layer(x).reshape(6, 64), want)
+    assert ops.kernel_calls(reset=True) == {"binary_gemm/reference": 1}
+
+
 def test_a_failed_build_is_tried_once_and_falls_back(monkeypatch):
     """No compiler: one warning, the reference from then on, and no second build attempt per call."""
     from qat.kernels import build

@@ -91,11 +91,7 @@ def _binary_gemm_cpu(x, signs, scales, in_features, salient_format, row_ptr, pos
                                 sal_scale, sal_zero)
     empty = signs.new_empty(0)
     sal = [t if t is not None else empty for t in (row_ptr, positions, codes, sal_scale, sal_zero)]
-    x2 = x if x.dim() == 2 else x.reshape(-1, in_features)
-    y = ext.binary_gemm(x2, signs, scales, in_features, salient_format, *sal, empty, CPU_MAX_M_SMALL)
-    if y.dtype != x.dtype:
-        y = y.to(x.dtype)
-    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], signs.shape[0])
+    return ext.binary_gemm(x, signs, scales, in_features, salient_format, *sal, empty, CPU_MAX_M_SMALL)
 
 
 @binary_gemm.register_fake
@@ -155,23 +151,23 @@ def _gemv(ext, x2, signs, scales, in_features, words_per_group, salient_format, 
 def binary_gemm_cpu_call(signs: Tensor, scales: Tensor, in_features: int, salient_format: int,
                          row_ptr: Tensor | None, positions: Tensor | None, codes: Tensor | None,
                          sal_scale: Tensor | None, sal_zero: Tensor | None,
-                         input_scale: Tensor | None = None) -> Callable[[Tensor], Tensor | None]:
+                         input_scale: Tensor | None = None) -> Callable[[Tensor], Tensor | None] | None:
     """x -> (x / input_scale) · Wᵀ through the CPU extension with the layer's tensors bound once (the
-    decode path of PackedLinear: ~4 µs of Python a call instead of ~15). Returns None for a call
-    where the extension is unavailable (QAT_KERNELS=reference, no compiler): the op runs instead."""
+    decode path of PackedLinear: ~4 µs of Python a call instead of ~15); None without the extension.
+    A call returns None while QAT_KERNELS=reference is set: the op (its reference) runs instead."""
+    ext = cpu_extension_or_none()
+    if ext is None:
+        return None
     empty = signs.new_empty(0)
     args = (signs, scales, in_features, salient_format,
             *[t if t is not None else empty for t in (row_ptr, positions, codes, sal_scale, sal_zero)],
             input_scale.float().contiguous() if input_scale is not None else empty, CPU_MAX_M_SMALL)
-    n = signs.shape[0]
 
     def call(x: Tensor) -> Tensor | None:
-        ext = None if kernels_disabled() else cpu_extension_or_none()
-        if ext is None:
+        if kernels_disabled():
             return None
         _CALLS[_path_key("binary_gemm", cpu_isa_name(ext))] += 1
-        y = ext.binary_gemm(x.reshape(-1, in_features), *args)
-        return (y if y.dtype == x.dtype else y.to(x.dtype)).view(*x.shape[:-1], n)
+        return ext.binary_gemm(x, *args)  # any leading dims, x's dtype
 
     return call
 

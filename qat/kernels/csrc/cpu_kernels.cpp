@@ -569,54 +569,24 @@ torch::Tensor tiled_mm(const torch::Tensor& x, int64_t N, int64_t K, UnpackRow u
 
 }  // namespace
 
-// y [M, N] = x [M, K] · Wᵀ, W = alpha[n, g]·sign (+ PB-LLM's salient entries); fp32.
-torch::Tensor binary_gemm(torch::Tensor x, torch::Tensor signs, torch::Tensor scales, int64_t K,
-                          int64_t fmt, torch::Tensor row_ptr, torch::Tensor positions, torch::Tensor codes,
-                          torch::Tensor sal_scale, torch::Tensor sal_zero, torch::Tensor input_scale,
-                          int64_t max_m_small) {
-  check_cpu(signs, "signs");
-  const int64_t M = x.size(0), N = signs.size(0), W = signs.size(1), G = scales.size(1);
-  TORCH_CHECK(x.size(1) == K && K <= 32 * W && K % G == 0, "binary_gemm: bad shapes");
-  auto scalesf = scales.to(torch::kFloat).contiguous();
-  const Salient sal = salient_of(fmt, row_ptr, positions, codes, sal_scale, sal_zero);
-  const int64_t Kp = 32 * W;
-  // the kernels walk 16-column halves: each scale group must be whole halves of the padded row
-  const bool halves_ok = (K / G) % 16 == 0 && (G == 1 || K == Kp);
-  if (M > max_m_small || !halves_ok) {
-    const uint32_t* s = words(signs);
-    const float* a = scalesf.data_ptr<float>();
-    const int64_t gcols = K / G;
-    const bool halves = g_isa == AVX512 && gcols % 16 == 0;
-    return tiled_mm(given(input_scale) ? padded_x(x, K, input_scale) : x, N, K, [&](int64_t n, float* r) {
-      if (halves) avx512::unpack_signs_halves(s + n * W, a + n * G, G, gcols, r);
-      else if (g_isa >= AVX2) avx2::unpack_signs(s + n * W, a + n * G, G, gcols, K, r);
-      else portable::unpack_signs(s + n * W, a + n * G, G, gcols, K, r);
-      if (sal.fmt) sal.for_row_values(n, W, [&](float v, int64_t c) { r[c] = v; });
-    });
-  }
-  auto xp = padded_x(x, Kp, input_scale);
-  auto y = torch::empty({M, N}, torch::kFloat);
-  const float *xd = xp.data_ptr<float>(), *a = scalesf.data_ptr<float>();
-  float* yd = y.data_ptr<float>();
-  const uint32_t* s = words(signs);
-  const int64_t Gk = G == 1 ? 1 : G;  // one group spans the padded row when per row
-  // AVX-512 with whole words per scale group: the lookup-table kernel, rows in blocks of 16
-  const bool lut = g_isa == AVX512 && W % Gk == 0 && (Gk == 1 || K == Kp);
-  torch::Tensor tables;
-  float* tables_at = nullptr;
-  if (lut) {
-    tables = torch::empty({M * Kp * 4 + 16}, torch::kFloat);  // + 16: room to align to 64 bytes
-    tables_at = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(tables.data_ptr<float>()) + 63) & ~uintptr_t(63));
-    avx512::build_tables(xd, M, Kp, tables_at);
-  }
-  // one pass over the rows (16 at a time, the table kernel's block): the binary part, then the salient
-  // correction of the same rows (one thread wake-up per call, not two: it shows at decode sizes)
-  at::parallel_for(0, (N + 15) / 16, grain(Kp * M * 16), [&](int64_t b0, int64_t b1) {
-    const int64_t n0 = 16 * b0, n1 = std::min(N, 16 * b1);
-    if (lut) avx512::binary_rows_lut(tables_at, M, W, s, a, Gk, W / Gk, n0, n1, yd, N);
-    else if (g_isa == AVX512) avx512::binary_rows(xd, M, Kp, s, W, a, Gk, n0, n1, yd, N);
-    else if (g_isa == AVX2) avx2::binary_rows(xd, M, Kp, s, W, a, Gk, n0, n1, yd, N);
-    else portable::binary_rows(xd, M, Kp, s, W, a, Gk, n0, n1, yd, N);
+// One binary (+ salient) layer as the small-M kernels read it.
+struct BinaryLayer {
+  torch::Tensor scales_f;  // fp32 (no copy when given fp32)
+  const uint32_t* s = nullptr;
+  const float* a = nullptr;
+  int64_t N = 0, W = 0, G = 1, K = 0;
+  bool halves_ok = false;  // the kernels walk 16-column halves: each scale group whole halves of the padded row
+  Salient sal;
+
+  bool lut() const { return g_isa == AVX512 && W % G == 0 && (G == 1 || K == 32 * W); }  // whole words per group
+
+  // y[m, n] for rows [n0, n1) (n0 a multiple of 16): the binary part, then the salient correction
+  void rows(const float* xd, const float* tables, int64_t M, int64_t n0, int64_t n1, float* yd) const {
+    const int64_t Kp = 32 * W;
+    if (lut() && tables) avx512::binary_rows_lut(tables, M, W, s, a, G, W / G, n0, n1, yd, N);
+    else if (g_isa == AVX512) avx512::binary_rows(xd, M, Kp, s, W, a, G, n0, n1, yd, N);
+    else if (g_isa == AVX2) avx2::binary_rows(xd, M, Kp, s, W, a, G, n0, n1, yd, N);
+    else portable::binary_rows(xd, M, Kp, s, W, a, G, n0, n1, yd, N);
     if (sal.fmt == 3 && g_isa == AVX512 && G == 1) {
       if (sal.codes8) avx512::salient_slots(sal.row_ptr, sal.slot_cols, sal.codes8, sal.scale, sal.zero, a, xd, M, Kp, W, n0, n1, yd, N);
       else avx512::salient_slots(sal.row_ptr, sal.slot_cols, sal.codes16, sal.scale, sal.zero, a, xd, M, Kp, W, n0, n1, yd, N);
@@ -641,6 +611,76 @@ torch::Tensor binary_gemm(torch::Tensor x, torch::Tensor signs, torch::Tensor sc
           yd[m * N + n] += corr;
         }
     }
+  }
+};
+
+BinaryLayer binary_layer(const torch::Tensor& signs, const torch::Tensor& scales, int64_t K, int64_t fmt,
+                         const torch::Tensor& row_ptr, const torch::Tensor& positions, const torch::Tensor& codes,
+                         const torch::Tensor& sal_scale, const torch::Tensor& sal_zero) {
+  check_cpu(signs, "signs");
+  BinaryLayer L;
+  L.N = signs.size(0), L.W = signs.size(1), L.G = scales.size(1), L.K = K;
+  TORCH_CHECK(K <= 32 * L.W && K % L.G == 0, "binary_gemm: bad shapes");
+  L.scales_f = scales.to(torch::kFloat).contiguous();
+  L.s = words(signs);
+  L.a = L.scales_f.data_ptr<float>();
+  L.sal = salient_of(fmt, row_ptr, positions, codes, sal_scale, sal_zero);
+  L.halves_ok = (K / L.G) % 16 == 0 && (L.G == 1 || K == 32 * L.W);
+  return L;
+}
+
+// The lookup tables of x for the table kernel (aligned to 64 bytes), or an empty tensor.
+torch::Tensor lut_tables(const float* xd, int64_t M, int64_t Kp, float** at) {
+  auto tables = torch::empty({M * Kp * 4 + 16}, torch::kFloat);  // + 16: room to align
+  *at = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(tables.data_ptr<float>()) + 63) & ~uintptr_t(63));
+  avx512::build_tables(xd, M, Kp, *at);
+  return tables;
+}
+
+// y [M, N] = x [M, K] · Wᵀ, W = alpha[n, g]·sign (+ PB-LLM's salient entries); fp32.
+torch::Tensor binary_gemm_2d(const torch::Tensor& x, const BinaryLayer& L, const torch::Tensor& input_scale,
+                             int64_t max_m_small);
+
+// y [..., N] = x [..., K] · Wᵀ in x's dtype (computed in fp32): the CPU kernel of qat::binary_gemm.
+// input_scale (empty: none): a smoothed layer's per-column factor, x / input_scale first.
+torch::Tensor binary_gemm(torch::Tensor x, torch::Tensor signs, torch::Tensor scales, int64_t K,
+                          int64_t fmt, torch::Tensor row_ptr, torch::Tensor positions, torch::Tensor codes,
+                          torch::Tensor sal_scale, torch::Tensor sal_zero, torch::Tensor input_scale,
+                          int64_t max_m_small) {
+  const BinaryLayer L = binary_layer(signs, scales, K, fmt, row_ptr, positions, codes, sal_scale, sal_zero);
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == K, "binary_gemm: x has ", x.size(-1), " columns, the layer ", K);
+  auto y = binary_gemm_2d(x.dim() == 2 ? x : x.reshape({-1, K}), L, input_scale, max_m_small);
+  if (y.scalar_type() != x.scalar_type()) y = y.to(x.scalar_type());
+  if (x.dim() == 2) return y;
+  auto shape = x.sizes().vec();
+  shape.back() = L.N;
+  return y.view(shape);
+}
+
+torch::Tensor binary_gemm_2d(const torch::Tensor& x, const BinaryLayer& L, const torch::Tensor& input_scale,
+                             int64_t max_m_small) {
+  const int64_t K = L.K;
+  const int64_t M = x.size(0), N = L.N, W = L.W, G = L.G, Kp = 32 * W;
+  if (M > max_m_small || !L.halves_ok) {
+    const int64_t gcols = K / G;
+    const bool halves = g_isa == AVX512 && gcols % 16 == 0;
+    return tiled_mm(given(input_scale) ? padded_x(x, K, input_scale) : x, N, K, [&](int64_t n, float* r) {
+      if (halves) avx512::unpack_signs_halves(L.s + n * W, L.a + n * G, G, gcols, r);
+      else if (g_isa >= AVX2) avx2::unpack_signs(L.s + n * W, L.a + n * G, G, gcols, K, r);
+      else portable::unpack_signs(L.s + n * W, L.a + n * G, G, gcols, K, r);
+      if (L.sal.fmt) L.sal.for_row_values(n, W, [&](float v, int64_t c) { r[c] = v; });
+    });
+  }
+  auto xp = padded_x(x, Kp, input_scale);
+  auto y = torch::empty({M, N}, torch::kFloat);
+  const float* xd = xp.data_ptr<float>();
+  float* yd = y.data_ptr<float>();
+  float* tables_at = nullptr;
+  torch::Tensor tables = L.lut() ? lut_tables(xd, M, Kp, &tables_at) : torch::Tensor();
+  // one pass over the rows (16 at a time, the table kernel's block): the binary part, then the salient
+  // correction of the same rows (one thread wake-up per call, not two: it shows at decode sizes)
+  at::parallel_for(0, (N + 15) / 16, grain(Kp * M * 16), [&](int64_t b0, int64_t b1) {
+    L.rows(xd, tables_at, M, 16 * b0, std::min(N, 16 * b1), yd);
   });
   return y;
 }
