@@ -544,7 +544,7 @@ Salient salient_of(int64_t fmt, const torch::Tensor& row_ptr, const torch::Tenso
   return s;
 }
 
-// The larger-M path: y = x·Wᵀ with W unpacked to fp32 a tile of rows at a time (a few MB, reused:
+// The larger-M path: y = x·Wᵀ with W unpacked to fp32 a tile of rows at a time (reused:
 // no N·K buffer, no page faults), each tile's product by at::mm into its columns of y (a strided
 // view: y stays row-major, as the next layer and the model's other ops read it).
 // unpack_row(n, r) writes row n of W (K floats) to r.
@@ -552,10 +552,16 @@ template <class UnpackRow>
 torch::Tensor tiled_mm(const torch::Tensor& x, int64_t N, int64_t K, UnpackRow unpack_row) {
   auto xf = x.to(torch::kFloat).contiguous();  // [M, K]
   const int64_t M = xf.size(0);
-  const int64_t TB = std::min<int64_t>(N, std::max<int64_t>(16, (int64_t(1) << 19) / K));  // ~2 MB of fp32
-  auto tile = torch::empty({TB, K}, torch::kFloat);
+  // tiles of up to 16 MB of fp32 (a whole layer of the embedded default): at::mm runs best on whole
+  // layers (2 MB tiles cost the MLP ~30 % over fp32 F.linear in a 512-token prefill, measured)
+  const int64_t TB = std::min<int64_t>(N, std::max<int64_t>(16, (int64_t(1) << 22) / K));
+  // one buffer per calling thread, kept across calls: a fresh multi-MB allocation is fresh pages, whose
+  // first touch (page faults) cost more than unpacking into them
+  static thread_local std::vector<float> buffer;
+  if ((int64_t)buffer.size() < TB * K) buffer.resize(TB * K);
+  float* t = buffer.data();
+  auto tile = torch::from_blob(t, {TB, K}, torch::kFloat);
   auto y = torch::empty({M, N}, torch::kFloat);
-  float* t = tile.data_ptr<float>();
   for (int64_t n0 = 0; n0 < N; n0 += TB) {
     const int64_t tb = std::min(TB, N - n0);
     at::parallel_for(0, tb, grain(K), [&](int64_t r0, int64_t r1) {
