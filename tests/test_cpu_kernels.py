@@ -62,13 +62,17 @@ def test_binary_gemm_matches_reference(isa, shape, params, m):
             p.get("salient_codes"), p.get("salient_scale"), p.get("salient_zero"))
     want = reference.binary_gemm(x, *args)
     empty = p["signs"].new_empty(0)
-    got = ext.binary_gemm(x, *args[:4], *[t if t is not None else empty for t in args[4:]], empty, ops.CPU_MAX_M_SMALL)
+    got = ext.binary_gemm(x, *args[:4], *[t if t is not None else empty for t in args[4:]], empty, empty, ops.CPU_MAX_M_SMALL)
     close(got, want)  # the stored format as it is
     # the layer's own call: on the CPU the salient part is handed to the kernel in its derived slot layout
     assert ("salient_slot_ptr" in p) == (fmt != reference.SALIENT_NONE)
     slots = method._salient_args(p)
     close(reference.binary_gemm(x, *args[:3], *slots), want)  # the layout's decoding: the same weight
-    close(ext.binary_gemm(x, *args[:3], *[t if t is not None else empty for t in slots], empty, ops.CPU_MAX_M_SMALL), want)
+    close(ext.binary_gemm(x, *args[:3], *[t if t is not None else empty for t in slots], empty, empty, ops.CPU_MAX_M_SMALL), want)
+    # the signs in the table kernel's blocked layout (derived on the CPU): the same product
+    blocked = p["signs_blocked"]
+    assert blocked.shape == (-(-shape[0] // 16), p["signs"].shape[1], 16)
+    close(ext.binary_gemm(x, *args[:3], *[t if t is not None else empty for t in slots], empty, blocked, ops.CPU_MAX_M_SMALL), want)
     close(method.packed_linear(x, p, shape[1]), want)
     # a smoothed layer's input_scale, applied inside the C++ call (PackedLinear's CPU path)
     s = torch.rand(shape[1]) + 0.5

@@ -91,7 +91,7 @@ def _binary_gemm_cpu(x, signs, scales, in_features, salient_format, row_ptr, pos
                                 sal_scale, sal_zero)
     empty = signs.new_empty(0)
     sal = [t if t is not None else empty for t in (row_ptr, positions, codes, sal_scale, sal_zero)]
-    return ext.binary_gemm(x, signs, scales, in_features, salient_format, *sal, empty, CPU_MAX_M_SMALL)
+    return ext.binary_gemm(x, signs, scales, in_features, salient_format, *sal, empty, empty, CPU_MAX_M_SMALL)
 
 
 @binary_gemm.register_fake
@@ -151,9 +151,11 @@ def _gemv(ext, x2, signs, scales, in_features, words_per_group, salient_format, 
 def binary_gemm_cpu_call(signs: Tensor, scales: Tensor, in_features: int, salient_format: int,
                          row_ptr: Tensor | None, positions: Tensor | None, codes: Tensor | None,
                          sal_scale: Tensor | None, sal_zero: Tensor | None,
-                         input_scale: Tensor | None = None) -> Callable[[Tensor], Tensor | None] | None:
+                         input_scale: Tensor | None = None,
+                         signs_blocked: Tensor | None = None) -> Callable[[Tensor], Tensor | None] | None:
     """x -> (x / input_scale) · Wᵀ through the CPU extension with the layer's tensors bound once (the
-    decode path of PackedLinear: ~4 µs of Python a call instead of ~15); None without the extension.
+    decode path of PackedLinear: ~4 µs of Python a call instead of ~15), with the derived
+    reference.blocked_signs where given; None without the extension.
     A call returns None while QAT_KERNELS=reference is set: the op (its reference) runs instead."""
     ext = cpu_extension_or_none()
     if ext is None:
@@ -161,7 +163,7 @@ def binary_gemm_cpu_call(signs: Tensor, scales: Tensor, in_features: int, salien
     empty = signs.new_empty(0)
     args = (signs, scales, in_features, salient_format,
             *[t if t is not None else empty for t in (row_ptr, positions, codes, sal_scale, sal_zero)],
-            input_scale.float().contiguous() if input_scale is not None else empty, CPU_MAX_M_SMALL)
+            *[t if t is not None else empty for t in (input_scale, signs_blocked)], CPU_MAX_M_SMALL)
 
     def call(x: Tensor) -> Tensor | None:
         if kernels_disabled():

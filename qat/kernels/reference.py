@@ -40,6 +40,15 @@ def salient_slots(rows: Tensor, cols: Tensor, codes: Tensor, n_rows: int, n_word
     return slot_ptr.to(torch.int32), slot_cols, slot_codes
 
 
+def blocked_signs(signs: Tensor) -> Tensor:
+    """The sign words as [ceil(N/16), W, 16] (int32, zero rows padding the last block): the 16 rows
+    of a block's word w side by side, what the CPU table kernel reads in one load (a gather
+    from the row-major words meets 16 cache lines)."""
+    n, w = signs.shape
+    padded = torch.cat([signs, signs.new_zeros((-n) % SLOT_ROWS, w)]) if n % SLOT_ROWS else signs
+    return padded.view(-1, SLOT_ROWS, w).transpose(1, 2).contiguous()
+
+
 def slot_entries(slot_ptr: Tensor, slot_cols: Tensor, n_words: int) -> tuple[Tensor, Tensor, Tensor]:
     """(rows, cols, index of each entry's code in the slot codes) of a slot layout."""
     counts = (slot_ptr[1:] - slot_ptr[:-1]).long()

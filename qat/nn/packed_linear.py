@@ -58,7 +58,7 @@ class PackedLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         tensors = self.kernel_tensors()
         y = None
-        if self._cpu_forward is not None and x.device.type == "cpu" and not torch.compiler.is_compiling():
+        if self._cpu_forward is not None and x.is_cpu and not torch.compiler.is_compiling():
             y = self._cpu_forward(x)  # the layer's tensors bound once: decode-sized calls are Python-bound
         if y is None:
             y = self._packed_linear(x, tensors)

@@ -99,7 +99,10 @@ static void build_tables(const float* x, int64_t M, int64_t Kp, float* tables) {
     }
 }
 
-// Rows [n0, n1) in blocks of 16 lanes; scale groups of whole words (wpg words each).
+// Rows [n0, n1) in blocks of 16 lanes; scale groups of whole words (wpg words each). The 16 rows'
+// word w: gathered from the row-major signs, or (Blocked) one load from the blocked copy
+// [blocks, W, 16] the layer derives on the CPU (reference.blocked_signs): same offsets per block.
+template <bool Blocked>
 static void binary_rows_lut(const float* tables, int64_t M, int64_t W, const uint32_t* signs, const float* scales,
                             int64_t G, int64_t wpg, int64_t n0, int64_t n1, float* y, int64_t N) {
   const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
@@ -109,7 +112,7 @@ static void binary_rows_lut(const float* tables, int64_t M, int64_t W, const uin
     const int64_t rows = std::min<int64_t>(16, n1 - nb);
     const __mmask16 k = (__mmask16)(rows == 16 ? 0xFFFF : (1u << rows) - 1u);
     const __m512i offs = _mm512_mullo_epi32(lane, _mm512_set1_epi32((int)W));  // word 0 of each row
-    const int* base = reinterpret_cast<const int*>(signs + nb * W);
+    const int* base = reinterpret_cast<const int*>(signs + nb * W);  // block nb / 16, either layout
     // the rows two blocks ahead, fetched now: a gather meets 16 cold cache lines at once, and the
     // hardware prefetchers miss this pattern (decode streams every layer from DRAM: measured 2.5-4x
     // slower than the same call in cache)
@@ -120,8 +123,9 @@ static void binary_rows_lut(const float* tables, int64_t M, int64_t W, const uin
       for (int64_t g = 0; g < G; ++g) {
         __m512 a0 = _mm512_setzero_ps(), a1 = a0;
         for (int64_t w = g * wpg; w < (g + 1) * wpg; ++w) {
-          const __m512i v = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), k,
-                                                        _mm512_add_epi32(offs, _mm512_set1_epi32((int)w)), base, 4);
+          __m512i v;
+          if constexpr (Blocked) v = _mm512_loadu_si512(base + 16 * w);  // padding rows: masked at the store
+          else v = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), k, _mm512_add_epi32(offs, _mm512_set1_epi32((int)w)), base, 4);
           const float* t = T + w * 8 * 16;
           a0 = _mm512_add_ps(a0, _mm512_permutexvar_ps(_mm512_and_si512(v, fifteen), _mm512_load_ps(t)));
           a1 = _mm512_add_ps(a1, _mm512_permutexvar_ps(_mm512_and_si512(_mm512_srli_epi32(v, 4), fifteen), _mm512_load_ps(t + 16)));
@@ -579,6 +583,7 @@ torch::Tensor tiled_mm(const torch::Tensor& x, int64_t N, int64_t K, UnpackRow u
 struct BinaryLayer {
   torch::Tensor scales_f;  // fp32 (no copy when given fp32)
   const uint32_t* s = nullptr;
+  const uint32_t* blocked = nullptr;  // the signs as [blocks, W, 16] (derived on the CPU), or none
   const float* a = nullptr;
   int64_t N = 0, W = 0, G = 1, K = 0;
   bool halves_ok = false;  // the kernels walk 16-column halves: each scale group whole halves of the padded row
@@ -589,7 +594,8 @@ struct BinaryLayer {
   // y[m, n] for rows [n0, n1) (n0 a multiple of 16): the binary part, then the salient correction
   void rows(const float* xd, const float* tables, int64_t M, int64_t n0, int64_t n1, float* yd) const {
     const int64_t Kp = 32 * W;
-    if (lut() && tables) avx512::binary_rows_lut(tables, M, W, s, a, G, W / G, n0, n1, yd, N);
+    if (lut() && tables && blocked) avx512::binary_rows_lut<true>(tables, M, W, blocked, a, G, W / G, n0, n1, yd, N);
+    else if (lut() && tables) avx512::binary_rows_lut<false>(tables, M, W, s, a, G, W / G, n0, n1, yd, N);
     else if (g_isa == AVX512) avx512::binary_rows(xd, M, Kp, s, W, a, G, n0, n1, yd, N);
     else if (g_isa == AVX2) avx2::binary_rows(xd, M, Kp, s, W, a, G, n0, n1, yd, N);
     else portable::binary_rows(xd, M, Kp, s, W, a, G, n0, n1, yd, N);
@@ -649,11 +655,17 @@ torch::Tensor binary_gemm_2d(const torch::Tensor& x, const BinaryLayer& L, const
 
 // y [..., N] = x [..., K] · Wᵀ in x's dtype (computed in fp32): the CPU kernel of qat::binary_gemm.
 // input_scale (empty: none): a smoothed layer's per-column factor, x / input_scale first.
+// signs_blocked (empty: none): the signs as [ceil(N/16), W, 16], read by the AVX-512 table kernel.
 torch::Tensor binary_gemm(torch::Tensor x, torch::Tensor signs, torch::Tensor scales, int64_t K,
                           int64_t fmt, torch::Tensor row_ptr, torch::Tensor positions, torch::Tensor codes,
                           torch::Tensor sal_scale, torch::Tensor sal_zero, torch::Tensor input_scale,
-                          int64_t max_m_small) {
-  const BinaryLayer L = binary_layer(signs, scales, K, fmt, row_ptr, positions, codes, sal_scale, sal_zero);
+                          torch::Tensor signs_blocked, int64_t max_m_small) {
+  BinaryLayer L = binary_layer(signs, scales, K, fmt, row_ptr, positions, codes, sal_scale, sal_zero);
+  if (given(signs_blocked)) {
+    check_cpu(signs_blocked, "signs_blocked");
+    TORCH_CHECK(signs_blocked.numel() == (L.N + 15) / 16 * 16 * L.W, "signs_blocked must be [ceil(N/16), W, 16]");
+    L.blocked = words(signs_blocked);
+  }
   TORCH_CHECK(x.dim() >= 1 && x.size(-1) == K, "binary_gemm: x has ", x.size(-1), " columns, the layer ", K);
   auto y = binary_gemm_2d(x.dim() == 2 ? x : x.reshape({-1, K}), L, input_scale, max_m_small);
   if (y.scalar_type() != x.scalar_type()) y = y.to(x.scalar_type());
