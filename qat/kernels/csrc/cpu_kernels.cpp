@@ -391,6 +391,29 @@ static void salient_slots(const int32_t* slot_ptr, const uint8_t* cols, const Co
   }
 }
 
+// The larger-M path's unpacked rows of one block (nb, rows of them, K floats apart from r): each
+// slot's valid lanes written as (code − z)·s at their columns, one scatter per slot (a branch per
+// lane on the padding mispredicts about half the time).
+template <class Code>
+static void scatter_slots(const int32_t* slot_ptr, const uint8_t* cols, const Code* codes, const float* sal_scale,
+                          const float* sal_zero, int64_t W, int64_t nb, int64_t rows, int64_t K, float* r) {
+  const __mmask16 k = (__mmask16)(rows == 16 ? 0xFFFF : (1u << rows) - 1u);
+  const __m512 vs = _mm512_maskz_loadu_ps(k, sal_scale + nb), vz = _mm512_maskz_loadu_ps(k, sal_zero + nb);
+  const __m512i row0 = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                          _mm512_set1_epi32((int)K));
+  const __m512i width = _mm512_set1_epi32(32);
+  const int32_t* ptr = slot_ptr + (nb / 16) * W;
+  for (int64_t c = 0; c < W; ++c) {
+    const __m512i base = _mm512_add_epi32(row0, _mm512_set1_epi32((int)(32 * c)));
+    for (int64_t s = ptr[c]; s < ptr[c + 1]; ++s) {
+      const __m512i idx = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(cols + 16 * s)));
+      const __mmask16 valid = _mm512_mask_cmplt_epu32_mask(k, idx, width);
+      const __m512 v = _mm512_mul_ps(_mm512_sub_ps(slot_codes(codes + 16 * s), vz), vs);
+      _mm512_mask_i32scatter_ps(r, valid, _mm512_add_epi32(base, idx), v, 4);
+    }
+  }
+}
+
 static inline int64_t weighted_sum(const __m512i* acc) {  // Σ_b 2^b·Σ_lanes acc[b]
   __m512i t = acc[0];
   t = _mm512_add_epi32(t, _mm512_slli_epi32(acc[1], 1));
@@ -552,13 +575,15 @@ Salient salient_of(int64_t fmt, const torch::Tensor& row_ptr, const torch::Tenso
 // no N·K buffer, no page faults), each tile's product by at::mm into its columns of y (a strided
 // view: y stays row-major, as the next layer and the model's other ops read it).
 // unpack_row(n, r) writes row n of W (K floats) to r.
-template <class UnpackRow>
-torch::Tensor tiled_mm(const torch::Tensor& x, int64_t N, int64_t K, UnpackRow unpack_row) {
+template <class UnpackRows>
+torch::Tensor tiled_mm(const torch::Tensor& x, int64_t N, int64_t K, UnpackRows unpack_rows) {
   auto xf = x.to(torch::kFloat).contiguous();  // [M, K]
   const int64_t M = xf.size(0);
   // tiles of up to 16 MB of fp32 (a whole layer of the embedded default): at::mm runs best on whole
-  // layers (2 MB tiles cost the MLP ~30 % over fp32 F.linear in a 512-token prefill, measured)
-  const int64_t TB = std::min<int64_t>(N, std::max<int64_t>(16, (int64_t(1) << 22) / K));
+  // layers (2 MB tiles cost the MLP ~30 % over fp32 F.linear in a 512-token prefill, measured);
+  // whole blocks of 16 rows (the slot layout's), so that a thread unpacks whole blocks
+  int64_t TB = std::min<int64_t>(N, std::max<int64_t>(16, (int64_t(1) << 22) / K));
+  if (TB < N) TB = std::max<int64_t>(16, TB / 16 * 16);
   // one buffer per calling thread, kept across calls: a fresh multi-MB allocation is fresh pages, whose
   // first touch (page faults) cost more than unpacking into them
   static thread_local std::vector<float> buffer;
@@ -568,8 +593,9 @@ torch::Tensor tiled_mm(const torch::Tensor& x, int64_t N, int64_t K, UnpackRow u
   auto y = torch::empty({M, N}, torch::kFloat);
   for (int64_t n0 = 0; n0 < N; n0 += TB) {
     const int64_t tb = std::min(TB, N - n0);
-    at::parallel_for(0, tb, grain(K), [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) unpack_row(n0 + r, t + r * K);
+    at::parallel_for(0, (tb + 15) / 16, std::max<int64_t>(1, grain(K) / 16), [&](int64_t b0, int64_t b1) {
+      const int64_t r0 = 16 * b0, r1 = std::min(tb, 16 * b1);
+      unpack_rows(n0 + r0, n0 + r1, t + r0 * K);  // rows [n0 + r0, n0 + r1), K floats apart
     });
     auto out = y.narrow(1, n0, tb);
     at::mm_out(out, xf, tile.narrow(0, 0, tb).t());
@@ -682,11 +708,27 @@ torch::Tensor binary_gemm_2d(const torch::Tensor& x, const BinaryLayer& L, const
   if (M > max_m_small || !L.halves_ok) {
     const int64_t gcols = K / G;
     const bool halves = g_isa == AVX512 && gcols % 16 == 0;
-    return tiled_mm(given(input_scale) ? padded_x(x, K, input_scale) : x, N, K, [&](int64_t n, float* r) {
-      if (halves) avx512::unpack_signs_halves(L.s + n * W, L.a + n * G, G, gcols, r);
-      else if (g_isa >= AVX2) avx2::unpack_signs(L.s + n * W, L.a + n * G, G, gcols, K, r);
-      else portable::unpack_signs(L.s + n * W, L.a + n * G, G, gcols, K, r);
-      if (L.sal.fmt) L.sal.for_row_values(n, W, [&](float v, int64_t c) { r[c] = v; });
+    const Salient& sal = L.sal;
+    return tiled_mm(given(input_scale) ? padded_x(x, K, input_scale) : x, N, K, [&](int64_t n0, int64_t n1, float* r) {
+      for (int64_t n = n0; n < n1; ++n) {
+        float* rn = r + (n - n0) * K;
+        if (halves) avx512::unpack_signs_halves(L.s + n * W, L.a + n * G, G, gcols, rn);
+        else if (g_isa >= AVX2) avx2::unpack_signs(L.s + n * W, L.a + n * G, G, gcols, K, rn);
+        else portable::unpack_signs(L.s + n * W, L.a + n * G, G, gcols, K, rn);
+      }
+      if (sal.fmt == 3 && g_isa == AVX512) {  // block by block, branch-free (n0: a multiple of 16)
+        for (int64_t nb = n0; nb < n1; nb += 16) {
+          float* rb = r + (nb - n0) * K;
+          const int64_t rows = std::min<int64_t>(16, n1 - nb);
+          if (sal.codes8) avx512::scatter_slots(sal.row_ptr, sal.slot_cols, sal.codes8, sal.scale, sal.zero, W, nb, rows, K, rb);
+          else avx512::scatter_slots(sal.row_ptr, sal.slot_cols, sal.codes16, sal.scale, sal.zero, W, nb, rows, K, rb);
+        }
+      } else if (sal.fmt) {
+        for (int64_t n = n0; n < n1; ++n) {
+          float* rn = r + (n - n0) * K;
+          sal.for_row_values(n, W, [&](float v, int64_t c) { rn[c] = v; });
+        }
+      }
     });
   }
   auto xp = padded_x(x, Kp, input_scale);
@@ -715,10 +757,13 @@ torch::Tensor grouped_binary_gemm(torch::Tensor x, torch::Tensor signs, torch::T
   const uint32_t *s = words(signs), *pl = B ? words(planes) : nullptr;
   const int64_t Kp = 32 * W;
   if (M > max_m_small) {
-    return tiled_mm(x, N, K, [&](int64_t n, float* r) {
-      const float* alpha = a + (per_row ? n * G : 0);
-      if (g_isa >= AVX2) avx2::unpack_grouped(s + n * W, pl ? pl + n * W : nullptr, B, N * W, alpha, K, r);
-      else portable::unpack_grouped(s + n * W, pl ? pl + n * W : nullptr, B, N * W, alpha, K, r);
+    return tiled_mm(x, N, K, [&](int64_t n0, int64_t n1, float* rows) {
+      for (int64_t n = n0; n < n1; ++n) {
+        float* r = rows + (n - n0) * K;
+        const float* alpha = a + (per_row ? n * G : 0);
+        if (g_isa >= AVX2) avx2::unpack_grouped(s + n * W, pl ? pl + n * W : nullptr, B, N * W, alpha, K, r);
+        else portable::unpack_grouped(s + n * W, pl ? pl + n * W : nullptr, B, N * W, alpha, K, r);
+      }
     });
   }
   auto xp = padded_x(x, Kp);
@@ -745,15 +790,18 @@ torch::Tensor int_row_gemm(torch::Tensor x, torch::Tensor codes, torch::Tensor s
   if (M > max_m_small) {
     const int8_t* c8 = bits == 8 ? codes.data_ptr<int8_t>() : nullptr;
     const uint8_t* c4 = bits == 4 ? codes.data_ptr<uint8_t>() : nullptr;
-    return tiled_mm(x, N, K, [&](int64_t n, float* r) {
-      if (c8 && g_isa == AVX512) {
-        avx512::unpack_int8_row(c8 + n * K, sc[n], K, r);
-      } else if (c8) {
-        for (int64_t j = 0; j < K; ++j) r[j] = (float)c8[n * K + j] * sc[n];
-      } else {
-        for (int64_t i = 0; i < K / 2; ++i) {
-          r[2 * i] = (float)((int)(c4[n * (K / 2) + i] & 15) - 8) * sc[n];
-          r[2 * i + 1] = (float)((int)(c4[n * (K / 2) + i] >> 4) - 8) * sc[n];
+    return tiled_mm(x, N, K, [&](int64_t n0, int64_t n1, float* rows) {
+      for (int64_t n = n0; n < n1; ++n) {
+        float* r = rows + (n - n0) * K;
+        if (c8 && g_isa == AVX512) {
+          avx512::unpack_int8_row(c8 + n * K, sc[n], K, r);
+        } else if (c8) {
+          for (int64_t j = 0; j < K; ++j) r[j] = (float)c8[n * K + j] * sc[n];
+        } else {
+          for (int64_t i = 0; i < K / 2; ++i) {
+            r[2 * i] = (float)((int)(c4[n * (K / 2) + i] & 15) - 8) * sc[n];
+            r[2 * i + 1] = (float)((int)(c4[n * (K / 2) + i] >> 4) - 8) * sc[n];
+          }
         }
       }
     });
