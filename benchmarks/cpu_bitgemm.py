@@ -88,7 +88,7 @@ def bench_shape(out_f: int, in_f: int, m: int, repeats: int) -> dict:
         # as PackedLinear runs it on a CPU: the method's bound C++ call where it has one, else the op
         call = method.cpu_forward(p, in_f) or (lambda x: method.packed_linear(x, p, in_f))
         row[label] = median_seconds(lambda: call(x), repeats)
-        del p, call
+        del p
     codes, scale = quantize_matrix(w, 8)
     row["int8_rows"] = median_seconds(lambda: ops.int_row_gemm(x, codes, scale, 8, in_f), repeats)
     # W1A1x4: the bit-serial op on INT4 activations already in planes (the layer's own cost)

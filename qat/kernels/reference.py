@@ -5,7 +5,7 @@ import torch
 from torch import Tensor
 
 from qat.quant.kbit import dequantize_kbit, unpack_nibbles
-from qat.quant.packing import unpack_bits
+from qat.quant.packing import row_popcounts, set_columns, unpack_bits
 
 SALIENT_NONE, SALIENT_CSR, SALIENT_BITMAP = 0, 1, 2
 # the CPU kernels' layout of a salient part, derived from either stored format (never stored): rows
@@ -65,12 +65,10 @@ def salient_positions(fmt: int, row_ptr: Tensor, positions: Tensor, n_rows: int,
     """(rows, cols) of the salient entries, in the order their codes are stored (row-major)."""
     if fmt == SALIENT_CSR:
         counts = (row_ptr[1:] - row_ptr[:-1]).long()
-        rows = torch.repeat_interleave(torch.arange(n_rows, device=row_ptr.device), counts)
         cols = positions.to(torch.int64) & 0xFFFF  # uint16 stored in int16
-        return rows, cols
-    mask = unpack_bits(positions, in_features)
-    rows, cols = mask.nonzero(as_tuple=True)
-    return rows, cols
+    else:  # the bitmap, row by row: no dense mask of a large layer
+        counts, cols = row_popcounts(positions), set_columns(positions, in_features)
+    return torch.repeat_interleave(torch.arange(n_rows, device=positions.device), counts), cols
 
 
 def binary_weight(

@@ -26,11 +26,12 @@ from torch import Tensor
 
 from qat.errors import QATError, check_choice, check_int, check_range
 from qat.kernels import ops, reference
+from qat.kernels.reference import SALIENT_BITMAP, SALIENT_CSR, SALIENT_NONE, SALIENT_SLOTS
 from qat.methods.base import ColumnQuantizer, GPTQResult, Method, check_group_size, check_ste_clip
 from qat.quant.binarize import binarize_ste, expand_groups, optimal_alpha, refit_alpha_to_hessian, rescale_to_alpha
 from qat.quant.bits import tensor_bits
 from qat.quant.kbit import dequantize_kbit, minmax_params, pack_code_stream, quantize_kbit, unpack_code_stream
-from qat.quant.packing import pack_bits, packed_words, row_popcounts, set_columns
+from qat.quant.packing import pack_bits, packed_words, row_popcounts
 from qat.quant.salient import (
     dequantize_kbit_rows,
     hessian_saliency,
@@ -38,7 +39,6 @@ from qat.quant.salient import (
     salient_mask_topk,
 )
 
-SALIENT_NONE, SALIENT_CSR, SALIENT_BITMAP, SALIENT_SLOTS = 0, 1, 2, 3  # as qat.kernels.reference
 BINARIZERS = ["sign", "arb_x"]  # how the PB-GPTQ seed sets alpha (methods.md §2)
 NATIVE_CODE_BITS = (8, 16)  # k whose codes are stored one per uint8 / int16; any other k: a bit stream
 
@@ -284,14 +284,11 @@ class PartialBinary(Method):
         out.update({k: packed[k].float() for k in ("scales", "salient_scale", "salient_zero") if k in packed})
         out["signs_blocked"] = reference.blocked_signs(packed["signs"])  # 1 bit per weight of memory
         if "salient_format" in packed:
-            n_rows, positions = packed["signs"].shape[0], packed["salient_positions"]
-            rows = torch.repeat_interleave(torch.arange(n_rows), (row_ptr[1:] - row_ptr[:-1]).long())
-            if int(packed["salient_format"]) == SALIENT_BITMAP:
-                cols = set_columns(positions, in_features)  # row by row: no dense mask of a large layer
-            else:
-                cols = positions.to(torch.int64) & 0xFFFF  # uint16 stored in int16
+            n_rows, n_words = packed["signs"].shape
+            rows, cols = reference.salient_positions(int(packed["salient_format"]), row_ptr,
+                                                     packed["salient_positions"], n_rows, in_features)
             out["salient_slot_ptr"], out["salient_slot_cols"], out["salient_slot_codes"] = reference.salient_slots(
-                rows, cols, codes, n_rows, packed["signs"].shape[1])
+                rows, cols, codes, n_rows, n_words)
         return out
 
     def packed_linear(self, x: Tensor, packed: dict[str, Tensor], in_features: int) -> Tensor:

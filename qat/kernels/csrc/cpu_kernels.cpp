@@ -571,10 +571,18 @@ Salient salient_of(int64_t fmt, const torch::Tensor& row_ptr, const torch::Tenso
   return s;
 }
 
-// The larger-M path: y = x·Wᵀ with W unpacked to fp32 a tile of rows at a time (reused:
-// no N·K buffer, no page faults), each tile's product by at::mm into its columns of y (a strided
-// view: y stays row-major, as the next layer and the model's other ops read it).
-// unpack_row(n, r) writes row n of W (K floats) to r.
+// The tile buffer of the larger-M path: one per calling thread, shared by every op and kept across
+// calls (a fresh multi-MB allocation is fresh pages, whose first touch cost more than unpacking).
+float* tile_buffer(int64_t floats) {
+  static thread_local std::vector<float> buffer;
+  if ((int64_t)buffer.size() < floats) buffer.resize(floats);
+  return buffer.data();
+}
+
+// The larger-M path: y = x·Wᵀ with W unpacked to fp32 a tile of rows at a time (no N·K buffer),
+// each tile's product by at::mm into its columns of y (a strided view: y stays row-major, as the
+// next layer and the model's other ops read it). unpack_rows(n0, n1, r) writes rows [n0, n1) of W
+// to r, K floats apart; n0 is a multiple of 16.
 template <class UnpackRows>
 torch::Tensor tiled_mm(const torch::Tensor& x, int64_t N, int64_t K, UnpackRows unpack_rows) {
   auto xf = x.to(torch::kFloat).contiguous();  // [M, K]
@@ -584,11 +592,7 @@ torch::Tensor tiled_mm(const torch::Tensor& x, int64_t N, int64_t K, UnpackRows 
   // whole blocks of 16 rows (the slot layout's), so that a thread unpacks whole blocks
   int64_t TB = std::min<int64_t>(N, std::max<int64_t>(16, (int64_t(1) << 22) / K));
   if (TB < N) TB = std::max<int64_t>(16, TB / 16 * 16);
-  // one buffer per calling thread, kept across calls: a fresh multi-MB allocation is fresh pages, whose
-  // first touch (page faults) cost more than unpacking into them
-  static thread_local std::vector<float> buffer;
-  if ((int64_t)buffer.size() < TB * K) buffer.resize(TB * K);
-  float* t = buffer.data();
+  float* t = tile_buffer(TB * K);
   auto tile = torch::from_blob(t, {TB, K}, torch::kFloat);
   auto y = torch::empty({M, N}, torch::kFloat);
   for (int64_t n0 = 0; n0 < N; n0 += TB) {
@@ -677,31 +681,6 @@ torch::Tensor lut_tables(const float* xd, int64_t M, int64_t Kp, float** at) {
 
 // y [M, N] = x [M, K] · Wᵀ, W = alpha[n, g]·sign (+ PB-LLM's salient entries); fp32.
 torch::Tensor binary_gemm_2d(const torch::Tensor& x, const BinaryLayer& L, const torch::Tensor& input_scale,
-                             int64_t max_m_small);
-
-// y [..., N] = x [..., K] · Wᵀ in x's dtype (computed in fp32): the CPU kernel of qat::binary_gemm.
-// input_scale (empty: none): a smoothed layer's per-column factor, x / input_scale first.
-// signs_blocked (empty: none): the signs as [ceil(N/16), W, 16], read by the AVX-512 table kernel.
-torch::Tensor binary_gemm(torch::Tensor x, torch::Tensor signs, torch::Tensor scales, int64_t K,
-                          int64_t fmt, torch::Tensor row_ptr, torch::Tensor positions, torch::Tensor codes,
-                          torch::Tensor sal_scale, torch::Tensor sal_zero, torch::Tensor input_scale,
-                          torch::Tensor signs_blocked, int64_t max_m_small) {
-  BinaryLayer L = binary_layer(signs, scales, K, fmt, row_ptr, positions, codes, sal_scale, sal_zero);
-  if (given(signs_blocked)) {
-    check_cpu(signs_blocked, "signs_blocked");
-    TORCH_CHECK(signs_blocked.numel() == (L.N + 15) / 16 * 16 * L.W, "signs_blocked must be [ceil(N/16), W, 16]");
-    L.blocked = words(signs_blocked);
-  }
-  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == K, "binary_gemm: x has ", x.size(-1), " columns, the layer ", K);
-  auto y = binary_gemm_2d(x.dim() == 2 ? x : x.reshape({-1, K}), L, input_scale, max_m_small);
-  if (y.scalar_type() != x.scalar_type()) y = y.to(x.scalar_type());
-  if (x.dim() == 2) return y;
-  auto shape = x.sizes().vec();
-  shape.back() = L.N;
-  return y.view(shape);
-}
-
-torch::Tensor binary_gemm_2d(const torch::Tensor& x, const BinaryLayer& L, const torch::Tensor& input_scale,
                              int64_t max_m_small) {
   const int64_t K = L.K;
   const int64_t M = x.size(0), N = L.N, W = L.W, G = L.G, Kp = 32 * W;
@@ -743,6 +722,28 @@ torch::Tensor binary_gemm_2d(const torch::Tensor& x, const BinaryLayer& L, const
     L.rows(xd, tables_at, M, 16 * b0, std::min(N, 16 * b1), yd);
   });
   return y;
+}
+
+// y [..., N] = x [..., K] · Wᵀ in x's dtype (computed in fp32): the CPU kernel of qat::binary_gemm.
+// input_scale (empty: none): a smoothed layer's per-column factor, x / input_scale first.
+// signs_blocked (empty: none): the signs as [ceil(N/16), W, 16], read by the AVX-512 table kernel.
+torch::Tensor binary_gemm(torch::Tensor x, torch::Tensor signs, torch::Tensor scales, int64_t K,
+                          int64_t fmt, torch::Tensor row_ptr, torch::Tensor positions, torch::Tensor codes,
+                          torch::Tensor sal_scale, torch::Tensor sal_zero, torch::Tensor input_scale,
+                          torch::Tensor signs_blocked, int64_t max_m_small) {
+  BinaryLayer L = binary_layer(signs, scales, K, fmt, row_ptr, positions, codes, sal_scale, sal_zero);
+  if (given(signs_blocked)) {
+    check_cpu(signs_blocked, "signs_blocked");
+    TORCH_CHECK(signs_blocked.numel() == (L.N + 15) / 16 * 16 * L.W, "signs_blocked must be [ceil(N/16), W, 16]");
+    L.blocked = words(signs_blocked);
+  }
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == K, "binary_gemm: x has ", x.size(-1), " columns, the layer ", K);
+  auto y = binary_gemm_2d(x.dim() == 2 ? x : x.reshape({-1, K}), L, input_scale, max_m_small);
+  if (y.scalar_type() != x.scalar_type()) y = y.to(x.scalar_type());
+  if (x.dim() == 2) return y;
+  auto shape = x.sizes().vec();
+  shape.back() = L.N;
+  return y.view(shape);
 }
 
 // Dynamic grouping: W = sign·alpha[row?, id]; planes int32 [B, N, W]; scales [1 or N, G].
