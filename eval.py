@@ -1,5 +1,6 @@
 """python eval.py run_dir=outputs/...   Reload a run's export/ (packed form, no training code)
-and measure its perplexity on the run's held-out test split; compare with results.json.
+and measure its perplexity on the run's held-out test split (split=validation: on its validation split, where
+knobs are chosen); compare with results.json.
 `data=<option> ...` (e.g. data=text data.train=a.txt data.test=b.txt) measures it on other text."""
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from qat.errors import QATError
+from qat.errors import QATError, check_choice
 
 
 def evaluate(cfg: DictConfig) -> dict:
@@ -25,6 +26,7 @@ def evaluate(cfg: DictConfig) -> dict:
     if not run_cfg_path.exists():
         raise QATError(f"run_dir={str(run_dir)!r} is not a run folder (no config.yaml)")
     run_cfg = OmegaConf.load(run_cfg_path)
+    check_choice("split", cfg.split, ["test", "validation"])
     if cfg.lm_eval.tasks:  # task names first: not after the whole perplexity pass
         from qat.eval.harness import task_manager
 
@@ -40,11 +42,11 @@ def evaluate(cfg: DictConfig) -> dict:
     seq_len = int(cfg.eval.seq_len or run_cfg.eval.seq_len)
     windows = cfg.eval.max_windows if cfg.eval.max_windows is not None else run_cfg.eval.max_windows
     t0 = time.time()
-    ppl, n = perplexity(model, data.test_tokens, seq_len, windows, desc="ppl (export, packed)")
-    out = {"run_dir": str(run_dir), "device": cfg.device, "data": data_cfg.get("name"),
+    ppl, n = perplexity(model, data.tokens[cfg.split], seq_len, windows, desc=f"ppl {cfg.split} (export, packed)")
+    out = {"run_dir": str(run_dir), "device": cfg.device, "data": data_cfg.get("name"), "split": cfg.split,
            "ppl_packed_export": ppl, "eval_tokens": n, "seconds": time.time() - t0}
     results = run_dir / "results.json"
-    if results.exists() and own_data:
+    if results.exists() and own_data and cfg.split == "test":
         out["ppl_final_recorded"] = json.loads(results.read_text())["ppl"]["final"]
     if cfg.lm_eval.tasks:
         from qat.eval.harness import run_lm_eval

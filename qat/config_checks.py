@@ -73,6 +73,7 @@ KNOBS = [
     positive("optim.lr", "number"),
     positive("optim.lr_fp", "number", nullable=True),
     positive("optim.lr_clip", "number", nullable=True),
+    positive("optim.lr_scale", "number", nullable=True),
     at_least("optim.weight_decay", 0, "number"),
     positive("optim.eps", "number"),
     at_least("optim.warmup_steps", 0),

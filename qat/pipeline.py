@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -40,7 +41,7 @@ from qat.io import atomic_write_bytes
 from qat.kernels import ops
 from qat.methods import Method, build_method
 from qat.models import load_model
-from qat.nn import bits_report, convert, layer_stats_report, prepare, quantizable_linears
+from qat.nn import bits_report, convert, frozen_quantized_weights, layer_stats_report, prepare, quantizable_linears
 from qat.nn.embedding import check_embedding_format, convert_embeddings, snap_embeddings
 from qat.ptq.gptq import SALIENCY_KINDS
 from qat.ptq.initializers import INITIALIZERS, InitResult, initialize
@@ -277,7 +278,11 @@ class Evaluator:
 
     def __call__(self, model: nn.Module, desc: str) -> tuple[float, int]:
         t0 = time.time()
-        value, n = perplexity(model, self.test, self.seq_len, self.windows, desc=desc)
+        # on a CPU the fake-quant weights are built once per pass, not once per window (a GPU
+        # rebuilds them in a fraction of its pass and needs the memory a frozen copy takes)
+        on_cpu = next(model.parameters()).device.type == "cpu" and not is_sharded(model)
+        with frozen_quantized_weights(model) if on_cpu else contextlib.nullcontext():
+            value, n = perplexity(model, self.test, self.seq_len, self.windows, desc=desc)
         self.seconds += time.time() - t0
         return value, n
 

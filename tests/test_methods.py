@@ -7,6 +7,7 @@ from qat.methods import build_method
 from qat.models.load import tiny_llama
 from qat.nn import PackedLinear, QATLinear, bits_report, convert, prepare
 from qat.ptq.initializers import initialize
+from qat.quant.binarize import expand_groups, optimal_alpha
 
 
 def layer(method, out_f=8, in_f=64, seed=0):
@@ -170,6 +171,62 @@ def test_derived_tensors_follow_the_stored_ones():
         a(x)  # derives and caches a's sums
         a.load_state_dict(b.state_dict())  # copies b's tensors into a's, in place
         assert torch.equal(a(x), b(x))
+
+
+@pytest.mark.parametrize("group_size", [0, 32])
+def test_learned_alpha_trains_and_the_packed_layer_stores_it(group_size):
+    """method.alpha=learned: alpha is a parameter that starts at the seed's alpha* and moves under
+    the optimizer at optim.lr_scale; the latent weights' magnitudes no longer set it; the packed
+    layer stores the trained alpha and computes what the training form does."""
+    from qat.train.lit import param_groups
+
+    method = build_method("pbllm_qat", salient_ratio=0.1, group_size=group_size, alpha="learned")
+    q = layer(method)
+    keep = ~q.salient_mask
+    assert q.alpha.shape == (8, 1 if group_size == 0 else 2) and "alpha" not in dict(q.named_buffers())
+    torch.testing.assert_close(q.alpha, optimal_alpha(q.weight.detach(), keep, group_size).half().float())
+    with torch.no_grad():  # the seed's output is unchanged: alpha starts at alpha*
+        torch.testing.assert_close(q.quantized_weight(), layer(build_method(
+            "pbllm_qat", salient_ratio=0.1, group_size=group_size)).quantized_weight())
+    start = q.alpha.detach().clone()
+    groups = param_groups(q, {"lr": 1e-3, "lr_scale": 1e-2, "weight_decay": 0.1})
+    assert {id(p): g["lr"] for g in groups for p in g["params"]}[id(q.alpha)] == 1e-2
+    opt = torch.optim.AdamW(groups)
+    x = torch.randn(16, 64)
+    for _ in range(3):
+        opt.zero_grad()
+        (q(x) - 1.0).pow(2).sum().backward()
+        assert q.alpha.grad is not None and q.alpha.grad.abs().sum() > 0
+        opt.step()
+    assert not torch.allclose(q.alpha, start)
+    with torch.no_grad():
+        q.weight.mul_(3.0)  # magnitudes alone no longer move the scale
+        w = q.quantized_weight()
+    torch.testing.assert_close(w.abs()[keep], expand_groups(q.alpha.detach(), 64).half().float()[keep])
+    model = torch.nn.Sequential(q)
+    with torch.no_grad():
+        fake = model(x)
+        convert(model)
+        assert isinstance(model[0], PackedLinear)
+        torch.testing.assert_close(model(x), fake, rtol=1e-4, atol=1e-4)
+
+
+def test_frozen_quantized_weights_are_for_evaluation_only():
+    """Inside frozen_quantized_weights the layers multiply with a weight built once on entry: the same
+    outputs without gradients; a forward with gradients still fake-quantizes the current latent."""
+    from qat.nn import frozen_quantized_weights
+
+    q = layer(build_method("pbllm_qat", salient_ratio=0.1))
+    x = torch.randn(4, 64)
+    with torch.no_grad():
+        plain = q(x)
+    with frozen_quantized_weights(q):
+        assert q.frozen_weight is not None
+        with torch.no_grad():
+            assert torch.equal(q(x), plain)
+        q(x).sum().backward()
+        assert q.weight.grad is not None  # the training path never reads the frozen copy
+    assert q.frozen_weight is None
 
 
 def test_optimizer_groups_never_decay_latent_weights_and_give_clips_their_lr():

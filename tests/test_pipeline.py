@@ -59,6 +59,27 @@ def test_pbgptq_seed_block_reconstruction_and_quantized_only_training(compose, t
     assert res["train_tokens"] == 3 * 2 * 64
 
 
+def test_learned_alpha_trains_from_the_seed_and_is_what_the_export_stores(compose, tmp_path):
+    """method.alpha=learned: each layer's alpha is a parameter in the checkpoint, trained away from
+    the latent weights' mean |w|; the export stores exactly it (fp16), and the packed perplexity is
+    the run's final one."""
+    from safetensors.torch import load_file
+
+    from qat.quant.binarize import optimal_alpha
+
+    res, _ = run_cfg(compose, tmp_path, [
+        "method=pbllm_qat", "method.alpha=learned", "init=gptq_hessian", "init.n_samples=4", "init.seq_len=32",
+        "init.cache=false", "trainer.max_steps=3", "optim.lr_scale=1e-2"])
+    state = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    name = "model.model.layers.0.self_attn.q_proj"
+    alpha, latent, mask = state[f"{name}.alpha"], state[f"{name}.weight"], state[f"{name}.salient_mask"]
+    assert alpha.shape == (latent.shape[0], 1)
+    assert not torch.allclose(alpha, optimal_alpha(latent, ~mask), rtol=1e-3)  # trained on its own
+    export = load_file(str(tmp_path / "export" / "model.safetensors"))
+    assert torch.equal(export[f"{name.removeprefix('model.')}.scales"], alpha.half())
+    assert res["status"] == "ok" and res["ppl"]["final"] < 1e6
+
+
 def test_summary_joins_the_training_runs_log(compose, tmp_path):
     cfg = compose([o for o in TINY if o != "logger=none"] + ["logger=csv", f"logger.save_dir={tmp_path}", f"hydra.run.dir={tmp_path}",
                                                              "method=pbllm_qat", "trainer.max_steps=2",
@@ -426,6 +447,16 @@ def test_export_size_matches_storage_bits_and_eval_cli(method, compose, tmp_path
     assert out.returncode == 0, out.stderr[-2000:]
     report = json.loads(out.stdout[out.stdout.index("{"):])
     assert report["ppl_packed_export"] == pytest.approx(res["ppl"]["final"], rel=1e-6)
+    if method == ["method=pbllm_qat", "salient_ratio=0.1"]:  # split=validation: the split knobs are chosen on
+        val = subprocess.run([sys.executable, str(ROOT / "eval.py"), f"run_dir={tmp_path}", "split=validation"],
+                             capture_output=True, text=True, env=env, cwd=ROOT)
+        assert val.returncode == 0, val.stderr[-2000:]
+        val_report = json.loads(val.stdout[val.stdout.index("{"):])
+        assert val_report["split"] == "validation" and "ppl_final_recorded" not in val_report
+        assert val_report["ppl_packed_export"] != pytest.approx(report["ppl_packed_export"], rel=1e-3)
+        wrong = subprocess.run([sys.executable, str(ROOT / "eval.py"), f"run_dir={tmp_path}", "split=train"],
+                               capture_output=True, text=True, env=env, cwd=ROOT)
+        assert wrong.returncode == 2 and "allowed: test, validation" in wrong.stderr.strip().splitlines()[-1]
     bad = subprocess.run([sys.executable, str(ROOT / "eval.py"), f"run_dir={tmp_path / 'nope'}"],
                          capture_output=True, text=True, env=env, cwd=ROOT)
     assert bad.returncode == 2 and "is not a run folder" in bad.stderr.strip().splitlines()[-1]

@@ -191,6 +191,11 @@ class Method:
         health log leaves them out of the sign-flip rate. None: every weight trains."""
         return None
 
+    def trained_state(self) -> tuple[str, ...]:
+        """State entries QAT trains beside the latent weight (QATLinear makes them parameters, at
+        optim.lr_scale, never decayed), e.g. a learned binary scale. Default: none."""
+        return ()
+
     def refresh_every(self) -> int:
         """QAT steps between calls of `refresh` (0: never)."""
         return 0

@@ -40,6 +40,7 @@ from qat.quant.salient import (
 )
 
 BINARIZERS = ["sign", "arb_x"]  # how the PB-GPTQ seed sets alpha (methods.md §2)
+ALPHA_MODES = ["mean", "learned"]  # QAT's alpha: mean|w| recomputed every forward, or a trained parameter
 NATIVE_CODE_BITS = (8, 16)  # k whose codes are stored one per uint8 / int16; any other k: a bit stream
 
 
@@ -159,6 +160,7 @@ class PartialBinary(Method):
     group_size: int = 0  # 0: one alpha per row
     ste_clip: float | None = None  # None: plain STE (PB-LLM's code); a float: zero grad beyond
     binarizer: str = "sign"  # the seed's alpha: sign (mean|w|) | arb_x (refit to the calibration inputs)
+    alpha: str = "mean"  # QAT's alpha: mean (alpha* = mean|w| every forward, PB-LLM) | learned (from the seed's)
 
     def validate(self) -> None:
         check_range("salient_ratio", self.salient_ratio, 0.0, 1.0)
@@ -166,6 +168,7 @@ class PartialBinary(Method):
             raise QATError(f"salient_bits={self.salient_bits!r} is outside 2..16")
         check_choice("salient_metric", self.salient_metric, ["magnitude", "hessian"])
         check_choice("method.binarizer", self.binarizer, BINARIZERS)
+        check_choice("method.alpha", self.alpha, ALPHA_MODES)
         check_int("method.group_size", self.group_size, 0)
         check_ste_clip(self.ste_clip)
 
@@ -189,10 +192,21 @@ class PartialBinary(Method):
         return {"salient_mask": mask, "salient_codes": codes.to(code_dtype),
                 "salient_scale": scale, "salient_zero": zero}
 
+    def learned_alpha(self, latent: Tensor, mask: Tensor) -> dict[str, Tensor]:
+        """alpha=learned: the scale QAT trains, starting from the seed's alpha* (mean|w| of the
+        latent weight, which state_from_gptq rescales to GPTQ's alpha)."""
+        if self.alpha != "learned":
+            return {}
+        return {"alpha": optimal_alpha(latent.float(), ~mask, self.group_size).to(torch.float16).float()}
+
+    def trained_state(self) -> tuple[str, ...]:
+        return ("alpha",) if self.alpha == "learned" else ()
+
     def init_state(self, weight: Tensor, hessian: Tensor | None = None) -> dict[str, Tensor]:
         """The `rtn` seed: salient mask on the fp weights, salient values k-bit, latent = w."""
         mask = self.salient_mask(weight)
-        return {"latent": weight.detach().clone(), **self.salient_buffers(weight, mask)}
+        latent = weight.detach().clone()
+        return {"latent": latent, **self.salient_buffers(weight, mask), **self.learned_alpha(latent, mask)}
 
     # -- PB-GPTQ (init=gptq_hessian) -----------------------------------------------------------
     def gptq_quantizer(self, weight: Tensor, denominator: Tensor, block_size: int = 128,
@@ -213,11 +227,11 @@ class PartialBinary(Method):
         code_dtype = torch.uint8 if self.salient_bits <= 8 else torch.int32
         latent = rescale_to_alpha(Wc, ~mask, record.alpha, self.group_size)
         return {"latent": latent, "salient_mask": mask.clone(), "salient_codes": codes.to(code_dtype),
-                "salient_scale": scale.clone(), "salient_zero": zero.clone()}
+                "salient_scale": scale.clone(), "salient_zero": zero.clone(), **self.learned_alpha(latent, mask)}
 
     def fake_quant(self, latent: Tensor, buffers: dict[str, Tensor]) -> Tensor:
         mask = buffers["salient_mask"]
-        binary, _ = binarize_ste(latent, ~mask, self.group_size, self.ste_clip)
+        binary, _ = binarize_ste(latent, ~mask, self.group_size, self.ste_clip, alpha=buffers.get("alpha"))
         if self.salient_ratio == 0:
             return binary
         salient = dequantize_kbit_rows(
@@ -230,7 +244,8 @@ class PartialBinary(Method):
     def pack(self, latent: Tensor, buffers: dict[str, Tensor]) -> dict[str, Tensor]:
         mask = buffers["salient_mask"]
         out_f, in_f = latent.shape
-        alpha = optimal_alpha(latent.float(), ~mask, self.group_size).to(torch.float16)
+        alpha = buffers["alpha"] if "alpha" in buffers else optimal_alpha(latent.float(), ~mask, self.group_size)
+        alpha = alpha.to(torch.float16)
         packed = {"signs": pack_bits((latent >= 0) | mask), "scales": alpha}
         nnz = int(mask.sum())
         if nnz == 0:
@@ -339,7 +354,7 @@ class PartialBinary(Method):
     @torch.no_grad()
     def health(self, latent: Tensor, buffers: dict[str, Tensor]) -> dict[str, Tensor]:
         keep = ~buffers["salient_mask"]
-        alpha = optimal_alpha(latent.float(), keep, self.group_size)
+        alpha = buffers["alpha"] if "alpha" in buffers else optimal_alpha(latent.float(), keep, self.group_size)
         stats = {"alpha_mean": alpha.mean(), "alpha_std": alpha.std()}
         if self.ste_clip is not None:
             beyond = (latent.abs() > self.ste_clip) & keep

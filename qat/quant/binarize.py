@@ -67,14 +67,17 @@ def binarize_ste(
     group_size: int = 0,
     clip: float | None = None,
     scale_dtype: torch.dtype | None = torch.float16,
+    alpha: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """alpha*·sign(w), sign through the STE, alpha* recomputed analytically from w.
+    """alpha*·sign(w), sign through the STE, alpha* recomputed analytically from w; or, given
+    `alpha` [out, n_groups] (a trained scale), alpha·sign(w): the gradient then reaches alpha
+    directly and w only through the STE.
 
     The scale is rounded to `scale_dtype` (what the packed layer stores) in the forward pass,
     with a straight-through gradient, so the fake-quant and packed forms agree bit for bit.
     Returns (binarized weight, alpha [out, n_groups]).
     """
-    alpha = optimal_alpha(w, keep, group_size)
+    alpha = optimal_alpha(w, keep, group_size) if alpha is None else alpha
     if scale_dtype is not None:
         alpha = alpha + (alpha.to(scale_dtype).to(alpha.dtype) - alpha).detach()
     signs = group_view(ste_sign(w, clip), group_size)  # broadcast alpha over its group, no copy

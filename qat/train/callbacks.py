@@ -43,7 +43,8 @@ class QuantHealth(L.Callback):
             flipped = unpack_bits(changed, keep.shape[1])
             flips += int((flipped & keep).sum())
             total += int(keep.sum())
-            for k, v in m.method.health(full(m.weight), m.quant_buffers()).items():
+            buffers = {k: full(v) for k, v in m.quant_buffers().items()}  # a learned scale is a (sharded) parameter
+            for k, v in m.method.health(full(m.weight), buffers).items():
                 stats.setdefault(k, []).append(float(v))
         self.last_signs = now
         metrics = {"quant/sign_flip_rate": flips / max(total, 1)}

@@ -2,6 +2,7 @@
 cosine schedule are built from conf/optim (hydra.utils.instantiate)."""
 from __future__ import annotations
 
+import contextlib
 import math
 
 import lightning as L
@@ -12,8 +13,8 @@ from hydra.utils import instantiate
 from torch import nn
 
 from qat.errors import QATError, TrainingDiverged, check_choice
-from qat.nn.qat_linear import QATLinear
-from qat.train.sharding import full, shard_model
+from qat.nn.qat_linear import QATLinear, frozen_quantized_weights
+from qat.train.sharding import full, is_sharded, shard_model
 
 
 def lm_loss(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -85,16 +86,21 @@ def param_groups(model: nn.Module, cfg: dict) -> list[dict]:
     |w| down, and alpha* = mean |w| with it: the binarized output shrinks); the activations'
     clipping logits at optim.lr_clip (Adam moves a parameter by about lr a step, and at logit 4
     sigmoid' = 0.018: at 1e-3 a clip would stay within 0.2 % of its start over 100 steps); fp
-    parameters (norms, embedding) at optim.lr_fp (null: lr), decayed by optim.weight_decay where 2-D."""
+    parameters (norms, embedding) at optim.lr_fp (null: lr), decayed by optim.weight_decay where 2-D;
+    a method's trained state (a learned scale: method.alpha=learned) at optim.lr_scale, not decayed."""
     lr = float(cfg["lr"])
-    lr_fp = lr if cfg["lr_fp"] is None else float(cfg["lr_fp"])
-    lr_clip = lr if cfg["lr_clip"] is None else float(cfg["lr_clip"])
+
+    def lr_of(key: str) -> float:
+        return lr if cfg.get(key) is None else float(cfg[key])
+
     wd = float(cfg["weight_decay"])
     kinds: dict[int, tuple[float, float]] = {}
     for m in model.modules():
         if isinstance(m, QATLinear):
             for name, p in m.named_parameters(recurse=False):
-                kinds[id(p)] = (lr_clip, 0.0) if name == "act_clip" else (lr, 0.0)
+                key = "lr_clip" if name == "act_clip" else "lr_scale" if name in m.param_names else "lr"
+                kinds[id(p)] = (lr_of(key), 0.0)
+    lr_fp = lr_of("lr_fp")
     groups: dict[tuple[float, float], list] = {}
     for p in model.parameters():
         if p.requires_grad:
@@ -162,12 +168,19 @@ class LitQAT(L.LightningModule):
                 raise TrainingDiverged(self.global_step, f"gradient norm={float(norm)}")
             self.log("train/grad_norm", norm)
 
+    def on_validation_epoch_start(self):
+        # the fake-quant weights built once per validation, not once per batch (CPU, unsharded)
+        self._frozen = contextlib.ExitStack()
+        if self.device.type == "cpu" and not is_sharded(self.model):
+            self._frozen.enter_context(frozen_quantized_weights(self.model))
+
     def validation_step(self, batch, batch_idx):
         (tokens,) = batch
         ce = lm_loss(self(tokens), tokens)
         self.log("val/ce", ce, prog_bar=False, sync_dist=True)
 
     def on_validation_epoch_end(self):
+        self._frozen.close()
         ce = self.trainer.callback_metrics.get("val/ce")
         if ce is not None:
             self.log("val/ppl", torch.exp(ce), prog_bar=True, sync_dist=True)
