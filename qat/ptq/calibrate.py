@@ -52,12 +52,12 @@ def run_layer(layer: nn.Module, x: Tensor, kwargs: dict) -> Tensor:
     return out[0] if isinstance(out, tuple) else out
 
 
-def feed_inputs(layer: nn.Module, sinks: dict[nn.Module, Any], inputs: list[Tensor], kwargs: dict) -> None:
-    """Run `layer` on every input; each module in `sinks` hands its input to `sink.add`."""
+def feed_inputs(layer: nn.Module, sinks: dict[nn.Module, Any], inputs: list[Tensor], kwargs: dict) -> list[Tensor]:
+    """Run `layer` on every input; each module in `sinks` hands its input to `sink.add`. Returns the
+    layer's outputs."""
     hooks = [m.register_forward_hook(lambda _m, inp, _out, sink=sink: sink.add(inp[0])) for m, sink in sinks.items()]
     try:
-        for x in inputs:
-            run_layer(layer, x, kwargs)
+        return [run_layer(layer, x, kwargs) for x in inputs]
     finally:
         for h in hooks:
             h.remove()

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from qat.methods.base import Method
 from qat.models.arch import ReaderGroup, architecture, decoder_layers
-from qat.ptq.calibrate import capture_layer0_inputs, feed_inputs, run_layer
+from qat.ptq.calibrate import capture_layer0_inputs, feed_inputs
 from qat.quant.activations import ACT_CLIP_START, fake_quant_act
 
 log = logging.getLogger(__name__)
@@ -133,7 +133,8 @@ def smooth_model(model: nn.Module, calib: Tensor, method: Method, skip: list[str
     for li, layer in enumerate(tqdm(layers, desc="smooth layers", leave=False)):
         groups = layer_groups(arch.groups, f"{prefix}.{li}", skip)
         stats = {names[0]: _InputStats(keep) for _, names, _ in groups}
-        feed_inputs(layer, {layer.get_submodule(n): st for n, st in stats.items()}, inputs, kwargs)
+        # smoothing leaves the layer's function as it is: its outputs now are the next layer's inputs
+        outputs = feed_inputs(layer, {layer.get_submodule(n): st for n, st in stats.items()}, inputs, kwargs)
         for norm_name, names, readers in groups:
             st = stats[names[0]]
             linears = [layer.get_submodule(n) for n in names]
@@ -154,7 +155,7 @@ def smooth_model(model: nn.Module, calib: Tensor, method: Method, skip: list[str
                 name = f"{prefix}.{li}.{names[0]}"
                 explicit[name] = s
                 linears[0].register_forward_pre_hook(lambda _m, args, s=s: (args[0] / s.to(args[0].dtype), *args[1:]))
-        inputs = [run_layer(layer, x, kwargs) for x in inputs]
+        inputs = outputs
     chosen = [r["strength"] for r in rows]
     log.info("smoothing: %d of %d groups smoothed; strengths %s", sum(a is not None for a in chosen), len(chosen),
              sorted({a for a in chosen if a is not None}, key=str))
