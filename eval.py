@@ -26,7 +26,8 @@ def evaluate(cfg: DictConfig) -> dict:
     if not run_cfg_path.exists():
         raise QATError(f"run_dir={str(run_dir)!r} is not a run folder (no config.yaml)")
     run_cfg = OmegaConf.load(run_cfg_path)
-    check_choice("split", cfg.split, ["test", "validation"])
+    split = cfg.get("split") or "test"  # a config composed without eval.yaml's key: the test split
+    check_choice("split", split, ["test", "validation"])
     if cfg.lm_eval.tasks:  # task names first: not after the whole perplexity pass
         from qat.eval.harness import task_manager
 
@@ -42,11 +43,11 @@ def evaluate(cfg: DictConfig) -> dict:
     seq_len = int(cfg.eval.seq_len or run_cfg.eval.seq_len)
     windows = cfg.eval.max_windows if cfg.eval.max_windows is not None else run_cfg.eval.max_windows
     t0 = time.time()
-    ppl, n = perplexity(model, data.tokens[cfg.split], seq_len, windows, desc=f"ppl {cfg.split} (export, packed)")
-    out = {"run_dir": str(run_dir), "device": cfg.device, "data": data_cfg.get("name"), "split": cfg.split,
+    ppl, n = perplexity(model, data.tokens[split], seq_len, windows, desc=f"ppl {split} (export, packed)")
+    out = {"run_dir": str(run_dir), "device": cfg.device, "data": data_cfg.get("name"), "split": split,
            "ppl_packed_export": ppl, "eval_tokens": n, "seconds": time.time() - t0}
     results = run_dir / "results.json"
-    if results.exists() and own_data and cfg.split == "test":
+    if results.exists() and own_data and split == "test":
         out["ppl_final_recorded"] = json.loads(results.read_text())["ppl"]["final"]
     if cfg.lm_eval.tasks:
         from qat.eval.harness import run_lm_eval
