@@ -202,6 +202,12 @@ class PartialBinary(Method):
     def trained_state(self) -> tuple[str, ...]:
         return ("alpha",) if self.alpha == "learned" else ()
 
+    def current_alpha(self, latent: Tensor, buffers: dict[str, Tensor]) -> Tensor:
+        """The alpha the layer multiplies with now: the learned one, or alpha* of the latent weights."""
+        if "alpha" in buffers:
+            return buffers["alpha"]
+        return optimal_alpha(latent.float(), ~buffers["salient_mask"], self.group_size)
+
     def init_state(self, weight: Tensor, hessian: Tensor | None = None) -> dict[str, Tensor]:
         """The `rtn` seed: salient mask on the fp weights, salient values k-bit, latent = w."""
         mask = self.salient_mask(weight)
@@ -244,8 +250,7 @@ class PartialBinary(Method):
     def pack(self, latent: Tensor, buffers: dict[str, Tensor]) -> dict[str, Tensor]:
         mask = buffers["salient_mask"]
         out_f, in_f = latent.shape
-        alpha = buffers["alpha"] if "alpha" in buffers else optimal_alpha(latent.float(), ~mask, self.group_size)
-        alpha = alpha.to(torch.float16)
+        alpha = self.current_alpha(latent, buffers).to(torch.float16)
         packed = {"signs": pack_bits((latent >= 0) | mask), "scales": alpha}
         nnz = int(mask.sum())
         if nnz == 0:
@@ -354,7 +359,7 @@ class PartialBinary(Method):
     @torch.no_grad()
     def health(self, latent: Tensor, buffers: dict[str, Tensor]) -> dict[str, Tensor]:
         keep = ~buffers["salient_mask"]
-        alpha = buffers["alpha"] if "alpha" in buffers else optimal_alpha(latent.float(), keep, self.group_size)
+        alpha = self.current_alpha(latent, buffers)
         stats = {"alpha_mean": alpha.mean(), "alpha_std": alpha.std()}
         if self.ste_clip is not None:
             beyond = (latent.abs() > self.ste_clip) & keep
