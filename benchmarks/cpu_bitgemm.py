@@ -3,7 +3,7 @@ fp32 and bf16 on the same input, side by side in one run, medians of several rep
 
 Shapes: SmolLM2-135M's MLP (576x1536, 1536x576) and Llama-2-7B's (4096x11008, 11008x4096), as
 [out, in]; M = 1 (decode) and M = 512 (prefill). Random weights: speed does not depend on values.
-Writes benchmarks/results/cpu_bitgemm-<cpu>-<date>.json (CPU model, flags, ISA path, threads, commit).
+Writes benchmarks/results/cpu_bitgemm-<cpu>-<AVX2/AVX512>-<date>.json (CPU model, flags, ISA path, threads, commit).
 
   python benchmarks/cpu_bitgemm.py [--threads 2] [--repeats 7] [--shapes 576x1536,...]
 """
@@ -45,10 +45,13 @@ def cpu_info() -> dict:
 
 
 def write_result(result: dict) -> Path:
-    """benchmarks/results/<benchmark>-<cpu>-<date>.json, with the date, commit and CPU it ran on."""
+    """benchmarks/results/<benchmark>-<cpu>-<vector width>-<date>.json, with the date, commit and CPU
+    it ran on. The vector width (torch's CPU capability: AVX2, AVX512) is in the name because cloud
+    CPUs of different generations share a model name ("AMD EPYC": Zen 3 without AVX-512, Zen 4 with it)."""
     result = {"date": dt.date.today().isoformat(), "commit": commit(), "cpu": cpu_info(), **result}
     RESULTS.mkdir(exist_ok=True)
     tag = "".join(c if c.isalnum() else "_" for c in result["cpu"]["model"])[:40]
+    tag += f"-{result['cpu']['torch_capability']}"
     path = RESULTS / f"{result['benchmark']}-{tag}-{result['date']}.json"
     path.write_text(json.dumps(result, indent=1))
     print(f"wrote {path}")

@@ -6,7 +6,7 @@ once; the driver asks them in turn, one at a time, so that the VM's speed drift 
 minutes here) falls on every variant alike: `--repeats` rounds of greedy decode through HF
 `generate` (batch 1, KV cache, 32-token prompt of the test text), then rounds of one 512-token
 prefill forward, then one perplexity pass over `--windows` test windows each, and the peak
-resident memory. Medians of the rounds. Writes benchmarks/results/cpu_model-<cpu>-<date>.json.
+resident memory. Medians of the rounds. Writes benchmarks/results/cpu_model-<cpu>-<AVX2/AVX512>-<date>.json.
 
   python benchmarks/cpu_model.py --export outputs/.../export [--threads 2] [--new-tokens 64]
 """

@@ -5,7 +5,7 @@ Each run's GGUF is written again here by the same exporter as export.gguf=true (
 have set it). Per file: size, bits per weight of the whole file, llama.cpp's perplexity on the same test windows
 as the run's packed perplexity (results.json ppl.final; the fp model's: ppl.fp), prefill tokens/s of
 one 512-token prompt and decode tokens/s of 64 greedy tokens (medians of --repeats). Writes
-benchmarks/results/llama_cpp_gguf-<cpu>-<date>.json and prints a markdown table.
+benchmarks/results/llama_cpp_gguf-<cpu>-<AVX2/AVX512>-<date>.json and prints a markdown table.
 
   python benchmarks/llama_cpp_gguf.py --run q1_0=outputs/<experiment=q1_0 run> --run gptq4=outputs/<gptq run>
 """
