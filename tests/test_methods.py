@@ -330,3 +330,41 @@ def test_salient_row_pointers_are_derived_and_old_exports_still_run(ratio, bits)
     assert torch.equal(method.packed_linear(x, stored, 96), want)  # derived on the fly: the same tensors
     # the old layout takes another CPU kernel (bitmap, fp16 scales): equal up to fp32 summation order
     torch.testing.assert_close(method.packed_linear(x, old, 96), want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+
+
+@pytest.mark.parametrize("params", [
+    dict(salient_ratio=0.1),                           # the headline: uint8 codes
+    dict(salient_ratio=0.1, salient_bits=12),          # int32 codes
+    dict(salient_ratio=0.0),                           # rtn_binary: no salient part
+    dict(salient_ratio=0.1, ste_clip=0.04),            # the clipped STE
+    dict(salient_ratio=0.1, alpha="learned"),          # alpha a trained parameter
+])
+def test_fused_cpu_fake_quant_equals_the_pure_torch_form(params):
+    """The C++ training form (qat/quant/fused.py) against PartialBinary.fake_quant_reference on a
+    weight with an outlier column and exact zeros: the same weight bit for bit, the same gradients
+    (to the order of one row sum), for the latent weight and a learned alpha."""
+    from qat.quant.fused import fused_extension
+
+    method = build_method("pbllm_qat", **params)
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(48, 520, generator=g) * 0.05
+    w[:, 3] *= 20
+    w[5, :7] = 0.0  # sgn(0) = 0 in alpha*'s gradient, sign(0) = +1 in the weight
+    state = method.init_state(w)
+    if fused_extension(w, method.group_size) is None:
+        pytest.skip("the CPU extension did not build")
+    latent = state.pop("latent")
+    grad_out = torch.randn(w.shape, generator=g)
+    results = []
+    for fn in (method.fake_quant, method.fake_quant_reference):
+        lat = latent.clone().requires_grad_(True)
+        buffers = {k: (v.clone().requires_grad_(True) if k == "alpha" else v) for k, v in state.items()}
+        out = fn(lat, buffers)
+        out.backward(grad_out)
+        results.append((out.detach(), lat.grad, buffers["alpha"].grad if "alpha" in buffers else None))
+    (fused, gw, ga), (ref, gw_ref, ga_ref) = results
+    assert torch.equal(fused, ref)
+    torch.testing.assert_close(gw, gw_ref, rtol=1e-5, atol=1e-6)
+    assert (gw_ref != 0).any()
+    if ga_ref is not None:
+        torch.testing.assert_close(ga, ga_ref, rtol=1e-5, atol=1e-5)

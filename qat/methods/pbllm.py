@@ -30,6 +30,7 @@ from qat.kernels.reference import SALIENT_BITMAP, SALIENT_CSR, SALIENT_NONE, SAL
 from qat.methods.base import ColumnQuantizer, GPTQResult, Method, check_group_size, check_ste_clip
 from qat.quant.binarize import binarize_ste, expand_groups, optimal_alpha, refit_alpha_to_hessian, rescale_to_alpha
 from qat.quant.bits import tensor_bits
+from qat.quant.fused import fused_extension, partial_binary_fused
 from qat.quant.kbit import dequantize_kbit, minmax_params, pack_code_stream, quantize_kbit, unpack_code_stream
 from qat.quant.packing import pack_bits, packed_words, row_popcounts
 from qat.quant.salient import (
@@ -236,6 +237,16 @@ class PartialBinary(Method):
                 "salient_scale": scale.clone(), "salient_zero": zero.clone(), **self.learned_alpha(latent, mask)}
 
     def fake_quant(self, latent: Tensor, buffers: dict[str, Tensor]) -> Tensor:
+        ext = fused_extension(latent, self.group_size)
+        if ext is not None:  # fp32 CPU weight, one alpha per row: one C++ pass (qat/quant/fused.py)
+            if self.salient_ratio == 0:
+                buffers = {k: v for k, v in buffers.items() if not k.startswith("salient_") or k == "salient_mask"}
+            return partial_binary_fused(latent, buffers, self.ste_clip, ext)
+        return self.fake_quant_reference(latent, buffers)
+
+    def fake_quant_reference(self, latent: Tensor, buffers: dict[str, Tensor]) -> Tensor:
+        """The training-form weight in pure torch (autograd through each op): the oracle of the
+        fused CPU form, and the form on GPUs, in other dtypes and with alpha per column group."""
         mask = buffers["salient_mask"]
         binary, _ = binarize_ste(latent, ~mask, self.group_size, self.ste_clip, alpha=buffers.get("alpha"))
         if self.salient_ratio == 0:

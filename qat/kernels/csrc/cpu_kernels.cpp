@@ -855,11 +855,104 @@ torch::Tensor w1a1x4_gemm(torch::Tensor planes, torch::Tensor signs, torch::Tens
   return y;
 }
 
+// -- The training form (QAT), not a packed op ---------------------------------------------------
+// PB-LLM's fake-quantized weight: salient entries (mask) dequantized from their k-bit codes,
+// (code − zero[n])·scale[n]; the rest alpha[n]·sign(w), sign(0) = +1. alpha is computed by the caller
+// (the same torch reduction the packed form stores, so both agree bit for bit). One pass over the
+// weight, where the pure-torch form (PartialBinary.fake_quant_reference) makes about ten. The row
+// loops are cpu_generic.inc's (the AVX2 build on CPUs with AVX2, AVX-512 ones included).
+torch::Tensor partial_binary_fake_quant(torch::Tensor w, torch::Tensor mask, torch::Tensor codes, torch::Tensor scale,
+                                        torch::Tensor zero, torch::Tensor alpha) {
+  check_cpu(w, "w");
+  TORCH_CHECK(w.scalar_type() == torch::kFloat && w.dim() == 2, "partial_binary_fake_quant: w must be fp32 [N, K]");
+  const int64_t N = w.size(0), K = w.size(1);
+  auto af = alpha.to(torch::kFloat).contiguous();
+  TORCH_CHECK(af.numel() == N, "partial_binary_fake_quant: alpha must have one value per row");
+  const bool salient = given(mask);
+  const bool byte_codes = salient && codes.scalar_type() == torch::kByte;
+  torch::Tensor sf, zf;
+  if (salient) {
+    check_cpu(mask, "mask");
+    check_cpu(codes, "codes");
+    TORCH_CHECK(mask.scalar_type() == torch::kBool && mask.sizes() == w.sizes() && codes.sizes() == w.sizes(),
+                "partial_binary_fake_quant: mask (bool) and codes must have w's shape");
+    TORCH_CHECK(byte_codes || codes.scalar_type() == torch::kInt,
+                "partial_binary_fake_quant: codes must be uint8 or int32");
+    sf = scale.to(torch::kFloat).contiguous();
+    zf = zero.to(torch::kFloat).contiguous();
+  }
+  auto out = torch::empty_like(w);
+  const float *wd = w.data_ptr<float>(), *ad = af.data_ptr<float>();
+  const bool* md = salient ? mask.data_ptr<bool>() : nullptr;
+  const uint8_t* c8 = byte_codes ? codes.data_ptr<uint8_t>() : nullptr;
+  const int32_t* c32 = salient && !byte_codes ? codes.data_ptr<int32_t>() : nullptr;
+  const float *sd = salient ? sf.data_ptr<float>() : nullptr, *zd = salient ? zf.data_ptr<float>() : nullptr;
+  float* od = out.data_ptr<float>();
+  const bool vec = g_isa >= AVX2;
+  const uint8_t* mb = reinterpret_cast<const uint8_t*>(md);
+  at::parallel_for(0, N, grain(K), [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      const float* wr = wd + n * K;
+      float* o = od + n * K;
+      if (!salient) {
+        if (vec) avx2::fake_quant_row<false, uint8_t>(wr, nullptr, nullptr, 0.f, 0.f, ad[n], K, o);
+        else portable::fake_quant_row<false, uint8_t>(wr, nullptr, nullptr, 0.f, 0.f, ad[n], K, o);
+      } else if (c32) {
+        if (vec) avx2::fake_quant_row<true>(wr, mb + n * K, c32 + n * K, sd[n], zd[n], ad[n], K, o);
+        else portable::fake_quant_row<true>(wr, mb + n * K, c32 + n * K, sd[n], zd[n], ad[n], K, o);
+      } else {
+        if (vec) avx2::fake_quant_row<true>(wr, mb + n * K, c8 + n * K, sd[n], zd[n], ad[n], K, o);
+        else portable::fake_quant_row<true>(wr, mb + n * K, c8 + n * K, sd[n], zd[n], ad[n], K, o);
+      }
+    }
+  });
+  return out;
+}
+
+// Its straight-through gradient, given g = dL/d(fake-quant weight). For a binarized entry
+// (not in mask): alpha[n]·g (0 where clip >= 0 and |w| > clip: the clipped STE), and, when alpha is
+// alpha* = mean |w| over the row's binarized entries (alpha_from_w), alpha*'s own dependence on w:
+// sgn(w)/count[n] · Σ_row g·sign(w) (sgn(0) = 0, as |w|'s derivative). Salient entries are frozen: 0.
+// Returns (grad_w, grad_alpha = Σ_row g·sign(w) over the binarized entries: a learned alpha's gradient).
+std::vector<torch::Tensor> partial_binary_ste_grad(torch::Tensor g, torch::Tensor w, torch::Tensor mask,
+                                                   torch::Tensor alpha, double clip, bool alpha_from_w) {
+  check_cpu(w, "w");
+  auto gc = g.to(torch::kFloat).contiguous();
+  TORCH_CHECK(w.scalar_type() == torch::kFloat && gc.sizes() == w.sizes(), "partial_binary_ste_grad: bad shapes");
+  const int64_t N = w.size(0), K = w.size(1);
+  auto af = alpha.to(torch::kFloat).contiguous();
+  const bool salient = given(mask);
+  if (salient) check_cpu(mask, "mask");
+  auto grad_w = torch::empty_like(w);
+  auto grad_alpha = torch::empty({N}, torch::kFloat);
+  const float *gd = gc.data_ptr<float>(), *wd = w.data_ptr<float>(), *ad = af.data_ptr<float>();
+  const bool* md = salient ? mask.data_ptr<bool>() : nullptr;
+  float *gw = grad_w.data_ptr<float>(), *ga = grad_alpha.data_ptr<float>();
+  const float c = (float)clip;
+  const bool vec = g_isa >= AVX2, clipped = clip >= 0;
+  const uint8_t* mb = reinterpret_cast<const uint8_t*>(md);
+  // the four (mask, clip) forms of each build
+  using RowFn = float (*)(const float*, const float*, const uint8_t*, float, float, bool, int64_t, float*);
+  const RowFn forms[2][2][2] = {
+      {{portable::ste_grad_row<false, false>, portable::ste_grad_row<false, true>},
+       {portable::ste_grad_row<true, false>, portable::ste_grad_row<true, true>}},
+      {{avx2::ste_grad_row<false, false>, avx2::ste_grad_row<false, true>},
+       {avx2::ste_grad_row<true, false>, avx2::ste_grad_row<true, true>}}};
+  const RowFn row = forms[vec][salient][clipped];
+  at::parallel_for(0, N, grain(K), [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n)
+      ga[n] = row(gd + n * K, wd + n * K, mb ? mb + n * K : nullptr, ad[n], c, alpha_from_w, K, gw + n * K);
+  });
+  return {grad_w, grad_alpha};
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("binary_gemm", &binary_gemm);
   m.def("grouped_binary_gemm", &grouped_binary_gemm);
   m.def("int_row_gemm", &int_row_gemm);
   m.def("w1a1x4_gemm", &w1a1x4_gemm);
+  m.def("partial_binary_fake_quant", &partial_binary_fake_quant);
+  m.def("partial_binary_ste_grad", &partial_binary_ste_grad);
   m.def("set_isa", &set_isa);
   m.def("isa", &get_isa);
   m.def("best_isa", &cpu_best_isa);

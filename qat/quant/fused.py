@@ -1,0 +1,58 @@
+"""PB-LLM's training-form weight in one C++ pass on the CPU, forward and STE backward.
+
+The pure-torch form (`PartialBinary.fake_quant_reference`: mean |w|, sign, scale, dequantize the
+salient codes, merge; autograd through each) makes about ten passes over every weight in the
+forward and as many in the backward: on the embedded default that was ~3 of an fp32 step's ~11 s
+on a 2-core Zen 3. This form computes alpha* with the same torch reduction as the reference (so
+the fake-quant, packed and exported weights agree bit for bit), then one C++ pass builds the
+weight and one pass per row computes its gradient. The forward equals the reference exactly; the
+gradient equals it up to the order of one row sum (tests/test_methods.py). Used for fp32 CPU
+weights with one alpha per row when the CPU extension builds (`QAT_KERNELS=reference`: never).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from qat.quant.binarize import optimal_alpha
+
+
+def fused_extension(w: Tensor, group_size: int):
+    """The CPU extension where the fused form applies to this weight, else None."""
+    plain = type(w) in (torch.Tensor, torch.nn.Parameter)  # not a DTensor shard or a fake tensor
+    if not plain or w.device.type != "cpu" or w.dtype != torch.float32 or group_size not in (0, None):
+        return None
+    from qat.kernels.build import cpu_extension_or_none  # built on first use (cached)
+
+    return cpu_extension_or_none()
+
+
+class _PartialBinarySTE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, w: Tensor, alpha: Tensor | None, mask: Tensor, codes: Tensor, scale: Tensor,
+                zero: Tensor, clip: float | None, ext) -> Tensor:
+        learned = alpha is not None
+        w = w.contiguous()
+        if not learned:  # alpha* = mean |w| over the binarized entries: the reference's own reduction
+            alpha = optimal_alpha(w, ~mask)
+        alpha_r = alpha.to(torch.float16).float().reshape(-1)  # what the packed layer stores
+        if codes is None:  # no salient part (rtn_binary): the kernels skip it
+            mask = codes = scale = zero = torch.empty(0)
+        ctx.save_for_backward(w, mask, alpha_r)
+        ctx.ext, ctx.clip, ctx.learned, ctx.alpha_shape = ext, clip, learned, alpha.shape
+        return ext.partial_binary_fake_quant(w, mask, codes, scale, zero, alpha_r)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        w, mask, alpha_r = ctx.saved_tensors
+        clip = -1.0 if ctx.clip is None else float(ctx.clip)
+        grad_w, grad_alpha = ctx.ext.partial_binary_ste_grad(grad, w, mask, alpha_r, clip, not ctx.learned)
+        grad_alpha = grad_alpha.reshape(ctx.alpha_shape) if ctx.learned else None
+        return grad_w, grad_alpha, None, None, None, None, None, None
+
+
+def partial_binary_fused(w: Tensor, buffers: dict[str, Tensor], clip: float | None, ext) -> Tensor:
+    """The fake-quantized weight of a PB-LLM layer (salient part from `buffers`) with `ext`'s
+    kernels; `buffers["alpha"]` when alpha is learned."""
+    codes, scale, zero = (buffers.get(k) for k in ("salient_codes", "salient_scale", "salient_zero"))
+    return _PartialBinarySTE.apply(w, buffers.get("alpha"), buffers["salient_mask"], codes, scale, zero, clip, ext)
