@@ -23,6 +23,8 @@ $(STAMP): pyproject.toml
 	# not from pip's wheel cache: a wheel built elsewhere has another CPU's -march=native and flags
 	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PIP) install -q --no-cache-dir "$$(grep -o 'llama-cpp-python==[0-9.]*' pyproject.toml)"
 	$(PIP) install -q -e '.[dev]'
+	@echo "[setup] building the CPU kernels (C++, ~1 min on 2 cores: the packed layers and QAT's fake quantization use them)"
+	$(PY) -c "from qat.kernels.build import cpu_extension_or_none; cpu_extension_or_none()"
 	touch $(STAMP)
 
 setup: $(STAMP) ## create .venv with torch (CPU) and the project

@@ -340,10 +340,10 @@ def test_salient_row_pointers_are_derived_and_old_exports_still_run(ratio, bits)
     dict(salient_ratio=0.1, alpha="learned"),          # alpha a trained parameter
 ])
 def test_fused_cpu_fake_quant_equals_the_pure_torch_form(params):
-    """The C++ training form (qat/quant/fused.py) against PartialBinary.fake_quant_reference on a
+    """The C++ training form (qat/kernels/fused.py) against PartialBinary.fake_quant_reference on a
     weight with an outlier column and exact zeros: the same weight bit for bit, the same gradients
     (to the order of one row sum), for the latent weight and a learned alpha."""
-    from qat.quant.fused import fused_extension
+    from qat.kernels.fused import fused_extension
 
     method = build_method("pbllm_qat", **params)
     g = torch.Generator().manual_seed(0)

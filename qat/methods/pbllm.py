@@ -26,11 +26,11 @@ from torch import Tensor
 
 from qat.errors import QATError, check_choice, check_int, check_range
 from qat.kernels import ops, reference
+from qat.kernels.fused import fused_extension, partial_binary_fused
 from qat.kernels.reference import SALIENT_BITMAP, SALIENT_CSR, SALIENT_NONE, SALIENT_SLOTS
 from qat.methods.base import ColumnQuantizer, GPTQResult, Method, check_group_size, check_ste_clip
 from qat.quant.binarize import binarize_ste, expand_groups, optimal_alpha, refit_alpha_to_hessian, rescale_to_alpha
 from qat.quant.bits import tensor_bits
-from qat.quant.fused import fused_extension, partial_binary_fused
 from qat.quant.kbit import dequantize_kbit, minmax_params, pack_code_stream, quantize_kbit, unpack_code_stream
 from qat.quant.packing import pack_bits, packed_words, row_popcounts
 from qat.quant.salient import (
@@ -238,7 +238,7 @@ class PartialBinary(Method):
 
     def fake_quant(self, latent: Tensor, buffers: dict[str, Tensor]) -> Tensor:
         ext = fused_extension(latent, self.group_size)
-        if ext is not None:  # fp32 CPU weight, one alpha per row: one C++ pass (qat/quant/fused.py)
+        if ext is not None:  # fp32 CPU weight, one alpha per row: one C++ pass (qat/kernels/fused.py)
             if self.salient_ratio == 0:
                 buffers = {k: v for k, v in buffers.items() if not k.startswith("salient_") or k == "salient_mask"}
             return partial_binary_fused(latent, buffers, self.ste_clip, ext)

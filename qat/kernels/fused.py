@@ -2,18 +2,20 @@
 
 The pure-torch form (`PartialBinary.fake_quant_reference`: mean |w|, sign, scale, dequantize the
 salient codes, merge; autograd through each) makes about ten passes over every weight in the
-forward and as many in the backward: on the embedded default that was ~3 of an fp32 step's ~11 s
-on a 2-core Zen 3. This form computes alpha* with the same torch reduction as the reference (so
+forward and as many in the backward. This form computes alpha* with the same torch reduction as the reference (so
 the fake-quant, packed and exported weights agree bit for bit), then one C++ pass builds the
 weight and one pass per row computes its gradient. The forward equals the reference exactly; the
 gradient equals it up to the order of one row sum (tests/test_methods.py). Used for fp32 CPU
 weights with one alpha per row when the CPU extension builds (`QAT_KERNELS=reference`: never).
+Measured: an fp32 QAT step of the embedded default (2 x 256 tokens, KL to the teacher) on a 2-core
+Zen 3, 11.25 -> 9.0 s; the weight's backward 3.8 -> 0.35 ms on a 1536 x 576 layer.
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
+from qat.kernels.build import cpu_extension_or_none
 from qat.quant.binarize import optimal_alpha
 
 
@@ -22,9 +24,7 @@ def fused_extension(w: Tensor, group_size: int):
     plain = type(w) in (torch.Tensor, torch.nn.Parameter)  # not a DTensor shard or a fake tensor
     if not plain or w.device.type != "cpu" or w.dtype != torch.float32 or group_size not in (0, None):
         return None
-    from qat.kernels.build import cpu_extension_or_none  # built on first use (cached)
-
-    return cpu_extension_or_none()
+    return cpu_extension_or_none()  # built on first use (cached); None without a compiler
 
 
 class _PartialBinarySTE(torch.autograd.Function):
