@@ -2,9 +2,9 @@
 
 The pure-torch form (`PartialBinary.fake_quant_reference`: mean |w|, sign, scale, dequantize the
 salient codes, merge; autograd through each) makes about ten passes over every weight in the
-forward and as many in the backward. This form computes alpha* with the same torch reduction as the reference (so
-the fake-quant, packed and exported weights agree bit for bit), then one C++ pass builds the
-weight and one pass per row computes its gradient. The forward equals the reference exactly; the
+forward and as many in the backward. This form computes alpha* with the same torch reduction as
+the reference (so the fake-quant, packed and exported weights agree bit for bit), then one C++
+pass builds the weight and one pass per row computes its gradient. The forward equals the reference exactly; the
 gradient equals it up to the order of one row sum (tests/test_methods.py). Used for fp32 CPU
 weights with one alpha per row when the CPU extension builds (`QAT_KERNELS=reference`: never).
 Measured: an fp32 QAT step of the embedded default (2 x 256 tokens, KL to the teacher) on a 2-core
@@ -51,8 +51,11 @@ class _PartialBinarySTE(torch.autograd.Function):
         return grad_w, grad_alpha, None, None, None, None, None, None
 
 
-def partial_binary_fused(w: Tensor, buffers: dict[str, Tensor], clip: float | None, ext) -> Tensor:
-    """The fake-quantized weight of a PB-LLM layer (salient part from `buffers`) with `ext`'s
-    kernels; `buffers["alpha"]` when alpha is learned."""
-    codes, scale, zero = (buffers.get(k) for k in ("salient_codes", "salient_scale", "salient_zero"))
-    return _PartialBinarySTE.apply(w, buffers.get("alpha"), buffers["salient_mask"], codes, scale, zero, clip, ext)
+def partial_binary_fused(w: Tensor, buffers: dict[str, Tensor], clip: float | None, ext,
+                         salient: bool = True) -> Tensor:
+    """The fake-quantized weight of a PB-LLM layer with `ext`'s kernels: the salient part from
+    `buffers` (salient=False: none, rtn_binary), `buffers["alpha"]` when alpha is learned."""
+    codes = buffers["salient_codes"].contiguous() if salient else None
+    scale, zero = (buffers["salient_scale"], buffers["salient_zero"]) if salient else (None, None)
+    mask = buffers["salient_mask"].contiguous()
+    return _PartialBinarySTE.apply(w, buffers.get("alpha"), mask, codes, scale, zero, clip, ext)

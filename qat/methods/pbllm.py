@@ -239,9 +239,7 @@ class PartialBinary(Method):
     def fake_quant(self, latent: Tensor, buffers: dict[str, Tensor]) -> Tensor:
         ext = fused_extension(latent, self.group_size)
         if ext is not None:  # fp32 CPU weight, one alpha per row: one C++ pass (qat/kernels/fused.py)
-            if self.salient_ratio == 0:
-                buffers = {k: v for k, v in buffers.items() if not k.startswith("salient_") or k == "salient_mask"}
-            return partial_binary_fused(latent, buffers, self.ste_clip, ext)
+            return partial_binary_fused(latent, buffers, self.ste_clip, ext, salient=self.salient_ratio > 0)
         return self.fake_quant_reference(latent, buffers)
 
     def fake_quant_reference(self, latent: Tensor, buffers: dict[str, Tensor]) -> Tensor:
