@@ -4,9 +4,10 @@ The pure-torch form (`PartialBinary.fake_quant_reference`: mean |w|, sign, scale
 salient codes, merge; autograd through each) makes about ten passes over every weight in the
 forward and as many in the backward. This form computes alpha* with the same torch reduction as
 the reference (so the fake-quant, packed and exported weights agree bit for bit), then one C++
-pass builds the weight and one pass per row computes its gradient. The forward equals the reference exactly; the
-gradient equals it up to the order of one row sum (tests/test_methods.py). Used for fp32 CPU
-weights with one alpha per row when the CPU extension builds (`QAT_KERNELS=reference`: never).
+pass builds the weight and one pass per row computes its gradient. The forward equals the
+reference exactly; the gradient equals it up to the order of one row sum (tests/test_methods.py).
+Used for fp32 CPU weights with one alpha per row when the CPU extension builds
+(`QAT_KERNELS=reference`: never).
 Measured: an fp32 QAT step of the embedded default (2 x 256 tokens, KL to the teacher) on a 2-core
 Zen 3, 11.25 -> 9.0 s; the weight's backward 3.8 -> 0.35 ms on a 1536 x 576 layer.
 """

@@ -883,27 +883,24 @@ torch::Tensor partial_binary_fake_quant(torch::Tensor w, torch::Tensor mask, tor
   }
   auto out = torch::empty_like(w);
   const float *wd = w.data_ptr<float>(), *ad = af.data_ptr<float>();
-  const bool* md = salient ? mask.data_ptr<bool>() : nullptr;
+  const uint8_t* mb = salient ? reinterpret_cast<const uint8_t*>(mask.data_ptr<bool>()) : nullptr;
   const uint8_t* c8 = byte_codes ? codes.data_ptr<uint8_t>() : nullptr;
   const int32_t* c32 = salient && !byte_codes ? codes.data_ptr<int32_t>() : nullptr;
   const float *sd = salient ? sf.data_ptr<float>() : nullptr, *zd = salient ? zf.data_ptr<float>() : nullptr;
   float* od = out.data_ptr<float>();
   const bool vec = g_isa >= AVX2;
-  const uint8_t* mb = reinterpret_cast<const uint8_t*>(md);
+  using Row8 = void (*)(const float*, const uint8_t*, const uint8_t*, float, float, float, int64_t, float*);
+  using Row32 = void (*)(const float*, const uint8_t*, const int32_t*, float, float, float, int64_t, float*);
+  const Row8 plain = vec ? avx2::fake_quant_row<false, uint8_t> : portable::fake_quant_row<false, uint8_t>;
+  const Row8 row8 = vec ? avx2::fake_quant_row<true, uint8_t> : portable::fake_quant_row<true, uint8_t>;
+  const Row32 row32 = vec ? avx2::fake_quant_row<true, int32_t> : portable::fake_quant_row<true, int32_t>;
   at::parallel_for(0, N, grain(K), [&](int64_t n0, int64_t n1) {
     for (int64_t n = n0; n < n1; ++n) {
       const float* wr = wd + n * K;
       float* o = od + n * K;
-      if (!salient) {
-        if (vec) avx2::fake_quant_row<false, uint8_t>(wr, nullptr, nullptr, 0.f, 0.f, ad[n], K, o);
-        else portable::fake_quant_row<false, uint8_t>(wr, nullptr, nullptr, 0.f, 0.f, ad[n], K, o);
-      } else if (c32) {
-        if (vec) avx2::fake_quant_row<true>(wr, mb + n * K, c32 + n * K, sd[n], zd[n], ad[n], K, o);
-        else portable::fake_quant_row<true>(wr, mb + n * K, c32 + n * K, sd[n], zd[n], ad[n], K, o);
-      } else {
-        if (vec) avx2::fake_quant_row<true>(wr, mb + n * K, c8 + n * K, sd[n], zd[n], ad[n], K, o);
-        else portable::fake_quant_row<true>(wr, mb + n * K, c8 + n * K, sd[n], zd[n], ad[n], K, o);
-      }
+      if (!salient) plain(wr, nullptr, nullptr, 0.f, 0.f, ad[n], K, o);
+      else if (c32) row32(wr, mb + n * K, c32 + n * K, sd[n], zd[n], ad[n], K, o);
+      else row8(wr, mb + n * K, c8 + n * K, sd[n], zd[n], ad[n], K, o);
     }
   });
   return out;
@@ -926,11 +923,10 @@ std::vector<torch::Tensor> partial_binary_ste_grad(torch::Tensor g, torch::Tenso
   auto grad_w = torch::empty_like(w);
   auto grad_alpha = torch::empty({N}, torch::kFloat);
   const float *gd = gc.data_ptr<float>(), *wd = w.data_ptr<float>(), *ad = af.data_ptr<float>();
-  const bool* md = salient ? mask.data_ptr<bool>() : nullptr;
+  const uint8_t* mb = salient ? reinterpret_cast<const uint8_t*>(mask.data_ptr<bool>()) : nullptr;
   float *gw = grad_w.data_ptr<float>(), *ga = grad_alpha.data_ptr<float>();
   const float c = (float)clip;
   const bool vec = g_isa >= AVX2, clipped = clip >= 0;
-  const uint8_t* mb = reinterpret_cast<const uint8_t*>(md);
   // the four (mask, clip) forms of each build
   using RowFn = float (*)(const float*, const float*, const uint8_t*, float, float, bool, int64_t, float*);
   const RowFn forms[2][2][2] = {
