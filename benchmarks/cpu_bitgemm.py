@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 import platform
 import statistics
 import sys
@@ -30,6 +31,9 @@ from qat.nn.embedding import quantize_matrix
 from qat.quant.activations import bit_planes, int4_per_token
 
 RESULTS = Path(__file__).resolve().parent / "results"
+# environment variables that force other code paths than this CPU's best: torch's own kernels, oneDNN's
+# (its matmuls), the project's CPU kernels
+FORCING = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "QAT_CPU_ISA")
 
 
 def cpu_info() -> dict:
@@ -47,11 +51,16 @@ def cpu_info() -> dict:
 def write_result(result: dict) -> Path:
     """benchmarks/results/<benchmark>-<cpu>-<vector width>-<date>.json, with the date, commit and CPU
     it ran on. The vector width (torch's CPU capability: AVX2, AVX512) is in the name because cloud
-    CPUs of different generations share a model name ("AMD EPYC": Zen 3 without AVX-512, Zen 4 with it)."""
-    result = {"date": dt.date.today().isoformat(), "commit": commit(), "cpu": cpu_info(), **result}
+    CPUs of different generations share a model name ("AMD EPYC": Zen 3 without AVX-512, Zen 4 with it),
+    and so are the paths forced by FORCING's variables (e.g. an AVX2-only CPU emulated on an AVX-512 one)."""
+    forced = {k: os.environ[k] for k in FORCING if os.environ.get(k)}
+    result = {"date": dt.date.today().isoformat(), "commit": commit(), "cpu": cpu_info(), "forced_paths": forced,
+              **result}
     RESULTS.mkdir(exist_ok=True)
     tag = "".join(c if c.isalnum() else "_" for c in result["cpu"]["model"])[:40]
     tag += f"-{result['cpu']['torch_capability']}"
+    if result["forced_paths"]:  # another CPU's code paths emulated on this one: not this CPU's own figure
+        tag += "-forced_" + "_".join(v.lower() for v in result["forced_paths"].values())
     path = RESULTS / f"{result['benchmark']}-{tag}-{result['date']}.json"
     path.write_text(json.dumps(result, indent=1))
     print(f"wrote {path}")

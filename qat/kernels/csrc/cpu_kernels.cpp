@@ -3,7 +3,8 @@
 // Three builds of every kernel live in this one library, chosen at run time (set_isa / isa):
 //   avx512   intrinsics: sign bits used directly as AVX-512 masks (one blend + add per 16 weights),
 //            group scales looked up with a permute, VPOPCNTDQ for the W1A1×4 bit-serial product
-//   avx2     the plain C++ of cpu_generic.inc compiled for AVX2 + FMA (gcc vectorizes it)
+//   avx2     the plain C++ of cpu_generic.inc compiled for AVX2 + FMA (gcc vectorizes it), and for
+//            the decode path intrinsics (cpu_avx2.inc): 8-entry sign tables, slot lookups by permutes
 //   portable the same C++ for any CPU
 // Small M (decode) runs these kernels; larger M unpacks the weight to fp32 once and calls
 // at::mm (the GEMM is compute-bound there, and the unpacking is O(N·K), not O(M·N·K)).
@@ -15,21 +16,6 @@
 #include <cstring>
 #include <type_traits>
 #include <vector>
-
-namespace portable {
-#include "cpu_generic.inc"
-}  // namespace portable
-
-#pragma GCC push_options
-#pragma GCC target("avx2,fma,popcnt,f16c")
-namespace avx2 {
-#include "cpu_generic.inc"
-}  // namespace avx2
-#pragma GCC pop_options
-
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vpopcntdq,fma,popcnt")
-namespace avx512 {
 
 static inline void prefetch_lines(const void* p, int64_t bytes) {
   const char* c = static_cast<const char*>(p);
@@ -47,6 +33,22 @@ static inline void token_chunks(int64_t M, F&& body) {
   if (M - m0 >= 2) { body(std::integral_constant<int, 2>{}, m0); m0 += 2; }
   if (M - m0 >= 1) body(std::integral_constant<int, 1>{}, m0);
 }
+
+namespace portable {
+#include "cpu_generic.inc"
+}  // namespace portable
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,popcnt,f16c")
+namespace avx2 {
+#include "cpu_generic.inc"
+#include "cpu_avx2.inc"
+}  // namespace avx2
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vpopcntdq,fma,popcnt")
+namespace avx512 {
 
 static inline __m512 signed_x(__mmask16 k, __m512 v) {  // +v where the sign bit is 1, else −v
   return _mm512_mask_blend_ps(k, _mm512_sub_ps(_mm512_setzero_ps(), v), v);
@@ -234,11 +236,7 @@ static void unpack_int8_row(const int8_t* c, float scale, int64_t K, float* r) {
   for (; j < K; ++j) r[j] = (float)c[j] * scale;
 }
 
-static inline float hsum(__m256 a) {
-  __m128 h = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-  return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
-}
+using avx2::hsum;
 
 static inline __m256i widen8(const uint8_t* p) { return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))); }
 static inline __m256i widen8(const uint16_t* p) { return _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
@@ -619,12 +617,14 @@ struct BinaryLayer {
   bool halves_ok = false;  // the kernels walk 16-column halves: each scale group whole halves of the padded row
   Salient sal;
 
-  bool lut() const { return g_isa == AVX512 && W % G == 0 && (G == 1 || K == 32 * W); }  // whole words per group
+  // the table kernels: whole words per scale group; AVX2's reads the blocked signs only
+  bool lut() const { return W % G == 0 && (G == 1 || K == 32 * W) && (g_isa == AVX512 || (g_isa == AVX2 && blocked)); }
 
   // y[m, n] for rows [n0, n1) (n0 a multiple of 16): the binary part, then the salient correction
   void rows(const float* xd, const float* tables, int64_t M, int64_t n0, int64_t n1, float* yd) const {
     const int64_t Kp = 32 * W;
-    if (lut() && tables && blocked) avx512::binary_rows_lut<true>(tables, M, W, blocked, a, G, W / G, n0, n1, yd, N);
+    if (lut() && tables && g_isa == AVX2) avx2::binary_rows_lut(tables, M, W, blocked, a, G, W / G, n0, n1, yd, N);
+    else if (lut() && tables && blocked) avx512::binary_rows_lut<true>(tables, M, W, blocked, a, G, W / G, n0, n1, yd, N);
     else if (lut() && tables) avx512::binary_rows_lut<false>(tables, M, W, s, a, G, W / G, n0, n1, yd, N);
     else if (g_isa == AVX512) avx512::binary_rows(xd, M, Kp, s, W, a, G, n0, n1, yd, N);
     else if (g_isa == AVX2) avx2::binary_rows(xd, M, Kp, s, W, a, G, n0, n1, yd, N);
@@ -632,6 +632,9 @@ struct BinaryLayer {
     if (sal.fmt == 3 && g_isa == AVX512 && G == 1) {
       if (sal.codes8) avx512::salient_slots(sal.row_ptr, sal.slot_cols, sal.codes8, sal.scale, sal.zero, a, xd, M, Kp, W, n0, n1, yd, N);
       else avx512::salient_slots(sal.row_ptr, sal.slot_cols, sal.codes16, sal.scale, sal.zero, a, xd, M, Kp, W, n0, n1, yd, N);
+    } else if (sal.fmt == 3 && g_isa == AVX2 && G == 1) {
+      if (sal.codes8) avx2::salient_slots(sal.row_ptr, sal.slot_cols, sal.codes8, sal.scale, sal.zero, a, xd, M, Kp, W, n0, n1, yd, N);
+      else avx2::salient_slots(sal.row_ptr, sal.slot_cols, sal.codes16, sal.scale, sal.zero, a, xd, M, Kp, W, n0, n1, yd, N);
     } else if (sal.fmt == 2 && g_isa == AVX512 && G == 1) {
       avx512::salient_rows_bitmap(sal.row_ptr, sal.bitmap, sal.codes8, sal.codes16, sal.scale, sal.zero,
                                   a, xd, M, Kp, W, n0, n1, yd, N);
@@ -671,11 +674,13 @@ BinaryLayer binary_layer(const torch::Tensor& signs, const torch::Tensor& scales
   return L;
 }
 
-// The lookup tables of x for the table kernel (aligned to 64 bytes), or an empty tensor.
+// The lookup tables of x for the table kernel of the ISA in use (aligned to 64 bytes): AVX-512's
+// 16 entries per 4 columns, AVX2's 8.
 torch::Tensor lut_tables(const float* xd, int64_t M, int64_t Kp, float** at) {
-  auto tables = torch::empty({M * Kp * 4 + 16}, torch::kFloat);  // + 16: room to align
+  auto tables = torch::empty({M * Kp * (g_isa == AVX512 ? 4 : 2) + 16}, torch::kFloat);  // + 16: room to align
   *at = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(tables.data_ptr<float>()) + 63) & ~uintptr_t(63));
-  avx512::build_tables(xd, M, Kp, *at);
+  if (g_isa == AVX512) avx512::build_tables(xd, M, Kp, *at);
+  else avx2::build_tables(xd, M, Kp, *at);
   return tables;
 }
 
@@ -695,12 +700,14 @@ torch::Tensor binary_gemm_2d(const torch::Tensor& x, const BinaryLayer& L, const
         else if (g_isa >= AVX2) avx2::unpack_signs(L.s + n * W, L.a + n * G, G, gcols, K, rn);
         else portable::unpack_signs(L.s + n * W, L.a + n * G, G, gcols, K, rn);
       }
-      if (sal.fmt == 3 && g_isa == AVX512) {  // block by block, branch-free (n0: a multiple of 16)
+      if (sal.fmt == 3) {  // block by block (n0: a multiple of 16); AVX-512 branch-free
         for (int64_t nb = n0; nb < n1; nb += 16) {
           float* rb = r + (nb - n0) * K;
           const int64_t rows = std::min<int64_t>(16, n1 - nb);
-          if (sal.codes8) avx512::scatter_slots(sal.row_ptr, sal.slot_cols, sal.codes8, sal.scale, sal.zero, W, nb, rows, K, rb);
-          else avx512::scatter_slots(sal.row_ptr, sal.slot_cols, sal.codes16, sal.scale, sal.zero, W, nb, rows, K, rb);
+          if (g_isa == AVX512 && sal.codes8) avx512::scatter_slots(sal.row_ptr, sal.slot_cols, sal.codes8, sal.scale, sal.zero, W, nb, rows, K, rb);
+          else if (g_isa == AVX512) avx512::scatter_slots(sal.row_ptr, sal.slot_cols, sal.codes16, sal.scale, sal.zero, W, nb, rows, K, rb);
+          else if (sal.codes8) portable::scatter_slots(sal.row_ptr, sal.slot_cols, sal.codes8, sal.scale, sal.zero, W, nb, rows, K, rb);
+          else portable::scatter_slots(sal.row_ptr, sal.slot_cols, sal.codes16, sal.scale, sal.zero, W, nb, rows, K, rb);
         }
       } else if (sal.fmt) {
         for (int64_t n = n0; n < n1; ++n) {
@@ -774,6 +781,7 @@ torch::Tensor grouped_binary_gemm(torch::Tensor x, torch::Tensor signs, torch::T
   at::parallel_for(0, N, grain(Kp * M), [&](int64_t n0, int64_t n1) {
     std::vector<float> wrow(Kp);
     if (g_isa == AVX512 && G <= 16) avx512::grouped_rows(xd, M, Kp, s, pl, B, W, a, G, per_row, n0, n1, yd, N, wrow.data());
+    else if (g_isa >= AVX2 && G <= 8) avx2::grouped_rows_vec(xd, M, Kp, s, pl, B, W, a, G, per_row, n0, n1, yd, N);
     else if (g_isa >= AVX2) avx2::grouped_rows(xd, M, Kp, s, pl, B, W, a, G, per_row, n0, n1, yd, N, wrow.data());
     else portable::grouped_rows(xd, M, Kp, s, pl, B, W, a, G, per_row, n0, n1, yd, N, wrow.data());
   });
@@ -807,7 +815,7 @@ torch::Tensor int_row_gemm(torch::Tensor x, torch::Tensor codes, torch::Tensor s
       }
     });
   }
-  const bool fast = g_isa == AVX512 && (bits == 8 ? K % 16 == 0 : K % 32 == 0);
+  const bool fast = g_isa >= AVX2 && (bits == 8 ? K % 16 == 0 : K % 32 == 0);
   auto xf = x.to(torch::kFloat).contiguous();
   if (fast && bits == 4)  // per 32 columns: the 16 even ones, then the 16 odd ones (the nibbles' order)
     xf = xf.view({M, K / 32, 16, 2}).transpose(-1, -2).contiguous().view({M, K});
@@ -817,7 +825,8 @@ torch::Tensor int_row_gemm(torch::Tensor x, torch::Tensor codes, torch::Tensor s
   const int8_t* c8 = bits == 8 ? codes.data_ptr<int8_t>() : nullptr;
   const uint8_t* c4 = bits == 4 ? codes.data_ptr<uint8_t>() : nullptr;
   at::parallel_for(0, N, grain(K * M), [&](int64_t n0, int64_t n1) {
-    if (fast) avx512::int_rows(xd, M, K, c8, c4, sc, n0, n1, yd, N);
+    if (fast && g_isa == AVX512) avx512::int_rows(xd, M, K, c8, c4, sc, n0, n1, yd, N);
+    else if (fast) avx2::int_rows_vec(xd, M, K, c8, c4, sc, n0, n1, yd, N);
     else if (g_isa == AVX2) avx2::int_rows(xd, M, K, c8, c4, sc, n0, n1, yd, N);
     else portable::int_rows(xd, M, K, c8, c4, sc, n0, n1, yd, N);
   });
