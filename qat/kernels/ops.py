@@ -161,15 +161,16 @@ def binary_gemm_cpu_call(signs: Tensor, scales: Tensor, in_features: int, salien
     if ext is None:
         return None
     empty = signs.new_empty(0)
-    args = (signs, scales, in_features, salient_format,
-            *[t if t is not None else empty for t in (row_ptr, positions, codes, sal_scale, sal_zero)],
-            *[t if t is not None else empty for t in (input_scale, signs_blocked)], CPU_MAX_M_SMALL)
+    # the tensors converted and kept once in C++: a call converts x alone
+    bound = ext.BoundBinaryGemm(signs, scales, in_features, salient_format,
+                                *[t if t is not None else empty for t in (row_ptr, positions, codes, sal_scale, sal_zero)],
+                                *[t if t is not None else empty for t in (input_scale, signs_blocked)], CPU_MAX_M_SMALL)
 
     def call(x: Tensor) -> Tensor | None:
         if kernels_disabled():
             return None
         _CALLS[_path_key("binary_gemm", cpu_isa_name(ext))] += 1
-        return ext.binary_gemm(x, *args)  # any leading dims, x's dtype
+        return bound(x)  # any leading dims, x's dtype
 
     return call
 

@@ -734,23 +734,47 @@ torch::Tensor binary_gemm_2d(const torch::Tensor& x, const BinaryLayer& L, const
 // y [..., N] = x [..., K] · Wᵀ in x's dtype (computed in fp32): the CPU kernel of qat::binary_gemm.
 // input_scale (empty: none): a smoothed layer's per-column factor, x / input_scale first.
 // signs_blocked (empty: none): the signs as [ceil(N/16), W, 16], read by the AVX-512 table kernel.
+// A binary layer bound once: its tensors checked, converted and kept, the kernels' view of them
+// built. PackedLinear's CPU path holds one per layer, so that a decode call converts x alone (the
+// 13 arguments of binary_gemm cost microseconds of pybind a call, ×210 layers a token).
+struct BoundBinaryGemm {
+  std::vector<torch::Tensor> keep;  // what the layer's raw pointers read
+  BinaryLayer L;
+  torch::Tensor input_scale;
+  int64_t max_m_small = 0;
+
+  BoundBinaryGemm(torch::Tensor signs, torch::Tensor scales, int64_t K, int64_t fmt, torch::Tensor row_ptr,
+                  torch::Tensor positions, torch::Tensor codes, torch::Tensor sal_scale, torch::Tensor sal_zero,
+                  torch::Tensor input_scale_, torch::Tensor signs_blocked, int64_t max_m_small_)
+      : keep{signs, row_ptr, positions, codes, signs_blocked},
+        L(binary_layer(signs, scales, K, fmt, row_ptr, positions, codes, sal_scale, sal_zero)),
+        input_scale(given(input_scale_) ? input_scale_.to(torch::kFloat).contiguous() : input_scale_),
+        max_m_small(max_m_small_) {
+    if (given(signs_blocked)) {
+      check_cpu(signs_blocked, "signs_blocked");
+      TORCH_CHECK(signs_blocked.numel() == (L.N + 15) / 16 * 16 * L.W, "signs_blocked must be [ceil(N/16), W, 16]");
+      L.blocked = words(signs_blocked);
+    }
+  }
+
+  torch::Tensor operator()(const torch::Tensor& x) const {
+    const int64_t K = L.K;
+    TORCH_CHECK(x.dim() >= 1 && x.size(-1) == K, "binary_gemm: x has ", x.size(-1), " columns, the layer ", K);
+    auto y = binary_gemm_2d(x.dim() == 2 ? x : x.reshape({-1, K}), L, input_scale, max_m_small);
+    if (y.scalar_type() != x.scalar_type()) y = y.to(x.scalar_type());
+    if (x.dim() == 2) return y;
+    auto shape = x.sizes().vec();
+    shape.back() = L.N;
+    return y.view(shape);
+  }
+};
+
 torch::Tensor binary_gemm(torch::Tensor x, torch::Tensor signs, torch::Tensor scales, int64_t K,
                           int64_t fmt, torch::Tensor row_ptr, torch::Tensor positions, torch::Tensor codes,
                           torch::Tensor sal_scale, torch::Tensor sal_zero, torch::Tensor input_scale,
                           torch::Tensor signs_blocked, int64_t max_m_small) {
-  BinaryLayer L = binary_layer(signs, scales, K, fmt, row_ptr, positions, codes, sal_scale, sal_zero);
-  if (given(signs_blocked)) {
-    check_cpu(signs_blocked, "signs_blocked");
-    TORCH_CHECK(signs_blocked.numel() == (L.N + 15) / 16 * 16 * L.W, "signs_blocked must be [ceil(N/16), W, 16]");
-    L.blocked = words(signs_blocked);
-  }
-  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == K, "binary_gemm: x has ", x.size(-1), " columns, the layer ", K);
-  auto y = binary_gemm_2d(x.dim() == 2 ? x : x.reshape({-1, K}), L, input_scale, max_m_small);
-  if (y.scalar_type() != x.scalar_type()) y = y.to(x.scalar_type());
-  if (x.dim() == 2) return y;
-  auto shape = x.sizes().vec();
-  shape.back() = L.N;
-  return y.view(shape);
+  return BoundBinaryGemm(signs, scales, K, fmt, row_ptr, positions, codes, sal_scale, sal_zero, input_scale,
+                         signs_blocked, max_m_small)(x);
 }
 
 // Dynamic grouping: W = sign·alpha[row?, id]; planes int32 [B, N, W]; scales [1 or N, G].
@@ -953,6 +977,10 @@ std::vector<torch::Tensor> partial_binary_ste_grad(torch::Tensor g, torch::Tenso
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("binary_gemm", &binary_gemm);
+  pybind11::class_<BoundBinaryGemm>(m, "BoundBinaryGemm")
+      .def(pybind11::init<torch::Tensor, torch::Tensor, int64_t, int64_t, torch::Tensor, torch::Tensor, torch::Tensor,
+                          torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor, int64_t>())
+      .def("__call__", &BoundBinaryGemm::operator());
   m.def("grouped_binary_gemm", &grouped_binary_gemm);
   m.def("int_row_gemm", &int_row_gemm);
   m.def("w1a1x4_gemm", &w1a1x4_gemm);
