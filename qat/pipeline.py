@@ -31,6 +31,7 @@ from torch import nn
 from qat.config_checks import check_config, check_moved_method_knobs
 from qat.data import LMDataModule
 from qat.data.corpora import text_split_files
+from qat.data.generated import cached_generated, generated_count
 from qat.errors import QATError, TrainingDiverged, TrainingInterrupted, check_choice
 from qat.eval import perplexity
 from qat.eval.perplexity import cached_perplexity
@@ -44,7 +45,7 @@ from qat.models import load_model
 from qat.nn import bits_report, convert, frozen_quantized_weights, layer_stats_report, prepare, quantizable_linears
 from qat.nn.embedding import check_embedding_format, convert_embeddings, snap_embeddings
 from qat.ptq.gptq import SALIENCY_KINDS
-from qat.ptq.initializers import INITIALIZERS, InitResult, initialize
+from qat.ptq.initializers import INITIALIZERS, InitResult, initialize, weights_fingerprint
 from qat.ptq.reconstruct import reconstruct_blocks
 from qat.ptq.smooth import smooth_model
 from qat.train import AtomicModelCheckpoint, LitQAT, QuantHealth, RefreshBuffers
@@ -319,6 +320,9 @@ def load_data(cfg: DictConfig, method: Method, loaded: Loaded) -> LMDataModule:
     reconstruction will cut (checked before the run folder)."""
     data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
     data_cfg["total_batches"] = int(cfg.trainer.max_steps) * int(cfg.trainer.accumulate_grad_batches)
+    fraction = data_cfg.get("generated_fraction", 0.0)
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 <= fraction < 1.0:
+        raise QATError(f"data.generated_fraction={fraction!r}: must be a number in [0, 1) (0: the corpus alone)")
     data = LMDataModule(data_cfg, loaded.tokenizer, getattr(loaded.tokenizer, "name_or_path", loaded.name),
                         seed=int(cfg.seed))
     if cfg.init.needs_calibration:
@@ -328,6 +332,27 @@ def load_data(cfg: DictConfig, method: Method, loaded: Loaded) -> LMDataModule:
     if int(cfg.reconstruct.epochs) > 0 and method.quantizes:
         data.check_windows(int(cfg.reconstruct.n_samples), int(cfg.reconstruct.seq_len), "reconstruct.n_samples")
     return data
+
+
+def generate_text(cfg: DictConfig, method: Method, loaded: Loaded, data: LMDataModule) -> dict[str, Any] | None:
+    """data.generated_fraction > 0: the fp model writes that share of QAT's training sequences
+    (qat.data.generated; cached), under the run's precision. None when off or nothing trains."""
+    fraction = float(data.cfg.get("generated_fraction", 0.0))  # checked by load_data
+    if fraction == 0.0 or int(cfg.trainer.max_steps) <= 0 or not method.quantizes:
+        return None
+    t0 = time.time()
+    devices = cfg.trainer.devices if isinstance(cfg.trainer.devices, int) else 1
+    n = generated_count(int(data.cfg["total_batches"]) * int(data.cfg["batch_size"]) * devices
+                        * int(cfg.trainer.num_nodes), fraction)
+    bf16 = run_precision(cfg).startswith("bf16") and str(cfg.trainer.accelerator) == "cpu"
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        data.generated = cached_generated(loaded.model, weights_fingerprint(loaded.model), n, data.seq_len,
+                                          int(cfg.seed), int(loaded.model.config.vocab_size),
+                                          int(data.cfg.get("generated_batch", 32)))
+    seconds = time.time() - t0
+    log.info("generated text: %d sequences of %d tokens (%.0f%% of the training samples) in %.0f s",
+             n, data.seq_len, 100 * fraction, seconds)
+    return {"fraction": fraction, "sequences": n, "seconds": seconds}
 
 
 def seed(cfg: DictConfig, method: Method, loaded: Loaded, data: LMDataModule, evaluate: Evaluator,
@@ -522,6 +547,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                                             lambda: evaluate(loaded.model, "ppl fp"), fp_cache)
     log.info("ppl fp = %.3f over %d tokens", ppl_fp, eval_tokens)
 
+    generated = generate_text(cfg, method, loaded, data)  # from the fp model, before the seed edits it
     seeded = seed(cfg, method, loaded, data, evaluate, run_dir)
     trained = train(cfg, method, seeded, data, run_dir)
 
@@ -539,6 +565,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
 
     packed = pack(cfg, method, loaded, trained, evaluate, run_dir)
     results = results_record(cfg, method, loaded, ppl_fp, eval_tokens, seeded, trained, packed, seconds())
+    if generated:
+        results["generated_text"] = generated
     write_results(run_dir, results)
     print_table(results)
     logger = trained.trainer.logger if trained.trainer is not None else None

@@ -145,3 +145,40 @@ def test_hf_datasets_follow_the_wikitext2_protocol_empty_rows_included(tmp_path)
            "splits": {"train": "train", "validation": "validation", "test": "test"}}
     tokens = tokenize_splits(cfg, ByteTokenizer(), "bytes")
     assert tokens["test"].tolist() == list("\n\n".join(rows["test"]).encode())
+
+
+def test_generated_samples_are_spread_evenly_and_resumable():
+    from qat.data.datamodule import StepIndexedBlocks
+    from qat.data.generated import generated_count, is_generated
+
+    f = 0.25
+    flags = [is_generated(g, f) for g in range(40)]
+    assert [i for gen, i in flags if gen] == list(range(10)) and generated_count(40, f) == 10
+    assert [i for gen, i in flags if not gen] == list(range(30))  # the corpus stream, without gaps
+    assert all(sum(gen for gen, _ in flags[k:k + 4]) == 1 for k in range(0, 40, 4))  # every stretch its share
+    corpus, generated = torch.arange(50 * 8).view(50, 8), -1 - torch.arange(10 * 8).view(10, 8)
+    full = StepIndexedBlocks(corpus, 3, 0, 40, generated, f)
+    resumed = StepIndexedBlocks(corpus, 3, 17, 23, generated, f)  # a run resumed at sample 17
+    assert all(torch.equal(full[17 + j][0], resumed[j][0]) for j in range(23))
+    rows = [full[j][0] for j in range(40)]
+    assert sum(bool((r < 0).all()) for r in rows) == 10 and len({tuple(r.tolist()) for r in rows}) == 40
+    plain = StepIndexedBlocks(corpus, 3, 0, 30)  # the corpus samples are the stream a plain run reads
+    assert all(torch.equal(r, plain[i][0]) for r, (gen, i) in zip(rows, flags) if not gen)
+
+
+def test_generated_text_joins_the_training_batches_and_is_cached(compose, tmp_path, monkeypatch):
+    from qat.errors import QATError
+    from qat.pipeline import run
+
+    monkeypatch.setenv("QAT_CACHE", str(tmp_path / "cache"))
+    common = ["model=tiny", "data=tiny", "logger=none", "init=rtn", "smooth=none", "method=pbllm_qat",
+              "trainer.max_steps=2", "eval.seq_len=64", "eval.max_windows=2"]
+    run_dir = tmp_path / "run"
+    res = run(compose(common + ["data.generated_fraction=0.5", f"hydra.run.dir={run_dir}"]), run_dir)
+    assert res["status"] == "ok" and res["generated_text"]["sequences"] == 2  # 2 steps x 2 samples x 0.5
+    cached = list((tmp_path / "cache" / "generated").glob("*.pt"))
+    assert len(cached) == 1 and torch.load(cached[0], weights_only=True).shape == (2, 64)
+    for bad in ("1.0", "-0.1", "half"):
+        with pytest.raises(QATError, match=r"data.generated_fraction=.*\[0, 1\)"):
+            run(compose(common + [f"data.generated_fraction={bad}", f"hydra.run.dir={tmp_path / bad}"]), tmp_path / bad)
+        assert not (tmp_path / bad).exists()

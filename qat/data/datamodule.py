@@ -11,6 +11,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorDataset
 
 from qat.data.corpora import load_corpus
+from qat.data.generated import is_generated
 from qat.errors import QATError
 from qat.fetch import cache_dir
 from qat.io import atomic_write_bytes
@@ -51,10 +52,14 @@ def blocks(tokens: torch.Tensor, seq_len: int) -> torch.Tensor:
 
 class StepIndexedBlocks(Dataset):
     """Sample j is block perm_p[g % n] with g = start + j, p = g // n, perm_p seeded by (seed, p):
-    a reshuffle every pass over the blocks, reproducible from any starting point."""
+    a reshuffle every pass over the blocks, reproducible from any starting point. With generated
+    sequences (data.generated_fraction), that fraction of the run's samples, spread evenly, are
+    the generated pool's in order, and the rest the corpus stream above."""
 
-    def __init__(self, data: torch.Tensor, seed: int, start: int, length: int):
+    def __init__(self, data: torch.Tensor, seed: int, start: int, length: int,
+                 generated: torch.Tensor | None = None, fraction: float = 0.0):
         self.data, self.seed, self.start, self.length = data, seed, start, length
+        self.generated, self.fraction = generated, fraction if generated is not None else 0.0
         self._perms: dict[int, torch.Tensor] = {}
 
     def __len__(self) -> int:
@@ -62,6 +67,10 @@ class StepIndexedBlocks(Dataset):
 
     def __getitem__(self, j: int) -> tuple[torch.Tensor]:
         g = self.start + j
+        if self.fraction:
+            generated, g = is_generated(g, self.fraction)
+            if generated:  # the pool is sized for the run; wrapped only past it (more ranks than planned)
+                return (self.generated[g % self.generated.shape[0]],)
         n = self.data.shape[0]
         p = g // n
         if p not in self._perms:
@@ -73,6 +82,7 @@ class LMDataModule(L.LightningDataModule):
     def __init__(self, cfg: dict, tokenizer: Any, tokenizer_name: str, seed: int = 0):
         super().__init__()
         self.cfg, self.seed = cfg, seed
+        self.generated: torch.Tensor | None = None  # data.generated_fraction's pool (pipeline.generate_text)
         self.tokens = tokenize_splits(cfg, tokenizer, tokenizer_name)
         self.seq_len = int(cfg["seq_len"])
         if self.seq_len <= 0:
@@ -99,7 +109,8 @@ class LMDataModule(L.LightningDataModule):
             world = self.trainer.world_size
             start = self.trainer.global_step * self.trainer.accumulate_grad_batches * batch * world
         total = max(int(self.cfg.get("total_batches", 1)), 1) * batch * world
-        data = StepIndexedBlocks(blocks(self.tokens["train"], self.seq_len), self.seed, start, total)
+        data = StepIndexedBlocks(blocks(self.tokens["train"], self.seq_len), self.seed, start, total,
+                                 self.generated, float(self.cfg.get("generated_fraction", 0.0)))
         sampler = None
         if world > 1:  # our own, unshuffled (Lightning's would reshuffle): step k is samples k·world·batch...
             sampler = DistributedSampler(data, num_replicas=world, rank=self.trainer.global_rank, shuffle=False)

@@ -162,9 +162,9 @@ def binary_gemm_cpu_call(signs: Tensor, scales: Tensor, in_features: int, salien
         return None
     empty = signs.new_empty(0)
     # the tensors converted and kept once in C++: a call converts x alone
+    optional = (row_ptr, positions, codes, sal_scale, sal_zero, input_scale, signs_blocked)
     bound = ext.BoundBinaryGemm(signs, scales, in_features, salient_format,
-                                *[t if t is not None else empty for t in (row_ptr, positions, codes, sal_scale, sal_zero)],
-                                *[t if t is not None else empty for t in (input_scale, signs_blocked)], CPU_MAX_M_SMALL)
+                                *[t if t is not None else empty for t in optional], CPU_MAX_M_SMALL)
 
     def call(x: Tensor) -> Tensor | None:
         if kernels_disabled():
