@@ -323,6 +323,9 @@ def load_data(cfg: DictConfig, method: Method, loaded: Loaded) -> LMDataModule:
     fraction = data_cfg.get("generated_fraction", 0.0)
     if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 <= fraction < 1.0:
         raise QATError(f"data.generated_fraction={fraction!r}: must be a number in [0, 1) (0: the corpus alone)")
+    gen_batch = data_cfg.get("generated_batch", 32)
+    if isinstance(gen_batch, bool) or not isinstance(gen_batch, int) or gen_batch < 1:
+        raise QATError(f"data.generated_batch={gen_batch!r}: must be a positive number of sequences sampled at once")
     data = LMDataModule(data_cfg, loaded.tokenizer, getattr(loaded.tokenizer, "name_or_path", loaded.name),
                         seed=int(cfg.seed))
     if cfg.init.needs_calibration:
@@ -334,6 +337,18 @@ def load_data(cfg: DictConfig, method: Method, loaded: Loaded) -> LMDataModule:
     return data
 
 
+def planned_world_size(cfg: DictConfig) -> int:
+    """The processes the Trainer will run (devices × nodes), before it exists: a device list counts
+    its entries; `auto` is one CPU process, or every visible GPU."""
+    devices = cfg.trainer.devices
+    if devices == "auto":
+        gpu = str(cfg.trainer.accelerator) == "gpu" and torch.cuda.is_available()
+        devices = torch.cuda.device_count() if gpu else 1
+    elif OmegaConf.is_list(devices):
+        devices = len(devices)
+    return max(int(devices), 1) * int(cfg.trainer.num_nodes)
+
+
 def generate_text(cfg: DictConfig, method: Method, loaded: Loaded, data: LMDataModule) -> dict[str, Any] | None:
     """data.generated_fraction > 0: the fp model writes that share of QAT's training sequences
     (qat.data.generated; cached), under the run's precision. None when off or nothing trains."""
@@ -341,14 +356,12 @@ def generate_text(cfg: DictConfig, method: Method, loaded: Loaded, data: LMDataM
     if fraction == 0.0 or int(cfg.trainer.max_steps) <= 0 or not method.quantizes:
         return None
     t0 = time.time()
-    devices = cfg.trainer.devices if isinstance(cfg.trainer.devices, int) else 1
-    n = generated_count(int(data.cfg["total_batches"]) * int(data.cfg["batch_size"]) * devices
-                        * int(cfg.trainer.num_nodes), fraction)
+    n = generated_count(int(data.cfg["total_batches"]) * int(data.cfg["batch_size"]) * planned_world_size(cfg),
+                        fraction)
     bf16 = run_precision(cfg).startswith("bf16") and str(cfg.trainer.accelerator) == "cpu"
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        data.generated = cached_generated(loaded.model, weights_fingerprint(loaded.model), n, data.seq_len,
-                                          int(cfg.seed), int(loaded.model.config.vocab_size),
-                                          int(data.cfg.get("generated_batch", 32)))
+    data.generated = cached_generated(loaded.model, weights_fingerprint(loaded.model), n, data.seq_len,
+                                      int(cfg.seed), int(loaded.model.config.vocab_size),
+                                      int(data.cfg.get("generated_batch", 32)), bf16)
     seconds = time.time() - t0
     log.info("generated text: %d sequences of %d tokens (%.0f%% of the training samples) in %.0f s",
              n, data.seq_len, 100 * fraction, seconds)

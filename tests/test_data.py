@@ -167,6 +167,7 @@ def test_generated_samples_are_spread_evenly_and_resumable():
 
 
 def test_generated_text_joins_the_training_batches_and_is_cached(compose, tmp_path, monkeypatch):
+    from qat.data import LMDataModule
     from qat.errors import QATError
     from qat.pipeline import run
 
@@ -174,11 +175,27 @@ def test_generated_text_joins_the_training_batches_and_is_cached(compose, tmp_pa
     common = ["model=tiny", "data=tiny", "logger=none", "init=rtn", "smooth=none", "method=pbllm_qat",
               "trainer.max_steps=2", "eval.seq_len=64", "eval.max_windows=2"]
     run_dir = tmp_path / "run"
+    seen = []  # what the training loader hands the trainer
+    original = LMDataModule.train_dataloader
+    monkeypatch.setattr(LMDataModule, "train_dataloader",
+                        lambda self: seen.append(self) or original(self))
     res = run(compose(common + ["data.generated_fraction=0.5", f"hydra.run.dir={run_dir}"]), run_dir)
     assert res["status"] == "ok" and res["generated_text"]["sequences"] == 2  # 2 steps x 2 samples x 0.5
     cached = list((tmp_path / "cache" / "generated").glob("*.pt"))
-    assert len(cached) == 1 and torch.load(cached[0], weights_only=True).shape == (2, 64)
-    for bad in ("1.0", "-0.1", "half"):
-        with pytest.raises(QATError, match=r"data.generated_fraction=.*\[0, 1\)"):
-            run(compose(common + [f"data.generated_fraction={bad}", f"hydra.run.dir={tmp_path / bad}"]), tmp_path / bad)
-        assert not (tmp_path / bad).exists()
+    pool = torch.load(cached[0], weights_only=True)
+    assert len(cached) == 1 and pool.shape == (2, 64)
+    seen[0].trainer = None  # the loader from the run's start (a trainer's global step would resume past it)
+    batches = [b[0] for b in original(seen[0])]  # every batch of the run: one corpus row and one generated
+    assert len(batches) == 2 and all(torch.equal(b[1], pool[i]) for i, b in enumerate(batches))
+    assert not any(torch.equal(b[0], p) for b in batches for p in pool)
+    # a second run reads the pool from the cache: nothing is sampled again
+    monkeypatch.setattr("qat.data.generated.sample_sequences", lambda *a, **k: pytest.fail("sampled again"))
+    again = run(compose(common + ["data.generated_fraction=0.5", f"hydra.run.dir={tmp_path / 'again'}"]),
+                tmp_path / "again")
+    assert again["ppl"]["final"] == res["ppl"]["final"]
+    for bad in ("data.generated_fraction=1.0", "data.generated_fraction=-0.1", "data.generated_fraction=half",
+                "data.generated_batch=0"):
+        folder = tmp_path / bad.split("=")[1]
+        with pytest.raises(QATError, match=bad.split("=")[0].replace(".", r"\.") + "=.*must be"):
+            run(compose(common + [bad, f"hydra.run.dir={folder}"]), folder)
+        assert not folder.exists()

@@ -69,8 +69,10 @@ class StepIndexedBlocks(Dataset):
         g = self.start + j
         if self.fraction:
             generated, g = is_generated(g, self.fraction)
-            if generated:  # the pool is sized for the run; wrapped only past it (more ranks than planned)
-                return (self.generated[g % self.generated.shape[0]],)
+            if generated:
+                if g >= self.generated.shape[0]:  # pipeline.generate_text sizes the pool for the whole run
+                    raise IndexError(f"generated sample {g} of a pool of {self.generated.shape[0]}")
+                return (self.generated[g],)
         n = self.data.shape[0]
         p = g // n
         if p not in self._perms:

@@ -3,7 +3,7 @@ each sequence starts from one token drawn uniformly from the vocabulary and cont
 the model's own next-token distribution (temperature 1, no top-k / top-p). Mixed into QAT's
 batches (`data.generated_fraction`), it asks the student to match the teacher on what the
 teacher itself would say, in every domain it knows, not only on the training corpus's one.
-Cached per (weights' fingerprint, count, length, seed, batch) like the PTQ seed."""
+Cached per (weights' fingerprint, count, length, seed, batch, precision) like the PTQ seed."""
 from __future__ import annotations
 
 import hashlib
@@ -42,24 +42,31 @@ def sample_sequences(model: nn.Module, n: int, seq_len: int, seed: int, vocab_si
     model.eval()
     g = torch.Generator().manual_seed(seed)
     out = []
-    for i in range(0, n, batch):
-        b = min(batch, n - i)
-        first = torch.randint(0, vocab_size, (b, 1), generator=g)
-        torch.manual_seed(seed * 1000003 + i)  # generate() samples from the global generator
-        seqs = model.generate(first, attention_mask=torch.ones_like(first), do_sample=True, temperature=1.0,
-                              top_k=0, top_p=1.0, max_new_tokens=seq_len - 1, min_new_tokens=seq_len - 1,
-                              pad_token_id=0)
-        out.append(seqs[:, :seq_len].cpu())
-        log.info("generated %d / %d training sequences of %d tokens", i + b, n, seq_len)
+    # generate() samples from the global generator: seeded per batch, and restored afterwards so that
+    # the rest of the run sees the same random state whether or not the pool came from the cache
+    with torch.random.fork_rng(devices=[]):
+        for i in range(0, n, batch):
+            b = min(batch, n - i)
+            first = torch.randint(0, vocab_size, (b, 1), generator=g)
+            torch.manual_seed(seed * 1000003 + i)
+            # every sampling knob explicit: none comes from the model's own generation_config
+            seqs = model.generate(first, attention_mask=torch.ones_like(first), do_sample=True, temperature=1.0,
+                                  top_k=0, top_p=1.0, repetition_penalty=1.0, no_repeat_ngram_size=0,
+                                  max_new_tokens=seq_len - 1, min_new_tokens=seq_len - 1, pad_token_id=0)
+            out.append(seqs[:, :seq_len].cpu())
+            log.info("generated %d / %d training sequences of %d tokens", i + b, n, seq_len)
     model.train(was_training)
     return torch.cat(out)
 
 
 def cached_generated(model: nn.Module, fingerprint: str, n: int, seq_len: int, seed: int,
-                     vocab_size: int, batch: int = 32) -> torch.Tensor:
-    """sample_sequences, cached under the cache dir (written to a temp name, then renamed)."""
-    # the batch is in the key: each batch draws its own first tokens and samples
-    key = hashlib.sha1(f"{GENERATED_CACHE_VERSION}|{fingerprint}|{n}|{seq_len}|{seed}|{vocab_size}|{batch}".encode())
+                     vocab_size: int, batch: int = 32, bf16: bool = False) -> torch.Tensor:
+    """sample_sequences (under bf16 autocast on the CPU when bf16), cached under the cache dir
+    (written to a temp name, then renamed)."""
+    # the batch and the precision are in the key: each batch draws its own first tokens and samples,
+    # and bf16 arithmetic samples other tokens
+    key = hashlib.sha1(f"{GENERATED_CACHE_VERSION}|{fingerprint}|{n}|{seq_len}|{seed}|{vocab_size}|{batch}|"
+                       f"{'bf16' if bf16 else 'fp32'}".encode())
     path = cache_dir() / "generated" / f"{key.hexdigest()[:20]}.pt"
     if path.exists():
         try:
@@ -68,7 +75,8 @@ def cached_generated(model: nn.Module, fingerprint: str, n: int, seq_len: int, s
                 return seqs
         except Exception:  # a corrupt cache entry is generated again
             log.warning("generated-text cache %s unreadable: generating again", path)
-    seqs = sample_sequences(model, n, seq_len, seed, vocab_size, batch)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        seqs = sample_sequences(model, n, seq_len, seed, vocab_size, batch)
     buf = io.BytesIO()
     torch.save(seqs, buf)
     path.parent.mkdir(parents=True, exist_ok=True)
