@@ -326,6 +326,7 @@ def load_data(cfg: DictConfig, method: Method, loaded: Loaded) -> LMDataModule:
     gen_batch = data_cfg.get("generated_batch", 32)
     if isinstance(gen_batch, bool) or not isinstance(gen_batch, int) or gen_batch < 1:
         raise QATError(f"data.generated_batch={gen_batch!r}: must be a positive number of sequences sampled at once")
+    data_cfg["generated_fraction"], data_cfg["generated_batch"] = fraction, gen_batch  # checked: read as they are
     data = LMDataModule(data_cfg, loaded.tokenizer, getattr(loaded.tokenizer, "name_or_path", loaded.name),
                         seed=int(cfg.seed))
     if cfg.init.needs_calibration:
@@ -352,7 +353,7 @@ def planned_world_size(cfg: DictConfig) -> int:
 def generate_text(cfg: DictConfig, method: Method, loaded: Loaded, data: LMDataModule) -> dict[str, Any] | None:
     """data.generated_fraction > 0: the fp model writes that share of QAT's training sequences
     (qat.data.generated; cached), under the run's precision. None when off or nothing trains."""
-    fraction = float(data.cfg.get("generated_fraction", 0.0))  # checked by load_data
+    fraction = float(data.cfg["generated_fraction"])  # checked by load_data
     if fraction == 0.0 or int(cfg.trainer.max_steps) <= 0 or not method.quantizes:
         return None
     t0 = time.time()
@@ -361,7 +362,7 @@ def generate_text(cfg: DictConfig, method: Method, loaded: Loaded, data: LMDataM
     bf16 = run_precision(cfg).startswith("bf16") and str(cfg.trainer.accelerator) == "cpu"
     data.generated = cached_generated(loaded.model, weights_fingerprint(loaded.model), n, data.seq_len,
                                       int(cfg.seed), int(loaded.model.config.vocab_size),
-                                      int(data.cfg.get("generated_batch", 32)), bf16)
+                                      data.cfg["generated_batch"], bf16)
     seconds = time.time() - t0
     log.info("generated text: %d sequences of %d tokens (%.0f%% of the training samples) in %.0f s",
              n, data.seq_len, 100 * fraction, seconds)

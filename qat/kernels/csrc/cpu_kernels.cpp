@@ -731,9 +731,6 @@ torch::Tensor binary_gemm_2d(const torch::Tensor& x, const BinaryLayer& L, const
   return y;
 }
 
-// y [..., N] = x [..., K] · Wᵀ in x's dtype (computed in fp32): the CPU kernel of qat::binary_gemm.
-// input_scale (empty: none): a smoothed layer's per-column factor, x / input_scale first.
-// signs_blocked (empty: none): the signs as [ceil(N/16), W, 16], read by the table kernels (AVX-512, AVX2).
 // A binary layer bound once: its tensors checked, converted and kept, the kernels' view of them
 // built. PackedLinear's CPU path holds one per layer, so that a decode call converts x alone (the
 // 13 arguments of binary_gemm cost microseconds of pybind a call, ×210 layers a token).
@@ -769,6 +766,9 @@ struct BoundBinaryGemm {
   }
 };
 
+// y [..., N] = x [..., K] · Wᵀ in x's dtype (computed in fp32): the CPU kernel of qat::binary_gemm.
+// input_scale (empty: none): a smoothed layer's per-column factor, x / input_scale first.
+// signs_blocked (empty: none): the signs as [ceil(N/16), W, 16], read by the table kernels (AVX-512, AVX2).
 torch::Tensor binary_gemm(torch::Tensor x, torch::Tensor signs, torch::Tensor scales, int64_t K,
                           int64_t fmt, torch::Tensor row_ptr, torch::Tensor positions, torch::Tensor codes,
                           torch::Tensor sal_scale, torch::Tensor sal_zero, torch::Tensor input_scale,
