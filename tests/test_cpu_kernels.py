@@ -11,7 +11,8 @@ from qat.methods import build_method
 ext = cpu_extension_or_none()
 pytestmark = pytest.mark.skipif(ext is None, reason="the CPU extension did not build (no C++ compiler?)")
 ISAS = [name for name, i in CPU_ISAS.items() if ext is not None and i <= ext.best_isa()]
-MS = [1, 3, 8, 9, 64]  # 1..8: the bit kernels; 9, 64: unpack once + at::mm
+MS = [1, 3, 8, 9, 64, 130]  # 1..8: the bit kernels; above: binary_gemm's tables in tiles of tokens on AVX-512
+# (130 > one tile at K = 576; 64 > one at K = 2080), unpack once + at::mm elsewhere
 
 
 @pytest.fixture(params=ISAS)

@@ -21,7 +21,8 @@ from qat.kernels import reference
 from qat.kernels.build import cpu_extension_or_none, cpu_isa_name, extension_or_none, kernels_disabled
 
 # CPU: up to this many tokens the C++ kernels read the packed bits directly (decode); above, they
-# unpack the weight to fp32 once and call at::mm (compute-bound; benchmarks/cpu_bitgemm.py)
+# unpack the weight to fp32 once and call at::mm (compute-bound; benchmarks/cpu_bitgemm.py), except
+# binary_gemm on AVX-512, whose table kernel runs at every M (tiles of tokens; faster than at::mm there)
 CPU_MAX_M_SMALL = 8
 _CALLS: Counter = Counter()
 

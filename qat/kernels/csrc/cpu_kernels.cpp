@@ -619,6 +619,10 @@ struct BinaryLayer {
 
   // the table kernels: whole words per scale group; AVX2's reads the blocked signs only
   bool lut() const { return W % G == 0 && (G == 1 || K == 32 * W) && (g_isa == AVX512 || (g_isa == AVX2 && blocked)); }
+  // ...and at every M, not just decode sizes: on AVX-512 they beat unpacking to fp32 + at::mm at M = 16
+  // to 512 (PB-LLM r = 0.1 at M = 512: 1.3-1.6x fp32 matmul against 0.6-1.0x); on AVX2 the salient
+  // slots at M = 512 ran 0.4-0.5x fp32 (forced AVX2 on a Zen 4), so AVX2 keeps unpack + at::mm there
+  bool lut_any_m() const { return lut() && g_isa == AVX512; }
 
   // y[m, n] for rows [n0, n1) (n0 a multiple of 16): the binary part, then the salient correction
   void rows(const float* xd, const float* tables, int64_t M, int64_t n0, int64_t n1, float* yd) const {
@@ -689,7 +693,7 @@ torch::Tensor binary_gemm_2d(const torch::Tensor& x, const BinaryLayer& L, const
                              int64_t max_m_small) {
   const int64_t K = L.K;
   const int64_t M = x.size(0), N = L.N, W = L.W, G = L.G, Kp = 32 * W;
-  if (M > max_m_small || !L.halves_ok) {
+  if ((M > max_m_small && !L.lut_any_m()) || !L.halves_ok) {
     const int64_t gcols = K / G;
     const bool halves = g_isa == AVX512 && gcols % 16 == 0;
     const Salient& sal = L.sal;
@@ -721,13 +725,20 @@ torch::Tensor binary_gemm_2d(const torch::Tensor& x, const BinaryLayer& L, const
   auto y = torch::empty({M, N}, torch::kFloat);
   const float* xd = xp.data_ptr<float>();
   float* yd = y.data_ptr<float>();
-  float* tables_at = nullptr;
-  torch::Tensor tables = L.lut() ? lut_tables(xd, M, Kp, &tables_at) : torch::Tensor();
-  // one pass over the rows (16 at a time, the table kernel's block): the binary part, then the salient
-  // correction of the same rows (one thread wake-up per call, not two: it shows at decode sizes)
-  at::parallel_for(0, (N + 15) / 16, grain(Kp * M * 16), [&](int64_t b0, int64_t b1) {
-    L.rows(xd, tables_at, M, 16 * b0, std::min(N, 16 * b1), yd);
-  });
+  // the table kernels a tile of tokens at a time, whose tables (16 or 8 bytes a column a token) stay
+  // near 1 MB, in cache while every row reads them (no N·K fp32 weight written at large M)
+  const int64_t tile = L.lut() ? std::max<int64_t>(8, (int64_t(1) << 18) / (Kp * (g_isa == AVX512 ? 4 : 2))) : M;
+  // (tiles matter above max_m_small, which only lut_any_m layers reach)
+  for (int64_t m0 = 0; m0 < M; m0 += tile) {
+    const int64_t mt = std::min(tile, M - m0);
+    float* tables_at = nullptr;
+    torch::Tensor tables = L.lut() ? lut_tables(xd + m0 * Kp, mt, Kp, &tables_at) : torch::Tensor();
+    // one pass over the rows (16 at a time, the table kernel's block): the binary part, then the salient
+    // correction of the same rows (one thread wake-up per call, not two: it shows at decode sizes)
+    at::parallel_for(0, (N + 15) / 16, grain(Kp * mt * 16), [&](int64_t b0, int64_t b1) {
+      L.rows(xd + m0 * Kp, tables_at, mt, 16 * b0, std::min(N, 16 * b1), yd + m0 * N);
+    });
+  }
   return y;
 }
 
